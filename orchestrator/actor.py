@@ -1,0 +1,29 @@
+"""The Ray actor that runs one job. It imports the family's worker inside the actor process,
+so the driver never imports torch or the models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.task import Task
+
+
+class JobActor:
+    def __init__(self, task: Task):
+        from workers import worker_class
+
+        self.worker = worker_class(task.family)(task)
+
+    def run(self) -> dict[str, Any]:
+        return self.worker.run()
+
+    def progress(self) -> dict[str, Any]:
+        return self.worker.progress()
+
+    def stop(self) -> None:
+        self.worker.request_stop()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

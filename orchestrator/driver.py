@@ -1,0 +1,280 @@
+"""The Ray driver: stage data, look up the cache, launch one actor per job, watch, retry.
+
+A job starts as soon as every job it reads has finished (Ray queues the actor until its
+resources are free). Progress comes from the actors' `progress()` method, polled a few times a
+second, never from their output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from tqdm import tqdm
+
+from orchestrator import datasets
+from orchestrator.actor import JobActor
+from orchestrator.plan import Plan, PlannedJob, is_uri
+from orchestrator.settings import Settings
+from orchestrator.storage import NotFound, StorageError, open_storage
+from orchestrator.task import Task
+from orchestrator.tracking import Tracker, flatten
+
+POLL_S = 0.5
+RESULT = "result.json"
+
+
+@dataclass
+class JobState:
+    planned: PlannedJob
+    status: str = "pending"  # pending | running | finished | cached | failed | skipped | killed
+    run_id: str | None = None
+    actor: Any = None
+    ref: Any = None
+    bar: tqdm | None = None
+    attempt: int = 0
+    restarts: int = 0
+    retries: int = 0
+    started: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.planned.name
+
+
+class Driver:
+    def __init__(self, plan: Plan, settings: Settings, *, force: bool | set[str] = False,
+                 echo: Callable[[str], None] = lambda m: tqdm.write(m, file=sys.stderr)):
+        self.plan = plan
+        self.settings = settings
+        self.force = force
+        self.echo = echo
+        self.experiment = plan.spec.experiment
+        self.root = open_storage(settings.storage, settings.s3)
+        self.tracker = Tracker(settings.tracking_uri)
+        self.jobs = {p.name: JobState(p) for p in plan.jobs}
+        self.data_keys: dict[str, str] = {}
+        self._positions: list[int] = []
+
+    # ---- setup ------------------------------------------------------------------------------
+    def prefix(self, planned: PlannedJob) -> str:
+        return f"{self.experiment}/{planned.name}/{planned.hash}"
+
+    def _stage_data(self) -> None:
+        for p in self.plan.jobs:
+            data = p.job.data
+            if data is None or p.job.kind not in ("train", "distill"):
+                continue
+            ident = data.model_dump_json()
+            if ident not in self.data_keys:
+                self.data_keys[ident] = datasets.stage(data, self.root, self.settings.s3)
+
+    def _is_forced(self, name: str) -> bool:
+        return self.force is True or (isinstance(self.force, set) and name in self.force)
+
+    def _cached(self, state: JobState) -> dict[str, Any] | None:
+        if self._is_forced(state.name):
+            return None
+        try:
+            return json.loads(self.root.child(self.prefix(state.planned)).get_bytes(RESULT))
+        except (NotFound, ValueError):
+            return None
+
+    # ---- launching --------------------------------------------------------------------------
+    def _sources(self, planned: PlannedJob) -> tuple[str, ...]:
+        return tuple(ref if is_uri(ref) else self.root.uri(self.prefix(self.plan.by_name[ref]))
+                     for ref in planned.job.sources)
+
+    def _launch(self, state: JobState) -> None:
+        p = state.planned
+        state.attempt += 1
+        if state.run_id is None:
+            state.run_id = self._open_run(p)
+        self.tracker.set_tags(state.run_id, {"genforge.attempt": str(state.attempt)})
+        data_key = self.data_keys.get(p.job.data.model_dump_json()) if p.job.data else None
+        task = Task(
+            job=p.job.resolved(), job_hash=p.hash, experiment=self.experiment,
+            storage_root=self.settings.storage, prefix=self.prefix(p),
+            tracking_uri=self.settings.tracking_uri, run_id=state.run_id,
+            code_version=self.plan.code_version, sources=self._sources(p), data_key=data_key,
+            attempt=state.attempt, s3=self.settings.s3,
+        )
+        r = p.job.resources
+        actor_cls = ray.remote(JobActor).options(
+            num_cpus=r.cpus, num_gpus=r.gpus, max_concurrency=3, max_restarts=0,
+            name=f"genforge:{self.experiment}:{p.name}:{state.run_id[:8]}:{state.attempt}",
+            namespace="genforge",
+        )
+        state.actor = actor_cls.remote(task)
+        state.ref = state.actor.run.remote()
+        state.status, state.started = "running", time.monotonic()
+        if state.bar is None:
+            position = next(i for i in range(len(self.jobs) + 1) if i not in self._positions)
+            self._positions.append(position)
+            state.bar = tqdm(total=1, desc=f"{p.name:<14.14}", position=position, leave=True,
+                             dynamic_ncols=True, file=sys.stderr, unit="step")
+        state.bar.set_postfix_str(f"attempt {state.attempt}" if state.attempt > 1 else "starting")
+
+    def _open_run(self, p: PlannedJob) -> str:
+        """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
+        metric history in one run)."""
+        unfinished = self.tracker.find_runs(self.experiment_id, p.hash, ("RUNNING", "FAILED", "KILLED"))
+        if unfinished:
+            run_id = unfinished[0].info.run_id
+            self.tracker.reopen(run_id)
+            self.tracker.set_tags(run_id, {"mlflow.parentRunId": self.parent_run})
+            return run_id
+        tags = {
+            "genforge.job": p.name, "genforge.family": p.job.family, "genforge.kind": p.job.kind,
+            "genforge.hash": p.hash, "genforge.code_version": self.plan.code_version,
+            "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
+        }
+        params = flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
+        return self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run)
+
+    # ---- watching ---------------------------------------------------------------------------
+    def _poll_progress(self) -> None:
+        running = [s for s in self.jobs.values() if s.status == "running"]
+        refs = [s.actor.progress.remote() for s in running]
+        for state, ref in zip(running, refs):
+            try:
+                prog = ray.get(ref, timeout=2)
+            except Exception:  # the actor is busy starting, or gone; its run() ref tells which
+                continue
+            bar = state.bar
+            if prog.get("total"):
+                bar.total = prog["total"]
+                bar.n = prog.get("step", 0)
+            post = prog.get("phase", "")
+            if "loss" in prog:
+                post += f" loss={prog['loss']:.4f}"
+            bar.set_postfix_str(post, refresh=False)
+            bar.refresh()
+
+    def _finish(self, state: JobState, status: str, error: str | None = None) -> None:
+        state.status, state.error = status, error
+        mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
+        if state.run_id:
+            if error:
+                self.tracker.set_tags(state.run_id, {"genforge.error": error[:4000]})
+            self.tracker.finish(state.run_id, mlflow_status)
+        if state.actor is not None:
+            ray.kill(state.actor, no_restart=True)
+            state.actor = None
+        if state.bar is not None:
+            state.bar.set_postfix_str(status if not error else f"{status}: {error[:60]}")
+            state.bar.close()
+        if status == "failed":
+            self.echo(f"job '{state.name}' failed: {error}")
+            for name in self.plan.dependents(state.name):
+                if self.jobs[name].status == "pending":
+                    self.jobs[name].status = "skipped"
+                    self.jobs[name].error = f"upstream job '{state.name}' failed"
+
+    def _collect(self, state: JobState) -> None:
+        try:
+            result = ray.get(state.ref)
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
+            if isinstance(exc, RayTaskError):
+                return self._job_error(state, exc)
+            if state.restarts < state.planned.job.resources.max_restarts:
+                state.restarts += 1
+                self.echo(f"job '{state.name}': worker died ({type(exc).__name__}); "
+                          f"resuming from its last checkpoint (restart {state.restarts})")
+                return self._launch(state)
+            return self._finish(state, "failed", f"worker died {state.restarts + 1} times")
+        except RayTaskError as exc:
+            return self._job_error(state, exc)
+        state.result = result
+        if result.get("status") == "stopped":
+            return self._finish(state, "killed", f"stopped at step {result['step']}")
+        self._finish(state, "finished")
+
+    def _job_error(self, state: JobState, exc: RayTaskError) -> None:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        message = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+        if state.retries < state.planned.job.resources.max_retries:
+            state.retries += 1
+            self.echo(f"job '{state.name}': {message}; retrying ({state.retries})")
+            return self._launch(state)
+        self._finish(state, "failed", message)
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for state in self.jobs.values():
+            limit = state.planned.job.resources.timeout_s
+            if state.status == "running" and limit and now - state.started > limit:
+                self._finish(state, "failed", f"timed out after {limit:.0f} s")
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self) -> int:
+        ray.init(address=self.settings.ray_address, namespace="genforge",
+                 logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        self.experiment_id = self.tracker.experiment_id(self.experiment)
+        self.parent_run = self.tracker.start_run(
+            self.experiment_id, f"{self.experiment} pipeline",
+            {"genforge.spec": self.plan.spec.source, "genforge.code_version": self.plan.code_version},
+        )
+        try:
+            self._stage_data()
+            self._loop()
+        except KeyboardInterrupt:
+            self.echo("interrupted: stopping jobs, keeping what was saved")
+            for state in self.jobs.values():
+                if state.status == "running":
+                    self._finish(state, "killed", "cancelled")
+            self.tracker.finish(self.parent_run, "KILLED")
+            return 130
+        failed = [s for s in self.jobs.values() if s.status in ("failed", "skipped", "killed")]
+        self.tracker.finish(self.parent_run, "FAILED" if failed else "FINISHED")
+        self._report()
+        return 1 if failed else 0
+
+    def _loop(self) -> None:
+        while True:
+            for state in self.jobs.values():
+                if state.status != "pending":
+                    continue
+                deps = [self.jobs[d].status for d in state.planned.deps]
+                if all(d in ("finished", "cached") for d in deps):
+                    cached = self._cached(state)
+                    if cached is not None:
+                        state.status, state.result = "cached", cached
+                        self.echo(f"job '{state.name}': cached ({state.planned.hash})")
+                    else:
+                        self._launch(state)
+            running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
+            if not running:
+                if any(s.status == "pending" for s in self.jobs.values()):
+                    continue  # a job just became ready through a cache hit
+                return
+            done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            for ref in done:
+                self._collect(running[ref])
+            self._check_timeouts()
+            self._poll_progress()
+
+    def _report(self) -> None:
+        for state in self.jobs.values():
+            extra = state.result.get("checkpoint") or ", ".join(state.result.get("outputs", []))
+            line = f"  {state.name:<16} {state.status:<9} {state.planned.hash}"
+            if state.error:
+                line += f"  {state.error}"
+            elif extra:
+                line += f"  {extra}"
+            self.echo(line)
+
+
+def check_storage(settings: Settings) -> None:
+    """Fail before any training starts when storage is unreachable (raises StorageError)."""
+    open_storage(settings.storage, settings.s3).check()
+
+
+__all__ = ["Driver", "check_storage", "StorageError"]

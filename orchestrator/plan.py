@@ -1,0 +1,156 @@
+"""From a validated spec to a plan: the DAG of jobs, their order and their content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from orchestrator.spec import Job, Spec, SpecError
+
+# Job kinds whose output is a checkpoint another job can read.
+PRODUCES_CHECKPOINT = frozenset({"train", "distill"})
+
+
+def is_uri(ref: str) -> bool:
+    return "://" in ref
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Version of the code that computes results: the package version and a digest of the
+    worker sources, so that a change to a model or a loss invalidates cached results."""
+    from orchestrator import __version__
+
+    root = Path(__file__).resolve().parent.parent / "workers"
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:10]}"
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    job: Job
+    deps: tuple[str, ...]  # jobs of this spec it reads
+    hash: str
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    jobs: tuple[PlannedJob, ...]  # in topological order
+    code_version: str
+    by_name: dict[str, PlannedJob] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        self.by_name.update({p.name: p for p in self.jobs})
+
+    def dependents(self, name: str) -> set[str]:
+        """Every job that reads `name`, directly or through others."""
+        out: set[str] = set()
+        frontier = [name]
+        while frontier:
+            current = frontier.pop()
+            for p in self.jobs:
+                if current in p.deps and p.name not in out:
+                    out.add(p.name)
+                    frontier.append(p.name)
+        return out
+
+
+def topological_order(jobs: list[Job], deps: dict[str, list[str]]) -> list[str]:
+    """Kahn's algorithm, stable in spec order; raises SpecError naming a cycle."""
+    remaining = {j.name: set(deps[j.name]) for j in jobs}
+    order: list[str] = []
+    while remaining:
+        ready = [j.name for j in jobs if j.name in remaining and not remaining[j.name]]
+        if not ready:
+            raise SpecError([_cycle_message(remaining)])
+        for name in ready:
+            order.append(name)
+            del remaining[name]
+        for pending in remaining.values():
+            pending.difference_update(ready)
+    return order
+
+
+def _cycle_message(remaining: dict[str, set[str]]) -> str:
+    start = next(iter(remaining))
+    path, node = [start], start
+    while True:
+        node = next(iter(remaining[node]))
+        if node in path:
+            cycle = path[path.index(node):] + [node]
+            return f"job '{node}': from: dependency cycle {' -> '.join(cycle)}"
+        path.append(node)
+
+
+def job_hash(job: Job, upstream: dict[str, str], version: str) -> str:
+    """Content hash: the resolved job (less its name and resources, which do not change the
+    result), the hashes of what it reads, and the code version."""
+    resolved = job.resolved()
+    for key in ("name", "resources"):
+        resolved.pop(key, None)
+    payload = json.dumps(
+        {"job": resolved, "upstream": upstream, "code": version}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_plan(spec: Spec) -> Plan:
+    src = spec.source
+    names = {j.name: j for j in spec.jobs}
+    errors: list[str] = []
+    deps: dict[str, list[str]] = {}
+    for job in spec.jobs:
+        deps[job.name] = []
+        for ref in job.sources:
+            field_name = "teacher" if ref == job.teacher else "from"
+            if is_uri(ref):
+                if not ref.startswith(("s3://", "file://")):
+                    errors.append(f"{src}: job '{job.name}': {field_name}: "
+                                  f"unsupported URI scheme in {ref!r} (use s3:// or file://)")
+                continue
+            upstream = names.get(ref)
+            if upstream is None:
+                errors.append(f"{src}: job '{job.name}': {field_name}: "
+                              f"no job named '{ref}' in this spec")
+                continue
+            if ref == job.name:
+                errors.append(f"{src}: job '{job.name}': {field_name}: a job cannot read itself")
+                continue
+            if job.kind == "sample" and upstream.kind not in PRODUCES_CHECKPOINT:
+                errors.append(f"{src}: job '{job.name}': from: job '{ref}' is a "
+                              f"'{upstream.kind}' job and has no checkpoint to sample from")
+            if job.kind == "sample" and upstream.family != job.family:
+                errors.append(f"{src}: job '{job.name}': from: job '{ref}' is family "
+                              f"'{upstream.family}', this job is '{job.family}'")
+            limit = upstream.model.get("timesteps")
+            if job.kind == "sample" and job.sample.steps and limit and job.sample.steps > limit:
+                errors.append(f"{src}: job '{job.name}': sample.steps: {job.sample.steps} steps "
+                              f"but model '{ref}' has {limit} timesteps")
+            deps[job.name].append(ref)
+    if errors:
+        raise SpecError(errors)
+    try:
+        order = topological_order(spec.jobs, deps)
+    except SpecError as exc:
+        raise SpecError([f"{src}: {line}" for line in exc.lines]) from None
+
+    version = code_version()
+    hashes: dict[str, str] = {}
+    planned: list[PlannedJob] = []
+    for name in order:
+        job = names[name]
+        upstream = {ref: (hashes[ref] if ref in hashes else ref) for ref in job.sources}
+        hashes[name] = job_hash(job, upstream, version)
+        planned.append(PlannedJob(job=job, deps=tuple(deps[name]), hash=hashes[name]))
+    return Plan(spec=spec, jobs=tuple(planned), code_version=version)

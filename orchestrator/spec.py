@@ -1,0 +1,317 @@
+"""The job spec: the YAML a user writes, as strict pydantic models.
+
+Every problem found is reported as one line naming the file, the job and the field
+(``SpecError.lines``); the CLI prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+JOB_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+EXPERIMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+Family = Literal["gan", "ddpm", "vqgan", "autoregressive", "ldm"]
+Kind = Literal["train", "sample", "distill", "evaluate"]
+
+
+class SpecError(Exception):
+    """A spec that cannot run; ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(Strict):
+    dataset: Literal["digits", "npz", "idx"] = "digits"
+    path: str | None = None  # local file or s3:// URI (npz file, or IDX images file)
+    labels: str | None = None  # IDX labels file; npz labels come from `y_key`
+    x_key: str = "x"
+    y_key: str | None = "y"
+    image_size: int = Field(16, ge=4, le=256)
+    channels: Literal[1, 3] = 1
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _path_matches_dataset(self) -> DataSpec:
+        if self.dataset == "digits" and (self.path or self.labels):
+            raise ValueError("dataset 'digits' is built in and takes no path or labels")
+        if self.dataset != "digits" and not self.path:
+            raise ValueError(f"dataset '{self.dataset}' needs a path")
+        return self
+
+
+class Resources(Strict):
+    gpus: float = Field(0, ge=0, le=64)
+    cpus: float = Field(1, gt=0, le=512)
+    max_restarts: int = Field(3, ge=0, le=100)  # infrastructure failures: resume from checkpoint
+    max_retries: int = Field(0, ge=0, le=100)  # errors in the job itself
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class TrainSpec(Strict):
+    steps: int = Field(1000, ge=1, le=10_000_000)
+    batch_size: int = Field(128, ge=1, le=65536)
+    lr: float = Field(2e-4, gt=0, le=10)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int | None = Field(None, ge=1)  # None: only the final checkpoint
+    sample_every: int | None = Field(None, ge=1)  # None: one grid at the end
+    sample_images: int = Field(16, ge=1, le=1024)
+    log_every: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class SampleSpec(Strict):
+    num_images: int = Field(64, ge=1, le=1_000_000)
+    sampler: Literal["ancestral", "ddim"] = "ddim"
+    steps: int | None = Field(None, ge=1, le=100_000)  # None: every timestep of the model
+    eta: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(256, ge=1, le=65536)
+    use_ema: bool = True
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class DDPMModel(Strict):
+    channels: int = Field(32, ge=4, le=1024)
+    channel_mult: tuple[int, ...] = Field((1, 2), min_length=1, max_length=6)
+    num_res_blocks: int = Field(1, ge=1, le=8)
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = Field(0.0, ge=0, lt=1)
+    timesteps: int = Field(1000, ge=2, le=10_000)
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _betas_increase(self) -> DDPMModel:
+        if self.beta_start >= self.beta_end:
+            raise ValueError("beta_start must be smaller than beta_end")
+        return self
+
+
+# family -> (model section, job kinds it can run). A new family is one entry here plus its
+# worker module registered in workers/__init__.py.
+FAMILIES: dict[str, tuple[type[Strict], frozenset[str]]] = {
+    "ddpm": (DDPMModel, frozenset({"train", "sample"})),
+}
+
+# The sections each kind reads; `defaults` fill only these, a job may set only these.
+KIND_SECTIONS: dict[str, frozenset[str]] = {
+    "train": frozenset({"model", "data", "train"}),
+    "sample": frozenset({"sample", "from"}),
+    "distill": frozenset({"teacher", "distill", "data", "train"}),
+    "evaluate": frozenset({"from", "data"}),
+}
+OPTIONAL_SECTIONS = frozenset({"model", "data", "train", "sample", "from", "teacher", "distill"})
+
+
+class Job(Strict):
+    name: str = Field(pattern=JOB_NAME)
+    kind: Kind
+    family: Family
+    model: dict[str, Any] = Field(default_factory=dict)
+    data: DataSpec | None = None
+    train: TrainSpec | None = None
+    sample: SampleSpec | None = None
+    from_: str | list[str] | None = Field(None, alias="from")
+    teacher: str | None = None
+    distill: dict[str, Any] | None = None
+    resources: Resources = Resources()
+
+    @property
+    def sources(self) -> list[str]:
+        """Every reference this job reads: job names of the spec or checkpoint URIs."""
+        refs = [self.from_] if isinstance(self.from_, str) else list(self.from_ or [])
+        return refs + ([self.teacher] if self.teacher else [])
+
+    def resolved(self) -> dict[str, Any]:
+        """The job as plain data with every default filled in (what is hashed and logged)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Defaults(Strict):
+    data: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    sample: dict[str, Any] | None = None
+    resources: dict[str, Any] | None = None
+
+
+class Spec(Strict):
+    experiment: str = Field(pattern=EXPERIMENT_NAME)
+    defaults: Defaults = Defaults()
+    jobs: list[Job] = Field(min_length=1, max_length=1000)
+    source: str = Field("<spec>", exclude=True)
+
+    def job(self, name: str) -> Job:
+        return next(j for j in self.jobs if j.name == name)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + ("from" if part == "from_" else str(part))
+    return out or "(top level)"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "missing":
+        return "required field is missing"
+    if err["type"] in ("literal_error", "enum", "value_error") or "input" not in err:
+        return msg
+    shown = repr(err["input"])
+    return f"{msg} (got {shown[:60] + '...' if len(shown) > 60 else shown})"
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: values of `over` win; nested mappings merge."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _job_label(raw: Any, index: int) -> str:
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return f"job '{name}'" if isinstance(name, str) and name else f"jobs[{index}]"
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> Spec:
+    """Validate already-loaded YAML data; raises SpecError with one line per problem."""
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}: the spec must be a mapping with 'experiment' and 'jobs'"])
+    errors: list[str] = []
+    top = {k: v for k, v in data.items() if k != "jobs"}
+    try:
+        head = Spec.model_validate({**top, "jobs": [{"name": "x", "kind": "train", "family": "ddpm"}]})
+        defaults = head.defaults
+    except ValidationError as exc:
+        errors += [f"{source}: {_loc(e['loc'])}: {_describe(e)}" for e in exc.errors()]
+        defaults = Defaults()
+
+    raw_jobs = data.get("jobs")
+    if not isinstance(raw_jobs, list) or not raw_jobs:
+        errors.append(f"{source}: jobs: must be a non-empty list of jobs")
+        raw_jobs = []
+
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_jobs):
+        label = _job_label(raw, i)
+        if not isinstance(raw, dict):
+            errors.append(f"{source}: {label}: must be a mapping")
+            continue
+        job, problems = _parse_job(raw, defaults)
+        errors += [f"{source}: {label}: {p}" for p in problems]
+        if job is None:
+            continue
+        if job.name in seen:
+            errors.append(f"{source}: {label}: name: duplicate job name")
+        seen.add(job.name)
+        jobs.append(job)
+
+    if errors:
+        raise SpecError(errors)
+    return Spec.model_validate({**top, "jobs": jobs, "source": source})
+
+
+def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, list[str]]:
+    kind = raw.get("kind")
+    used = KIND_SECTIONS.get(kind, OPTIONAL_SECTIONS) if isinstance(kind, str) else OPTIONAL_SECTIONS
+    problems = [
+        f"{key}: not used by kind '{kind}'"
+        for key in raw
+        if key in OPTIONAL_SECTIONS and key not in used and raw[key] is not None
+    ]
+    merged = dict(raw)
+    for section in ("data", "train", "sample", "resources"):
+        default = getattr(defaults, section)
+        if default and (section in used or section == "resources"):
+            own = raw.get(section)
+            merged[section] = _merge(default, own) if isinstance(own, dict) else own or default
+    for section in ("data", "train", "sample"):
+        if section in used and merged.get(section) is None:
+            merged[section] = {}
+
+    try:
+        job = Job.model_validate(merged)
+    except ValidationError as exc:
+        return None, problems + [f"{_loc(e['loc'])}: {_describe(e)}" for e in exc.errors()]
+
+    if job.family not in FAMILIES:
+        return None, problems + [f"family: '{job.family}' is not available in this version "
+                                 f"(available: {', '.join(sorted(FAMILIES))})"]
+    model_cls, kinds = FAMILIES[job.family]
+    if job.kind not in kinds:
+        problems.append(f"kind: family '{job.family}' cannot run kind '{job.kind}' "
+                        f"(it can: {', '.join(sorted(kinds))})")
+    if job.kind == "train":
+        try:
+            model = model_cls.model_validate(job.model)
+            job = job.model_copy(update={"model": model.model_dump(mode="json")})
+        except ValidationError as exc:
+            problems += [f"{_loc(('model', *e['loc']))}: {_describe(e)}" for e in exc.errors()]
+    if job.kind in ("sample", "evaluate") and not job.sources:
+        problems.append("from: required field is missing")
+    return (None, problems) if problems else (job, [])
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; raises SpecError naming the file."""
+    source = str(path)
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise SpecError([f"{source}: cannot read the file ({exc.strerror or exc})"]) from None
+    try:
+        data = yaml.load(text.decode("utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise SpecError([f"{source}: not a UTF-8 text file"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([f"{source}: {where}invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise SpecError([f"{source}: the YAML is nested too deeply"]) from None
+    return parse_spec(data, source)

@@ -1,0 +1,36 @@
+"""What the driver hands a worker: everything one job needs, and nothing from the driver's disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.storage import S3Credentials
+
+
+@dataclass(frozen=True)
+class Task:
+    job: dict[str, Any]  # the resolved job spec (Job.resolved())
+    job_hash: str
+    experiment: str
+    storage_root: str  # e.g. s3://bucket/genforge
+    prefix: str  # the job's key prefix under storage_root: <experiment>/<job>/<hash>
+    tracking_uri: str
+    run_id: str
+    code_version: str
+    sources: tuple[str, ...] = ()  # checkpoint URIs of what the job reads (job prefixes or steps)
+    data_key: str | None = None  # staged data set, relative to storage_root
+    attempt: int = 1
+    s3: S3Credentials | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.job["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.job["kind"]
+
+    @property
+    def family(self) -> str:
+        return self.job["family"]

@@ -1,0 +1,178 @@
+"""MLflow tracking: the driver creates experiments and runs; workers log to an explicit run id.
+
+Workers log through `RunLogger`, which buffers metrics and sends them with `log_batch` from a
+background thread, so the training loop never waits on the tracking server.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+# MLflow prints a "View run" URL to stdout whenever a run ends; the driver prints its own summary.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+TAG_PREFIX = "genforge."
+BATCH_LIMIT = 1000  # MLflow's limit of metrics per log_batch
+PARAM_LIMIT = 100
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+class Tracker:
+    """Driver-side MLflow access: experiments, the pipeline's parent run, one child run a job."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+
+    def experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # created concurrently by another driver
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start_run(self, experiment_id: str, name: str, tags: dict[str, str],
+                  params: dict[str, str] | None = None, parent_id: str | None = None) -> str:
+        all_tags = dict(tags)
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
+        self.log_params(run.info.run_id, params or {})
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_LIMIT):
+            self.client.log_batch(run_id, params=items[i:i + PARAM_LIMIT])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def find_runs(self, experiment_id: str, job_hash: str, statuses: tuple[str, ...]) -> list:
+        """Child runs of any pipeline run with this job hash, newest first."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`genforge.hash` = '{job_hash}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+        return [r for r in runs if r.info.status in statuses]
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def metric_history(self, run_id: str, key: str) -> list[Metric]:
+        return self.client.get_metric_history(run_id, key)
+
+
+class RunLogger:
+    """Worker-side logger for one run. `log_metrics` and `log_image` return at once; a
+    background thread sends metrics in batches every `flush_s` seconds and uploads images."""
+
+    def __init__(self, tracking_uri: str, run_id: str, *, flush_s: float = 2.0):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.flush_s = flush_s
+        self._metrics: list[Metric] = []
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._loop, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._metrics.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+
+    def log_image(self, image, key: str, step: int) -> None:
+        """`image`: HxWxC uint8 numpy array."""
+        self._jobs.put(lambda: self.client.log_image(self.run_id, image, key=key, step=step))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._jobs.put(lambda: self.client.log_text(self.run_id, text, artifact_file))
+
+    def log_bytes(self, data: bytes, artifact_path: str, filename: str) -> None:
+        def upload() -> None:
+            import os
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, filename)
+                with open(path, "wb") as fh:
+                    fh.write(data)
+                self.client.log_artifact(self.run_id, path, artifact_path)
+
+        self._jobs.put(upload)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._jobs.put(lambda: self.client.log_batch(
+            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def _flush_metrics(self) -> None:
+        with self._lock:
+            pending, self._metrics = self._metrics, []
+        for i in range(0, len(pending), BATCH_LIMIT):
+            self.client.log_batch(self.run_id, metrics=pending[i:i + BATCH_LIMIT])
+
+    def _drain_jobs(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            job()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            self._run_safely()
+        self._run_safely()
+
+    def _run_safely(self) -> None:
+        try:
+            self._flush_metrics()
+            self._drain_jobs()
+        except Exception as exc:  # surfaced by close(); logging must not kill training
+            self._error = exc
+
+    def close(self) -> None:
+        """Send everything still buffered; raises if any send failed."""
+        self._stop.set()
+        self._thread.join(timeout=120)
+        if self._error is not None:
+            raise RuntimeError(f"logging to MLflow failed: {self._error}") from self._error
+
+
+def image_png(image) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, "PNG")
+    return buf.getvalue()

@@ -1,0 +1,154 @@
+"""Spec validation and planning: every class of bad input gets one line naming file, job, field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.plan import build_plan, job_hash, topological_order
+from orchestrator.spec import SpecError, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "jobspecs" / "quickstart.yaml"
+
+
+def spec(*jobs: dict, **top) -> dict:
+    return {"experiment": "t", **top, "jobs": list(jobs)}
+
+
+def train(name: str = "ddpm", **over) -> dict:
+    return {"name": name, "kind": "train", "family": "ddpm", "train": {"steps": 10}, **over}
+
+
+def sample(name: str = "grid", src: str = "ddpm", **over) -> dict:
+    return {"name": name, "kind": "sample", "family": "ddpm", "from": src, **over}
+
+
+def errors(data) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        build_plan(parse_spec(data, "s.yaml"))
+    return info.value.lines
+
+
+def test_quickstart_validates_and_merges_defaults():
+    s = load_spec(QUICKSTART)
+    ddpm = s.job("ddpm")
+    assert ddpm.data.dataset == "digits" and ddpm.data.image_size == 16
+    assert ddpm.resources.cpus == 2
+    assert ddpm.train.batch_size == 128
+    assert ddpm.model["schedule"] == "cosine" and ddpm.model["dropout"] == 0.0  # filled default
+    grid = s.job("grid")
+    assert grid.data is None and grid.train is None  # defaults fill only what a kind reads
+    assert grid.sample.steps == 50
+
+
+def test_job_values_win_over_defaults():
+    s = parse_spec(spec(train(data={"image_size": 8}), defaults={"data": {"dataset": "digits",
+                                                                       "image_size": 16}}))
+    assert s.jobs[0].data.image_size == 8
+
+
+@pytest.mark.parametrize("data, expected", [
+    (spec(train(modle={})), "s.yaml: job 'ddpm': modle: unknown field"),
+    (spec(train(model={"chanels": 3})), "s.yaml: job 'ddpm': model.chanels: unknown field"),
+    (spec(train(model={"channels": "many"})), "s.yaml: job 'ddpm': model.channels: Input should be a valid integer"),
+    (spec(train(train={"steps": -5})), "s.yaml: job 'ddpm': train.steps: Input should be greater than or equal to 1"),
+    (spec(train(kind="fly")), "s.yaml: job 'ddpm': kind: Input should be 'train', 'sample', 'distill' or 'evaluate'"),
+    (spec(train(family="vae")), "s.yaml: job 'ddpm': family: Input should be"),
+    (spec(train(name="Bad_Name")), "s.yaml: job 'Bad_Name': name: String should match pattern"),
+    (spec(train(), train()), "s.yaml: job 'ddpm': name: duplicate job name"),
+    (spec(train(), sample(src="nope")), "s.yaml: job 'grid': from: no job named 'nope' in this spec"),
+    (spec(sample(src=None)), "s.yaml: job 'grid': from: required field is missing"),
+    (spec(train(), sample(train={"steps": 3})), "s.yaml: job 'grid': train: not used by kind 'sample'"),
+    (spec(train(data={"dataset": "npz"})), "s.yaml: job 'ddpm': data: dataset 'npz' needs a path"),
+    (spec(train(model={"beta_start": 0.1, "beta_end": 0.01})), "s.yaml: job 'ddpm': model: beta_start must be smaller than beta_end"),
+    (spec(train(resources={"gpus": -1})), "s.yaml: job 'ddpm': resources.gpus: Input should be greater than or equal to 0"),
+    (spec(train(), sample(src="http://x/y")), "s.yaml: job 'grid': from: unsupported URI scheme"),
+    (spec(train(), sample(name="g2", src="grid"), sample()), "s.yaml: job 'g2': from: job 'grid' is a 'sample' job"),
+    (spec(train(kind="evaluate", train=None, **{"from": ["ddpm"]})), "s.yaml: job 'ddpm': kind: family 'ddpm' cannot run kind 'evaluate'"),
+    (spec(train(family="gan")), "s.yaml: job 'ddpm': family: 'gan' is not available in this version"),
+    ({"experiment": "t", "jobs": []}, "s.yaml: jobs: must be a non-empty list"),
+    ({"experiment": "no spaces", "jobs": [train()]}, "s.yaml: experiment: String should match pattern"),
+    ({"experiment": "t", "jobs": [train()], "extra": 1}, "s.yaml: extra: unknown field"),
+    (["a", "list"], "s.yaml: the spec must be a mapping"),
+    (spec(train(), sample(sample={"steps": 5000})), "s.yaml: job 'grid': sample.steps: 5000 steps but model 'ddpm' has 1000 timesteps"),
+])
+def test_bad_input_is_one_clear_line(data, expected):
+    lines = errors(data)
+    assert any(line.startswith(expected) for line in lines), lines
+    assert all("\n" not in line and "Traceback" not in line for line in lines)
+
+
+def test_every_problem_is_reported():
+    lines = errors(spec(train(model={"channels": "x", "dropout": 2}), sample(src="missing")))
+    assert len(lines) == 2  # two model problems in job 1; the reference is checked after
+    assert {l.split(": ")[2] for l in lines} == {"model.channels", "model.dropout"}
+
+
+def test_cycle_is_named():
+    s = parse_spec(spec(train("a"), train("b"), train("c")))
+    with pytest.raises(SpecError) as info:
+        topological_order(list(s.jobs), {"a": [], "b": ["c"], "c": ["b"]})
+    assert "dependency cycle b -> c -> b" in info.value.lines[0]
+
+
+def test_topological_order_is_stable_and_respects_deps():
+    s = parse_spec(spec(sample("z", src="b"), train("b"), train("a")))
+    deps = {"z": ["b"], "b": [], "a": []}
+    assert topological_order(list(s.jobs), deps) == ["b", "a", "z"]
+
+
+def test_hash_changes_with_content_and_upstream_not_with_resources():
+    base = build_plan(parse_spec(spec(train(), sample())))
+    more_cpus = build_plan(parse_spec(spec(train(resources={"cpus": 2}), sample())))
+    other_lr = build_plan(parse_spec(spec(train(train={"steps": 10, "lr": 1e-3}), sample())))
+    assert base.by_name["ddpm"].hash == more_cpus.by_name["ddpm"].hash
+    assert base.by_name["ddpm"].hash != other_lr.by_name["ddpm"].hash
+    # the sample job did not change, but what it reads did
+    assert base.by_name["grid"].hash != other_lr.by_name["grid"].hash
+    job = base.by_name["ddpm"].job
+    assert job_hash(job, {}, "v1") != job_hash(job, {}, "v2")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("experiment: t\njobs: [\n", "invalid YAML"),
+    ("a: 1\na: 2\n", "duplicate key 'a'"),
+    ("- 1\n- 2\n", "must be a mapping"),
+    ("", "must be a mapping"),
+    ("experiment: t\njobs:\n  - name: x\n   kind: train\n", "invalid YAML"),
+])
+def test_yaml_problems(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.lines[0].startswith(str(path)) and expected in info.value.lines[0]
+
+
+def test_binary_file(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SpecError, match="not a UTF-8 text file"):
+        load_spec(path)
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(QUICKSTART)],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "ddpm" in ok.stdout and "grid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec(train(model={"channels": "x"}))))
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(bad)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"{bad}: job 'ddpm': model.channels: Input should be a valid "
+                                  "integer, unable to parse string as an integer (got 'x')")
+    missing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", "nope.yaml"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "nope.yaml: cannot read the file" in missing.stderr
+    assert "Traceback" not in out.stderr + missing.stderr

@@ -1,0 +1,16 @@
+"""Workers: one module per model family, each a subclass of workers.base.Worker."""
+
+from __future__ import annotations
+
+import importlib
+
+# family -> "module:Class". A new family is its module plus one line here (and its model
+# section in orchestrator/spec.py).
+WORKERS = {
+    "ddpm": "workers.ddpm:DDPMWorker",
+}
+
+
+def worker_class(family: str):
+    module, _, cls = WORKERS[family].partition(":")
+    return getattr(importlib.import_module(module), cls)

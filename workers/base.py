@@ -1,0 +1,323 @@
+"""The harness every family shares: the training loop, checkpoints, resume, sampling jobs,
+progress and logging. A family subclasses `Worker` and fills in four hooks:
+
+    build(model_cfg, image_shape)       create self.modules (and self.emas for sampling)
+    configure_optimizers(train_cfg)     create self.optimizers
+    train_step(batch, labels, gen)      one update (use self.optimize); returns loss tensors
+    generate(n, sample_cfg, gen, ...)   images in [-1, 1] from the (EMA) modules
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from orchestrator.checkpoints import (
+    Checkpoint,
+    NotFound,
+    load_checkpoint,
+    resolve_checkpoint_uri,
+    save_checkpoint,
+)
+from orchestrator.storage import open_storage
+from orchestrator.task import Task
+from orchestrator.tracking import RunLogger
+from workers import images as imageio
+from workers.data import load_images
+from workers.nn.ema import EMA
+
+RESULT = "result.json"  # written last: the job's output is complete
+
+
+class JobError(Exception):
+    """An error in the job itself (bad data, NaN loss): not retried as an infrastructure fault."""
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A deep copy with every tensor detached on the CPU, safe to upload while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Uploads checkpoints on a background thread; at most one in flight, so memory stays
+    bounded and the loop only waits if checkpoints are asked for faster than they upload."""
+
+    def __init__(self, write: Callable[..., str]):
+        self._write = write
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def submit(self, *args: Any, **kwargs: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._write, *args, **kwargs)
+
+    def wait(self) -> str | None:
+        if self._pending is None:
+            return None
+        uri, self._pending = self._pending.result(), None
+        return uri
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class Worker:
+    family: ClassVar[str]
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.job = task.job
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(max(1, int(self.job["resources"]["cpus"])))
+        self.root = open_storage(task.storage_root, task.s3)
+        self.storage = self.root.child(task.prefix)
+        self.log = RunLogger(task.tracking_uri, task.run_id)
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.emas: dict[str, EMA] = {}
+        self.image_shape: tuple[int, int, int] = (1, 16, 16)
+        self._progress: dict[str, Any] = {"phase": "starting", "step": 0, "total": 0}
+        self._stop = threading.Event()
+
+    # ---- the family's hooks -------------------------------------------------------------
+    def build(self, model_cfg: dict[str, Any], image_shape: tuple[int, int, int]) -> None:
+        raise NotImplementedError
+
+    def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def train_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
+                   gen: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- what the actor calls -------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        return dict(self._progress)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> dict[str, Any]:
+        try:
+            result = self.train() if self.task.kind == "train" else self.sample()
+        finally:
+            self.log.close()
+        return result
+
+    # ---- shared pieces --------------------------------------------------------------------
+    def optimize(self, loss: torch.Tensor, name: str, grad_clip: float | None = None) -> None:
+        """Zero, backward, clip and step the optimizer of module `name`."""
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = grad_clip if grad_clip is not None else self.job.get("train", {}).get("grad_clip")
+        if clip:
+            nn.utils.clip_grad_norm_(self.modules[name].parameters(), clip)
+        opt.step()
+
+    def sampling_module(self, name: str) -> nn.Module:
+        """The EMA weights of `name` when it has them, else the raw module."""
+        return self.emas[name].module if name in self.emas else self.modules[name]
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        return {
+            "family": self.family, "job": self.task.name, "hash": self.task.job_hash,
+            "code_version": self.task.code_version, "step": step,
+            "model": self.job.get("model", {}), "image_shape": list(self.image_shape),
+        }
+
+    def _snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{name}/{k}": v for name, m in self.modules.items()
+                   for k, v in m.state_dict().items()}
+        tensors.update({f"ema.{name}/{k}": v for name, e in self.emas.items()
+                        for k, v in e.module.state_dict().items()})
+        state = {
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "ema_updates": {name: e.num_updates for name, e in self.emas.items()},
+        }
+        return cpu_copy(tensors), cpu_copy(state)
+
+    def _restore(self, ckpt: Checkpoint, *, weights_only: bool = False) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+
+        for name, module in self.modules.items():
+            module.load_state_dict(part(f"{name}/"))
+        for name, ema in self.emas.items():
+            ema.module.load_state_dict(part(f"ema.{name}/"))
+            ema.num_updates = int(ckpt.state.get("ema_updates", {}).get(name, 0))
+        if not weights_only:
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(ckpt.state["optimizers"][name])
+
+    def _write_checkpoint(self, step: int, tensors: dict[str, torch.Tensor],
+                          state: dict[str, Any]) -> str:
+        uri = save_checkpoint(self.storage, step, tensors=tensors, state=state,
+                              meta=self._meta(step))
+        self.log.set_tags({"genforge.checkpoint": uri})
+        return uri
+
+    def _log_grid(self, step: int, n: int) -> bytes:
+        with torch.no_grad():
+            samples = self.generate(n, None, self._generator(self.job["train"]["seed"]))
+        picture = imageio.grid(imageio.to_uint8(samples), scale=imageio.display_scale(samples.shape[-1]))
+        png = imageio.png_bytes(picture)
+        self.storage.put_bytes(f"samples/step-{step:06d}.png", png)
+        self.log.log_image(picture, key="samples", step=step)
+        return png
+
+    def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        result = {**result, "job": self.task.name, "hash": self.task.job_hash,
+                  "finished": datetime.now(timezone.utc).isoformat()}
+        self.storage.put_bytes(RESULT, json.dumps(result, indent=2).encode())
+        return result
+
+    # ---- training -------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg, data = self.job["train"], self.job["data"]
+        self._progress.update(phase="loading data", total=cfg["steps"])
+        x, labels = load_images(self.root, self.task.data_key, image_size=data["image_size"],
+                                channels=data["channels"], limit=data.get("limit"))
+        x = x.to(self.device)
+        labels = labels.to(self.device) if labels is not None else None
+        self.image_shape = tuple(x.shape[1:])
+        self.build(self.job["model"], self.image_shape)
+        self.configure_optimizers(cfg)
+
+        start = 0
+        try:
+            ckpt = load_checkpoint(self.storage)
+            self._restore(ckpt)
+            start = ckpt.step
+            self.log.set_tags({"genforge.resumed_from": ckpt.uri})
+        except NotFound:
+            pass
+
+        writer = CheckpointWriter(self._write_checkpoint)
+        try:
+            step = self._train_loop(x, labels, start, cfg, writer)
+            writer.submit(step, *self._snapshot())
+            uri = writer.wait()
+        finally:
+            writer.close()
+        if step < cfg["steps"]:  # asked to stop: the checkpoint is saved, the job is not done
+            return {"status": "stopped", "step": step, "checkpoint": uri}
+        self._progress.update(phase="sampling")
+        self._log_grid(step, cfg["sample_images"])
+        return self._finish({"status": "finished", "kind": "train", "step": step,
+                             "checkpoint": uri})
+
+    def _train_loop(self, x: torch.Tensor, labels: torch.Tensor | None, start: int,
+                    cfg: dict[str, Any], writer: CheckpointWriter) -> int:
+        steps, bs = cfg["steps"], cfg["batch_size"]
+        gen = torch.Generator(device=self.device)
+        for module in self.modules.values():
+            module.train()
+        self._progress.update(phase="train", step=start)
+        window_start, window_steps = time.perf_counter(), 0
+        step = start
+        for step in range(start + 1, steps + 1):
+            # Seeded per step: a resumed job draws exactly the batches it would have drawn.
+            gen.manual_seed(cfg["seed"] * 1_000_003 + step)
+            idx = torch.randint(len(x), (min(bs, len(x)),), generator=gen, device=self.device)
+            lr = cfg["lr"] * min(1.0, step / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
+            for opt in self.optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            losses = self.train_step(x[idx], labels[idx] if labels is not None else None, gen)
+            for name, ema in self.emas.items():
+                ema.update(self.modules[name])
+            window_steps += 1
+            self._progress["step"] = step
+
+            if step % cfg["log_every"] == 0 or step == steps:
+                values = {k: float(v) for k, v in losses.items()}
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    raise JobError(f"{', '.join(bad)} is not finite ({values[bad[0]]}) at step {step}")
+                elapsed = time.perf_counter() - window_start
+                values.update(lr=lr, steps_per_s=window_steps / elapsed,
+                              images_per_s=window_steps * len(idx) / elapsed)
+                self.log.log_metrics(values, step)
+                self._progress["loss"] = values.get("loss", next(iter(values.values())))
+                window_start, window_steps = time.perf_counter(), 0
+            if self._stop.is_set():
+                return step
+            if cfg.get("checkpoint_every") and step % cfg["checkpoint_every"] == 0 and step < steps:
+                writer.submit(step, *self._snapshot())
+            if cfg.get("sample_every") and step % cfg["sample_every"] == 0 and step < steps:
+                self._log_grid(step, cfg["sample_images"])
+                for module in self.modules.values():
+                    module.train()
+        return step
+
+    # ---- sampling jobs --------------------------------------------------------------------
+    def load_for_sampling(self, uri: str) -> Checkpoint:
+        storage, name = resolve_checkpoint_uri(uri, self.task.s3)
+        ckpt = load_checkpoint(storage, name)
+        family = ckpt.meta.get("family")
+        if family != self.family:
+            raise JobError(f"{ckpt.uri} holds a '{family}' model, not '{self.family}'")
+        self.image_shape = tuple(ckpt.meta["image_shape"])
+        self.build(ckpt.meta["model"], self.image_shape)
+        self._restore(ckpt, weights_only=True)
+        for module in [*self.modules.values(), *(e.module for e in self.emas.values())]:
+            module.eval()
+        return ckpt
+
+    def sample(self) -> dict[str, Any]:
+        cfg = self.job["sample"]
+        self._progress.update(phase="loading checkpoint")
+        ckpt = self.load_for_sampling(self.task.sources[0])
+        if not cfg["use_ema"]:
+            self.emas = {}
+        self.log.set_tags({"genforge.source_checkpoint": ckpt.uri})
+
+        n, bs = cfg["num_images"], cfg["batch_size"]
+        self._progress.update(phase="sample", step=0, total=n)
+        gen = self._generator(cfg["seed"])
+        batches: list[np.ndarray] = []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, n, bs):
+                count = min(bs, n - start)
+                batches.append(imageio.to_uint8(self.generate(count, cfg, gen)))
+                self._progress["step"] = start + count
+        seconds = time.perf_counter() - t0
+        images = np.concatenate(batches)
+
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=images)
+        self.storage.put_bytes("outputs/images.npz", buf.getvalue())
+        picture = imageio.grid(images[:64], scale=imageio.display_scale(images.shape[1]))
+        self.storage.put_bytes("outputs/grid.png", imageio.png_bytes(picture))
+        self.log.log_image(picture, key="samples", step=0)
+        self.log.log_metrics({"sample_s_per_image": seconds / n, "num_images": n}, 0)
+        return self._finish({"status": "finished", "kind": "sample", "num_images": n,
+                             "outputs": [self.storage.uri("outputs/images.npz"),
+                                         self.storage.uri("outputs/grid.png")],
+                             "source": ckpt.uri, "s_per_image": seconds / n})

@@ -1,0 +1,138 @@
+"""Reverse-process samplers behind one interface (diffusers habit):
+
+    sampler.set_timesteps(n)                      # descending ints in [0, T-1]
+    x = sampler.step(eps, t, t_prev, x, generator=g)
+
+``t_prev`` is the next (smaller) timestep of the chosen subsequence, or None at the
+last step, where ᾱ_prev = 1 and the sampler returns its prediction of x_0.
+Both samplers go through the x_0 prediction so that it can be clipped to the data
+range [-1, 1] (as the reference DDPM code does); without clipping the updates are
+algebraically those of the papers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from workers.diffusion.schedules import NoiseSchedule
+
+
+class Sampler:
+    """Base class: timestep selection and x_0 prediction shared by all samplers."""
+
+    def __init__(self, schedule: NoiseSchedule, *, clip_x0: bool = True):
+        self.schedule = schedule
+        self.clip_x0 = clip_x0
+        self.timesteps: list[int] = []
+        # Python floats: the per-step coefficients are scalars and must not sync with an accelerator.
+        self._alphas_cumprod: list[float] = schedule.alphas_cumprod.double().cpu().tolist()
+
+    def set_timesteps(self, num_steps: int) -> None:
+        """Evenly spaced timesteps from T-1 down to 0, so sampling always starts at pure noise."""
+        T = self.schedule.timesteps
+        if not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+        # Spacing (T-1)/(n-1) >= 1, so rounding never produces duplicates.
+        self.timesteps = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long().tolist()
+
+    def alpha_bar(self, t: int | None) -> float:
+        return 1.0 if t is None else self._alphas_cumprod[t]
+
+    def predict_x0(self, eps: Tensor, t: int, x_t: Tensor) -> Tensor:
+        a = self.alpha_bar(t)
+        x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        return x0.clamp(-1, 1) if self.clip_x0 else x0
+
+    def step(self, eps: Tensor, t: int, t_prev: int | None, x_t: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class AncestralSampler(Sampler):
+    """DDPM ancestral sampling, Algorithm 2 of Ho et al. 2020.
+
+    With fewer steps than T the chain is respaced (Nichol & Dhariwal 2021): a step t -> t_prev
+    uses β = 1 - ᾱ_t / ᾱ_prev, which is exactly β_t when t_prev = t - 1.
+
+    ``variance="beta"`` uses σ_t² = β_t (the choice in Ho et al.'s experiments; their other option,
+    the posterior variance β̃_t = (1-ᾱ_prev)/(1-ᾱ_t) β_t, is ``variance="beta_tilde"``).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, *, clip_x0: bool = True, variance: Literal["beta", "beta_tilde"] = "beta"):
+        super().__init__(schedule, clip_x0=clip_x0)
+        if variance not in ("beta", "beta_tilde"):
+            raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
+        self.variance = variance
+
+    def step(self, eps: Tensor, t: int, t_prev: int | None, x_t: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        alpha = a_t / a_prev
+        beta = 1 - alpha
+        x0 = self.predict_x0(eps, t, x_t)
+        # Mean of the Gaussian posterior q(x_prev | x_t, x_0), Eq. 7 of Ho et al.
+        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x_t
+        if t_prev is None:
+            return mean  # z = 0 on the final step
+        var = beta if self.variance == "beta" else beta * (1 - a_prev) / (1 - a_t)
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return mean + math.sqrt(var) * noise
+
+
+class DDIMSampler(Sampler):
+    """DDIM, Eq. 12 of Song et al. 2021. η = 0 is deterministic; η = 1 matches ancestral with β̃."""
+
+    def __init__(self, schedule: NoiseSchedule, *, eta: float = 0.0, clip_x0: bool = True):
+        super().__init__(schedule, clip_x0=clip_x0)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = eta
+
+    def step(self, eps: Tensor, t: int, t_prev: int | None, x_t: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        x0 = self.predict_x0(eps, t, x_t)
+        if self.clip_x0:
+            # Keep ε consistent with the clipped x_0, otherwise the "direction to x_t" reintroduces the overshoot.
+            eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        sigma = self.eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return x_prev
+
+
+SAMPLERS: dict[str, type[Sampler]] = {"ancestral": AncestralSampler, "ddim": DDIMSampler}
+
+
+def make_sampler(name: Literal["ancestral", "ddim"], schedule: NoiseSchedule, **kwargs) -> Sampler:
+    try:
+        cls = SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}") from None
+    return cls(schedule, **kwargs)
+
+
+@torch.no_grad()
+def sample(
+    model_fn: Callable[[Tensor, Tensor], Tensor],
+    sampler: Sampler,
+    shape: tuple[int, ...],
+    *,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Tensor:
+    """Run the reverse process from x_T ~ N(0, I); ``progress(i, n)`` after step i of n (1-based)."""
+    sampler.set_timesteps(num_steps)
+    timesteps = sampler.timesteps
+    x = torch.randn(shape, generator=generator, device=device)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+        x = sampler.step(model_fn(x, t_batch), t, t_prev, x, generator=generator)
+        if progress is not None:
+            progress(i + 1, len(timesteps))
+    return x
