@@ -56,9 +56,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator import settings as settings_mod
-    from orchestrator.driver import Driver, check_storage
+    from orchestrator.driver import Driver, ServiceError, check_services
     from orchestrator.plan import build_plan
-    from orchestrator.storage import StorageError
 
     plan = build_plan(load_spec(args.spec))
     settings = settings_mod.resolve(start_stack=True, echo=lambda m: print(m, file=sys.stderr))
@@ -67,9 +66,9 @@ def cmd_run(args: argparse.Namespace) -> int:
              "GENFORGE_STORAGE, or run 'genforge up'")
         return EXIT_INVALID
     try:
-        check_storage(settings)
-    except StorageError as exc:
-        _err(f"{args.spec}: storage {settings.storage}: {exc}")
+        check_services(settings)
+    except ServiceError as exc:
+        _err(f"{args.spec}: {exc}")
         return EXIT_INVALID
     force: bool | set[str] = False
     if args.force is not None:
@@ -78,9 +77,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             _err(f"{args.spec}: --force: no job named {', '.join(unknown)}")
             return EXIT_INVALID
+    driver = Driver(plan, settings, force=force)
+    driver.stage_data()
     print(f"MLflow UI: {settings.tracking_uri}  (experiment '{plan.spec.experiment}')",
           file=sys.stderr)
-    return Driver(plan, settings, force=force).run()
+    try:
+        return driver.run()
+    except ServiceError as exc:
+        _err(f"{args.spec}: {exc}")
+        return EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

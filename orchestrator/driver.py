@@ -21,11 +21,12 @@ from orchestrator import datasets
 from orchestrator.actor import JobActor
 from orchestrator.plan import Plan, PlannedJob, is_uri
 from orchestrator.settings import Settings
+from orchestrator.spec import SpecError
 from orchestrator.storage import NotFound, StorageError, open_storage
 from orchestrator.task import Task
 from orchestrator.tracking import Tracker, flatten
 
-POLL_S = 0.5
+POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
 RESULT = "result.json"
 
 
@@ -36,6 +37,7 @@ class JobState:
     run_id: str | None = None
     actor: Any = None
     ref: Any = None
+    progress_ref: Any = None
     bar: tqdm | None = None
     attempt: int = 0
     restarts: int = 0
@@ -67,14 +69,19 @@ class Driver:
     def prefix(self, planned: PlannedJob) -> str:
         return f"{self.experiment}/{planned.name}/{planned.hash}"
 
-    def _stage_data(self) -> None:
+    def stage_data(self) -> None:
+        """Stage every data set once, before anything starts; bad data is a SpecError."""
         for p in self.plan.jobs:
             data = p.job.data
             if data is None or p.job.kind not in ("train", "distill"):
                 continue
             ident = data.model_dump_json()
-            if ident not in self.data_keys:
+            if ident in self.data_keys:
+                continue
+            try:
                 self.data_keys[ident] = datasets.stage(data, self.root, self.settings.s3)
+            except datasets.DataError as exc:
+                raise SpecError([f"{self.plan.spec.source}: job '{p.name}': data: {exc}"]) from None
 
     def _is_forced(self, name: str) -> bool:
         return self.force is True or (isinstance(self.force, set) and name in self.force)
@@ -94,9 +101,9 @@ class Driver:
 
     def _launch(self, state: JobState) -> None:
         p = state.planned
-        state.attempt += 1
         if state.run_id is None:
-            state.run_id = self._open_run(p)
+            state.run_id, state.attempt = self._open_run(p)
+        state.attempt += 1
         self.tracker.set_tags(state.run_id, {"genforge.attempt": str(state.attempt)})
         data_key = self.data_keys.get(p.job.data.model_dump_json()) if p.job.data else None
         task = Task(
@@ -114,49 +121,61 @@ class Driver:
         )
         state.actor = actor_cls.remote(task)
         state.ref = state.actor.run.remote()
+        state.progress_ref = None
         state.status, state.started = "running", time.monotonic()
         if state.bar is None:
             position = next(i for i in range(len(self.jobs) + 1) if i not in self._positions)
             self._positions.append(position)
+            # Bars only on a terminal; logs get the one-line events instead.
             state.bar = tqdm(total=1, desc=f"{p.name:<14.14}", position=position, leave=True,
-                             dynamic_ncols=True, file=sys.stderr, unit="step")
+                             dynamic_ncols=True, file=sys.stderr, unit="step",
+                             disable=not sys.stderr.isatty())
+        self.echo(f"job '{p.name}': started (attempt {state.attempt}, run {state.run_id})")
         state.bar.set_postfix_str(f"attempt {state.attempt}" if state.attempt > 1 else "starting")
 
-    def _open_run(self, p: PlannedJob) -> str:
+    def _open_run(self, p: PlannedJob) -> tuple[str, int]:
         """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
-        metric history in one run)."""
+        metric history in one run); and the number of attempts the run has seen."""
         unfinished = self.tracker.find_runs(self.experiment_id, p.hash, ("RUNNING", "FAILED", "KILLED"))
         if unfinished:
-            run_id = unfinished[0].info.run_id
-            self.tracker.reopen(run_id)
-            self.tracker.set_tags(run_id, {"mlflow.parentRunId": self.parent_run})
-            return run_id
+            run = unfinished[0]
+            self.tracker.reopen(run.info.run_id)
+            self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run})
+            return run.info.run_id, int(run.data.tags.get("genforge.attempt", "0"))
         tags = {
             "genforge.job": p.name, "genforge.family": p.job.family, "genforge.kind": p.job.kind,
             "genforge.hash": p.hash, "genforge.code_version": self.plan.code_version,
             "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
         }
         params = flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
-        return self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run)
+        return self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run), 0
 
     # ---- watching ---------------------------------------------------------------------------
     def _poll_progress(self) -> None:
-        running = [s for s in self.jobs.values() if s.status == "running"]
-        refs = [s.actor.progress.remote() for s in running]
-        for state, ref in zip(running, refs):
-            try:
-                prog = ray.get(ref, timeout=2)
-            except Exception:  # the actor is busy starting, or gone; its run() ref tells which
+        """Update the bars from each actor's last progress report, never blocking: a report
+        is asked for, and read on a later pass once it has arrived."""
+        for state in self.jobs.values():
+            if state.status != "running":
                 continue
-            bar = state.bar
+            if state.progress_ref is None:
+                state.progress_ref = state.actor.progress.remote()
+                continue
+            ready, _ = ray.wait([state.progress_ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                prog = ray.get(state.progress_ref)
+            except Exception:  # the actor is gone; its run() ref says why
+                prog = {}
+            state.progress_ref = None
             if prog.get("total"):
-                bar.total = prog["total"]
-                bar.n = prog.get("step", 0)
+                state.bar.total = prog["total"]
+                state.bar.n = prog.get("step", 0)
             post = prog.get("phase", "")
             if "loss" in prog:
                 post += f" loss={prog['loss']:.4f}"
-            bar.set_postfix_str(post, refresh=False)
-            bar.refresh()
+            state.bar.set_postfix_str(post, refresh=False)
+            state.bar.refresh()
 
     def _finish(self, state: JobState, status: str, error: str | None = None) -> None:
         state.status, state.error = status, error
@@ -171,7 +190,9 @@ class Driver:
         if state.bar is not None:
             state.bar.set_postfix_str(status if not error else f"{status}: {error[:60]}")
             state.bar.close()
-        if status == "failed":
+        if status != "failed":
+            self.echo(f"job '{state.name}': {status}" + (f" ({error})" if error else ""))
+        else:
             self.echo(f"job '{state.name}' failed: {error}")
             for name in self.plan.dependents(state.name):
                 if self.jobs[name].status == "pending":
@@ -215,15 +236,20 @@ class Driver:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
-        ray.init(address=self.settings.ray_address, namespace="genforge",
-                 logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        if not self.data_keys:
+            self.stage_data()
+        try:
+            ray.init(address=self.settings.ray_address, namespace="genforge",
+                     logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ServiceError(f"cannot connect to Ray at {self.settings.ray_address}: "
+                               f"{str(exc).splitlines()[0]}") from None
         self.experiment_id = self.tracker.experiment_id(self.experiment)
         self.parent_run = self.tracker.start_run(
             self.experiment_id, f"{self.experiment} pipeline",
             {"genforge.spec": self.plan.spec.source, "genforge.code_version": self.plan.code_version},
         )
         try:
-            self._stage_data()
             self._loop()
         except KeyboardInterrupt:
             self.echo("interrupted: stopping jobs, keeping what was saved")
@@ -272,9 +298,18 @@ class Driver:
             self.echo(line)
 
 
-def check_storage(settings: Settings) -> None:
-    """Fail before any training starts when storage is unreachable (raises StorageError)."""
-    open_storage(settings.storage, settings.s3).check()
+class ServiceError(Exception):
+    """A service (storage, tracking, Ray) cannot be used; the message names it."""
 
 
-__all__ = ["Driver", "check_storage", "StorageError"]
+def check_services(settings: Settings) -> None:
+    """Fail before anything starts when storage or the tracking server cannot be reached."""
+    try:
+        open_storage(settings.storage, settings.s3).check()
+    except StorageError as exc:
+        raise ServiceError(f"storage {settings.storage}: {exc}") from None
+    try:
+        Tracker(settings.tracking_uri).client.search_experiments(max_results=1)
+    except Exception as exc:  # requests, MLflow REST and URI errors alike
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ServiceError(f"MLflow tracking server {settings.tracking_uri}: {first[:300]}") from None

@@ -95,7 +95,7 @@ class RunLogger:
     """Worker-side logger for one run. `log_metrics` and `log_image` return at once; a
     background thread sends metrics in batches every `flush_s` seconds and uploads images."""
 
-    def __init__(self, tracking_uri: str, run_id: str, *, flush_s: float = 2.0):
+    def __init__(self, tracking_uri: str, run_id: str, *, flush_s: float = 5.0):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.flush_s = flush_s

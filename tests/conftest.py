@@ -5,8 +5,6 @@ user's own stack."""
 from __future__ import annotations
 
 import os
-import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,34 +12,10 @@ import pytest
 from orchestrator import stack
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(names: list[str]) -> dict[str, int]:
-    """Ports in 20000-29999 (outside Ray's worker-port range and the kernel's ephemeral range),
-    each with port+10000 free too, since SeaweedFS puts its gRPC listener there."""
-    chosen: dict[str, int] = {}
-    used: set[int] = set()
-    rng = random.Random(os.getpid())
-    while len(chosen) < len(names):
-        port = rng.randrange(20000, 30000)
-        if {port, port + 10000} & used or not (_free(port) and _free(port + 10000)):
-            continue
-        used |= {port, port + 10000}
-        chosen[names[len(chosen)]] = port
-    return chosen
-
-
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory) -> stack.StackState:
     home = tmp_path_factory.mktemp("stack")
-    state = stack.up(home, ports=free_ports(list(stack.DEFAULT_PORTS)), num_cpus=2, num_gpus=2)
+    state = stack.up(home, ports=stack.free_ports(list(stack.DEFAULT_PORTS)), num_cpus=2, num_gpus=2)
     yield state
     stack.down(home)
 

@@ -1,8 +1,7 @@
 """Tests for orchestrator.storage and orchestrator.checkpoints.
 
-FileStorage tests use tmp_path.  S3 tests run against a real SeaweedFS server
-(`weed mini`) started once per session by the ``seaweed_s3`` fixture below
-(to be moved into conftest.py later).
+FileStorage tests use tmp_path.  S3 tests run against the real SeaweedFS server of the
+test stack (``local_stack`` in conftest.py).
 """
 
 from __future__ import annotations
@@ -11,14 +10,8 @@ import io
 import json
 import os
 import pickle
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator import stack
 from orchestrator.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -49,172 +43,23 @@ from orchestrator.storage import (
 
 # =========================================================================== SeaweedFS fixture
 
-S3_ACCESS_KEY = "genforge-test-AK"
-S3_SECRET_KEY = "genforge-test-SECRET-4f1c9a"
-S3_BUCKET = "genforge"
-
 
 @dataclass(frozen=True)
 class SeaweedS3:
     endpoint_url: str
     bucket: str
     credentials: S3Credentials
-    data_dir: Path
-
-
-def _weed_binary() -> str | None:
-    found = shutil.which("weed")
-    if found:
-        return found
-    candidate = Path(sys.executable).with_name("weed")
-    return str(candidate) if candidate.exists() else None
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_ports(n: int) -> list[int]:
-    """n ports in 20000-29999 such that port and port+10000 (gRPC) are both free."""
-    import random
-
-    rng = random.Random()
-    chosen: list[int] = []
-    for _ in range(2000):
-        p = rng.randrange(20000, 30000)
-        if p in chosen or p + 10000 in chosen or p - 10000 in chosen:
-            continue
-        if _port_free(p) and _port_free(p + 10000):
-            chosen.append(p)
-            if len(chosen) == n:
-                return chosen
-    raise RuntimeError("could not find free ports for SeaweedFS")
-
-
-def _wait_s3_up(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            urllib.request.urlopen(url + "/", timeout=1)
-        except urllib.error.HTTPError as e:
-            if e.code == 403:  # unauthenticated request refused: S3 gateway with auth is up
-                return True
-        except OSError:
-            pass
-        else:
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _stop_process_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
-def seaweed_s3(tmp_path_factory):
-    """A real SeaweedFS S3 endpoint on 127.0.0.1 with credentials enforced."""
-    weed = _weed_binary()
-    if weed is None:
-        pytest.skip("SeaweedFS 'weed' binary not available")
-    base = tmp_path_factory.mktemp("seaweedfs")
-    config = base / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "genforge",
-                        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
-                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                    }
-                ]
-            }
-        )
+def seaweed_s3(local_stack) -> SeaweedS3:
+    """The real SeaweedFS S3 server of the test stack (credentials enforced, 127.0.0.1 only)."""
+    creds = stack.credentials(Path(local_stack.home))
+    return SeaweedS3(
+        endpoint_url=local_stack.s3_endpoint,
+        bucket=local_stack.bucket,
+        credentials=S3Credentials(local_stack.s3_endpoint, creds["access_key"], creds["secret_key"]),
     )
-    last_log = ""
-    for attempt in range(3):  # ports can be raced away between picking and binding
-        data = base / f"data{attempt}"
-        data.mkdir()
-        master, volume, filer, s3, admin = _pick_ports(5)
-        log_path = base / f"weed{attempt}.log"
-        log_file = open(log_path, "wb")
-        proc = subprocess.Popen(
-            [
-                weed, "mini",
-                f"-dir={data}",
-                "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-s3.config={config}",
-                f"-bucket={S3_BUCKET}",
-                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-                f"-s3.port={s3}", f"-admin.port={admin}",
-                "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false",
-            ],
-            cwd=base,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        endpoint = f"http://127.0.0.1:{s3}"
-        try:
-            up = _wait_s3_up(endpoint, proc, timeout=30)
-        except BaseException:
-            _stop_process_group(proc)
-            log_file.close()
-            raise
-        if up:
-            break
-        _stop_process_group(proc)
-        log_file.close()
-        last_log = log_path.read_text(errors="replace")[-2000:]
-    else:
-        pytest.fail(f"SeaweedFS did not start; last log tail:\n{last_log}")
-
-    creds = S3Credentials(
-        endpoint_url=endpoint,
-        access_key_id=S3_ACCESS_KEY,
-        secret_access_key=S3_SECRET_KEY,
-        region="us-east-1",
-    )
-    # The bucket is created by -bucket asynchronously; wait until it answers.
-    probe = S3Storage(S3_BUCKET, "", creds, max_attempts=2, connect_timeout=2, read_timeout=5)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            probe.check()
-            break
-        except StorageError:
-            if time.monotonic() > deadline:
-                _stop_process_group(proc)
-                raise
-            time.sleep(0.2)
-    try:
-        yield SeaweedS3(endpoint_url=endpoint, bucket=S3_BUCKET, credentials=creds, data_dir=data)
-    finally:
-        _stop_process_group(proc)
-        log_file.close()
 
 
 @pytest.fixture
@@ -732,7 +577,7 @@ def test_s3_list_paginates(seaweed_s3):
 
 def test_s3_wrong_secret(seaweed_s3):
     wrong = "WRONG-secret-value-123"
-    creds = S3Credentials(seaweed_s3.endpoint_url, S3_ACCESS_KEY, wrong)
+    creds = S3Credentials(seaweed_s3.endpoint_url, seaweed_s3.credentials.access_key_id, wrong)
     st = S3Storage(seaweed_s3.bucket, "tests/denied", creds, max_attempts=2)
     with pytest.raises(StorageError) as ei:
         st.check()
@@ -760,7 +605,7 @@ def test_s3_missing_bucket(seaweed_s3):
         st.check()
     msg = str(ei.value)
     assert "no-such-bucket-xyz" in msg and "does not exist" in msg and "\n" not in msg
-    assert S3_SECRET_KEY not in msg
+    assert seaweed_s3.credentials.secret_access_key not in msg
     with pytest.raises(StorageError, match="does not exist"):
         st.list()
 

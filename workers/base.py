@@ -216,18 +216,21 @@ class Worker:
             pass
 
         writer = CheckpointWriter(self._write_checkpoint)
+        started = time.time()
         try:
             step = self._train_loop(x, labels, start, cfg, writer)
+            loop_s = time.time() - started
             writer.submit(step, *self._snapshot())
             uri = writer.wait()
         finally:
             writer.close()
+        timing = {"started_unix": started, "loop_s": loop_s, "steps_run": step - start}
         if step < cfg["steps"]:  # asked to stop: the checkpoint is saved, the job is not done
             return {"status": "stopped", "step": step, "checkpoint": uri}
         self._progress.update(phase="sampling")
         self._log_grid(step, cfg["sample_images"])
         return self._finish({"status": "finished", "kind": "train", "step": step,
-                             "checkpoint": uri})
+                             "checkpoint": uri, "timing": timing})
 
     def _train_loop(self, x: torch.Tensor, labels: torch.Tensor | None, start: int,
                     cfg: dict[str, Any], writer: CheckpointWriter) -> int:

@@ -57,8 +57,11 @@ class AncestralSampler(Sampler):
     With fewer steps than T the chain is respaced (Nichol & Dhariwal 2021): a step t -> t_prev
     uses β = 1 - ᾱ_t / ᾱ_prev, which is exactly β_t when t_prev = t - 1.
 
-    ``variance="beta"`` uses σ_t² = β_t (the choice in Ho et al.'s experiments; their other option,
-    the posterior variance β̃_t = (1-ᾱ_prev)/(1-ᾱ_t) β_t, is ``variance="beta_tilde"``).
+    ``variance="beta"`` uses σ_t² = β_t, one of the two fixed choices in Ho et al. (who report
+    similar results for both); the other, the posterior variance β̃_t = (1-ᾱ_prev)/(1-ᾱ_t) β_t,
+    is ``variance="beta_tilde"``. β̃ is the one that reproduces the forward marginals q(x_t|x_0)
+    exactly; β_t overshoots them near t = 0, badly so when respaced to few steps, so prefer
+    "beta_tilde" (or DDIM) for short schedules.
     """
 
     def __init__(self, schedule: NoiseSchedule, *, clip_x0: bool = True, variance: Literal["beta", "beta_tilde"] = "beta"):

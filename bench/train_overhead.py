@@ -1,0 +1,167 @@
+"""DDPM training speed inside a genforge job vs the same model, batch and data in a bare
+PyTorch loop, measured side by side in one run; also the wall time from `genforge run` to the
+first training step with the stack already up.
+
+The bare loop does the same algorithm (Algorithm 1 loss, Adam, gradient clipping, EMA update);
+what the job adds is the harness: per-step seeded batches, progress reporting, batched MLflow
+logging, and checkpoints written in the background every `--checkpoint-every` steps.
+Mid-training sample grids are off here: they are extra sampling work, not overhead.
+
+    python bench/train_overhead.py [--steps 300] [--out bench/results/train_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from orchestrator import stack  # noqa: E402
+from orchestrator.datasets import stage  # noqa: E402
+from orchestrator.spec import DataSpec, DDPMModel  # noqa: E402
+from orchestrator.storage import S3Credentials, open_storage  # noqa: E402
+from workers.data import load_images  # noqa: E402
+from workers.diffusion.losses import ddpm_loss  # noqa: E402
+from workers.diffusion.schedules import make_schedule  # noqa: E402
+from workers.nn.ema import EMA  # noqa: E402
+from workers.nn.unet import UNet  # noqa: E402
+
+MODEL = {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "timesteps": 1000,
+         "schedule": "cosine"}
+
+
+def bare_loop(x: torch.Tensor, steps: int, batch_size: int, threads: int) -> float:
+    """Steps/s of a hand-written loop over the same data and model."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = DDPMModel(**MODEL)
+    net = UNet(in_channels=1, image_size=x.shape[-1], channels=cfg.channels,
+               channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks)
+    schedule = make_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    ema = EMA(net, decay=0.995)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch_size,))
+        loss = ddpm_loss(net, schedule, x[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        ema.update(net)
+    return steps / (time.perf_counter() - t0)
+
+
+def genforge_job(home: Path, steps: int, batch_size: int, threads: int,
+                 checkpoint_every: int) -> dict:
+    spec = {
+        "experiment": "bench-overhead",
+        "jobs": [{
+            "name": "ddpm", "kind": "train", "family": "ddpm", "model": MODEL,
+            "data": {"dataset": "digits", "image_size": 16},
+            "train": {"steps": steps, "batch_size": batch_size, "lr": 1e-3, "ema_decay": 0.995,
+                      "checkpoint_every": checkpoint_every, "log_every": 10,
+                      "seed": int(time.time())},  # a new hash each time: never a cache hit
+            "resources": {"cpus": threads, "gpus": 0},
+        }],
+    }
+    path = home / "bench.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))},
+           "GENFORGE_HOME": str(home)}
+    launched = time.time()
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)], env=env,
+                         cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"genforge run failed:\n{out.stderr[-2000:]}")
+    total = time.time() - launched
+    state = stack.status(home)
+    creds = stack.credentials(home)
+    root = open_storage(state.storage, S3Credentials(state.s3_endpoint, creds["access_key"],
+                                                     creds["secret_key"]))
+    key = next(k for k in root.list("bench-overhead/ddpm/") if k.endswith("result.json"))
+    result = json.loads(root.get_bytes(key))
+    root.delete(key)
+    timing = result["timing"]
+    return {"steps_per_s": timing["steps_run"] / timing["loop_s"],
+            "launch_to_first_step_s": timing["started_unix"] - launched,
+            "run_total_s": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_overhead.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="genforge-bench-") as tmp:
+        home = Path(tmp)
+        print("starting a private stack ...", file=sys.stderr)
+        state = stack.up(home, ports=stack.free_ports(), num_cpus=args.threads, num_gpus=0)
+        try:
+            creds = stack.credentials(home)
+            root = open_storage(state.storage, S3Credentials(state.s3_endpoint, creds["access_key"],
+                                                             creds["secret_key"]))
+            key = stage(DataSpec(dataset="digits", image_size=16), root)
+            x, _ = load_images(root, key, image_size=16, channels=1)
+
+            # The bare loop runs as a Ray task with the job's CPUs, so both run in the same kind
+            # of process (Ray's worker environment differs from this one's: thread settings,
+            # allocator); what differs is only the harness.
+            import ray
+
+            ray.init(address=state.ray_address, logging_level="ERROR", log_to_driver=False)
+            remote_bare = ray.remote(num_cpus=args.threads)(bare_loop)
+
+            def bare() -> float:
+                return ray.get(remote_bare.remote(x, args.steps, args.batch_size, args.threads))
+
+            # bare, job, bare: the mean of the two bare runs brackets any drift of the machine
+            bare_1 = bare()
+            print(f"bare loop:     {bare_1:.2f} steps/s", file=sys.stderr)
+            job = genforge_job(home, args.steps, args.batch_size, args.threads,
+                               args.checkpoint_every)
+            print(f"genforge job:  {job['steps_per_s']:.2f} steps/s", file=sys.stderr)
+            bare_2 = bare()
+            print(f"bare loop:     {bare_2:.2f} steps/s", file=sys.stderr)
+            in_process = bare_loop(x, args.steps, args.batch_size, args.threads)
+            print(f"bare loop in this process: {in_process:.2f} steps/s", file=sys.stderr)
+            ray.shutdown()
+        finally:
+            stack.down(home)
+
+    bare = (bare_1 + bare_2) / 2
+    report = {
+        "benchmark": "train_overhead",
+        "config": {**vars(args), "model": MODEL, "data": "digits 16x16",
+                   "torch": torch.__version__, "device": "cpu"},
+        "bare_steps_per_s": [bare_1, bare_2],
+        "bare_steps_per_s_outside_ray": in_process,
+        "genforge_steps_per_s": job["steps_per_s"],
+        "ratio": job["steps_per_s"] / bare,
+        "target_ratio": 0.95,
+        "launch_to_first_step_s": job["launch_to_first_step_s"],
+        "genforge_run_total_s": job["run_total_s"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("bare_steps_per_s", "genforge_steps_per_s", "ratio",
+                                             "launch_to_first_step_s")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

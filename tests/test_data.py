@@ -1,0 +1,90 @@
+"""Staging real data (MNIST IDX, Fashion-MNIST npz, digits) and reading it back as tensors."""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.datasets import DataError, parse_idx, stage
+from orchestrator.spec import DataSpec
+from orchestrator.storage import FileStorage
+from workers.data import load_images
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+MNIST = DATA / "mnist" / "t10k-images-idx3-ubyte.gz"
+MNIST_LABELS = DATA / "mnist" / "t10k-labels-idx1-ubyte.gz"
+FASHION = DATA / "fashion-mnist" / "test.npz"
+needs_data = pytest.mark.skipif(not MNIST.exists(), reason="../shared/data is not present")
+
+
+@pytest.fixture()
+def storage(tmp_path) -> FileStorage:
+    return FileStorage(tmp_path / "store")
+
+
+def test_digits_staged_once_and_scaled(storage):
+    spec = DataSpec(dataset="digits", image_size=16)
+    key = stage(spec, storage)
+    assert key.startswith("datasets/") and key.endswith("/data.npz")
+    assert stage(spec, storage) == key and storage.list("datasets/") == [key]
+    x, y = load_images(storage, key, image_size=16, channels=1)
+    assert x.shape == (1797, 1, 16, 16) and y.shape == (1797,)
+    assert float(x.min()) == pytest.approx(-1.0) and float(x.max()) == pytest.approx(1.0, abs=0.05)
+    assert sorted(set(y.tolist())) == list(range(10))
+
+
+@needs_data
+def test_mnist_idx_with_labels(storage):
+    key = stage(DataSpec(dataset="idx", path=str(MNIST), labels=str(MNIST_LABELS)), storage)
+    x, y = load_images(storage, key, image_size=28, channels=1, limit=500)
+    assert x.shape == (500, 1, 28, 28) and y.shape == (500,)
+    assert y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the MNIST test set's first labels
+    assert (x.amin(dim=(1, 2, 3)) == -1).all()  # black backgrounds
+    small, _ = load_images(storage, key, image_size=16, channels=3, limit=4)
+    assert small.shape == (4, 3, 16, 16) and small.abs().max() <= 1
+
+
+@needs_data
+def test_fashion_npz(storage):
+    key = stage(DataSpec(dataset="npz", path=str(FASHION)), storage)
+    x, y = load_images(storage, key, image_size=28, channels=1)
+    assert x.shape == (10000, 1, 28, 28) and np.bincount(y.numpy()).tolist() == [1000] * 10
+
+
+def test_npz_without_the_named_key(tmp_path, storage):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"no array 'x' \(has: images\)"):
+        stage(DataSpec(dataset="npz", path=str(path)), storage)
+    key = stage(DataSpec(dataset="npz", path=str(path), x_key="images", y_key=None), storage)
+    x, y = load_images(storage, key, image_size=8, channels=1)
+    assert x.shape == (3, 1, 8, 8) and y is None
+
+
+@needs_data
+def test_truncated_idx_is_refused(tmp_path):
+    raw = gzip.decompress(MNIST.read_bytes())
+    with pytest.raises(DataError, match="truncated"):
+        parse_idx(raw[:5000], "cut.idx")
+    with pytest.raises(DataError, match="bad magic"):
+        parse_idx(b"\x01\x02\x03\x04" + raw[4:100], "junk.idx")
+    with pytest.raises(DataError, match="corrupt gzip"):
+        parse_idx(gzip.compress(raw)[:1000], "cut.gz")
+
+
+def test_missing_file_names_it(storage):
+    with pytest.raises(DataError, match="nope.npz: cannot read"):
+        stage(DataSpec(dataset="npz", path="nope.npz"), storage)
+
+
+def test_labels_must_match_images(tmp_path, storage):
+    path = tmp_path / "d.npz"
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((3, 8, 8), np.uint8), y=np.zeros(2, np.int64))
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(DataError, match="3 images but 2 labels"):
+        stage(DataSpec(dataset="npz", path=str(path)), storage)

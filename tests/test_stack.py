@@ -1,0 +1,103 @@
+"""The local stack: loopback only, credentials on and private, idempotent, stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from orchestrator import settings, stack
+
+
+def listening(pid: int) -> set[str]:
+    """Local addresses the process tree of `pid` listens on."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    pids = {str(pid)} | set(subprocess.run(["pgrep", "-g", str(os.getpgid(pid))],
+                                           capture_output=True, text=True).stdout.split())
+    return {line.split()[3] for line in out.splitlines()
+            if any(f"pid={p}," in line for p in pids)}
+
+
+def test_services_listen_on_loopback_only(local_stack):
+    for service in ("seaweedfs", "mlflow"):
+        addrs = listening(local_stack.pids[service])
+        assert addrs, service
+        assert all(a.startswith("127.0.0.1:") for a in addrs), (service, addrs)
+    ray_addrs = listening(local_stack.pids["ray"])
+    assert f"127.0.0.1:{local_stack.ports['ray_dashboard']}" in ray_addrs
+
+
+def test_credentials_are_private_and_enforced(local_stack):
+    home = Path(local_stack.home)
+    assert stat.S_IMODE((home / stack.CREDENTIALS_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE((home / "s3.json").stat().st_mode) == 0o600
+    anonymous = boto3.client("s3", endpoint_url=local_stack.s3_endpoint, region_name="us-east-1",
+                             config=Config(signature_version=UNSIGNED))
+    with pytest.raises(ClientError) as info:
+        anonymous.list_objects_v2(Bucket=local_stack.bucket)
+    assert info.value.response["Error"]["Code"] == "AccessDenied"
+    creds = stack.credentials(home)
+    wrong = boto3.client("s3", endpoint_url=local_stack.s3_endpoint, region_name="us-east-1",
+                         aws_access_key_id=creds["access_key"], aws_secret_access_key="wrong")
+    with pytest.raises(ClientError):
+        wrong.list_objects_v2(Bucket=local_stack.bucket)
+
+
+def test_up_is_idempotent(local_stack):
+    again = stack.up(Path(local_stack.home))
+    assert again.pids == local_stack.pids and again.ports == local_stack.ports
+
+
+def test_commands_find_the_stack_and_env_overrides(local_stack):
+    home = Path(local_stack.home)
+    found = settings.resolve(environ={}, home=home)
+    assert found.ray_address == local_stack.ray_address
+    assert found.tracking_uri == local_stack.tracking_uri
+    assert found.s3.endpoint_url == local_stack.s3_endpoint
+    assert found.s3.secret_access_key == stack.credentials(home)["secret_key"]
+    over = settings.resolve(environ={"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}, home=home)
+    assert over.tracking_uri == "http://127.0.0.1:1" and over.ray_address == local_stack.ray_address
+    # another endpoint never gets the stack's credentials
+    other = settings.resolve(environ={"AWS_ENDPOINT_URL": "http://127.0.0.1:2"}, home=home)
+    assert other.s3.endpoint_url == "http://127.0.0.1:2" and other.s3.secret_access_key is None
+    assert settings.resolve(environ={}, home=home / "nothing-here") is None
+
+
+def test_env_prints_exports(local_stack):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENFORGE_")}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "env"],
+                         env={**env, "GENFORGE_HOME": local_stack.home},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = dict(l.removeprefix("export ").split("=", 1) for l in out.stdout.splitlines()
+                 if l.startswith("export "))
+    assert lines["RAY_ADDRESS"] == local_stack.ray_address
+    assert lines["MLFLOW_TRACKING_URI"] == local_stack.tracking_uri
+    assert lines["GENFORGE_STORAGE"] == local_stack.storage
+    assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(lines)
+    assert f"MLflow UI: {local_stack.tracking_uri}" in out.stdout
+
+
+def test_down_stops_exactly_its_own_pids(tmp_path):
+    ours = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    theirs = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        state = stack.StackState(home=str(tmp_path), pids={"seaweedfs": ours.pid})
+        state.save()
+        stack.down(tmp_path)
+        assert ours.wait(timeout=10) is not None
+        time.sleep(0.2)
+        assert theirs.poll() is None
+        assert stack.StackState.load(tmp_path).pids == {}
+    finally:
+        theirs.kill()
+        ours.kill()
