@@ -39,7 +39,7 @@ def test_quickstart_validates_and_merges_defaults():
     ddpm = s.job("ddpm")
     assert ddpm.data.dataset == "digits" and ddpm.data.image_size == 16
     assert ddpm.resources.cpus == 2
-    assert ddpm.train.batch_size == 128
+    assert ddpm.train.batch_size == 64
     assert ddpm.model["schedule"] == "cosine" and ddpm.model["dropout"] == 0.0  # filled default
     grid = s.job("grid")
     assert grid.data is None and grid.train is None  # defaults fill only what a kind reads
