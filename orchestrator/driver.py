@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from orchestrator import datasets
 from orchestrator.actor import JobActor
+from orchestrator.checkpoints import CheckpointError
 from orchestrator.plan import Plan, PlannedJob, is_uri
 from orchestrator.settings import Settings
 from orchestrator.spec import SpecError
@@ -26,6 +27,7 @@ from orchestrator.storage import NotFound, StorageError, open_storage
 from orchestrator.task import Task
 from orchestrator.tracking import Tracker, flatten
 
+STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
 RESULT = "result.json"
 
@@ -221,6 +223,14 @@ class Driver:
     def _job_error(self, state: JobState, exc: RayTaskError) -> None:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         message = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+        # Storage that stayed away past botocore's retries is an infrastructure fault: the job
+        # resumes from its last complete checkpoint, on the restart budget.
+        infrastructure = isinstance(cause, StorageError) and not isinstance(cause, (NotFound, CheckpointError))
+        if infrastructure and state.restarts < state.planned.job.resources.max_restarts:
+            state.restarts += 1
+            self.echo(f"job '{state.name}': {message}; resuming from its last checkpoint "
+                      f"(restart {state.restarts})")
+            return self._launch(state)
         if state.retries < state.planned.job.resources.max_retries:
             state.retries += 1
             self.echo(f"job '{state.name}': {message}; retrying ({state.retries})")
@@ -232,7 +242,28 @@ class Driver:
         for state in self.jobs.values():
             limit = state.planned.job.resources.timeout_s
             if state.status == "running" and limit and now - state.started > limit:
-                self._finish(state, "failed", f"timed out after {limit:.0f} s")
+                self._stop([state], "failed", f"timed out after {limit:g} s")
+
+    def _stop(self, states: list[JobState], status: str, reason: str) -> None:
+        """Ask actors to stop: each saves a checkpoint at its next step boundary and returns;
+        after the grace period the rest are killed. What was saved is kept for a later run."""
+        for state in states:
+            state.actor.stop.remote()
+        pending = {state.ref: state for state in states}
+        deadline = time.monotonic() + STOP_GRACE_S
+        while pending and time.monotonic() < deadline:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=deadline - time.monotonic())
+            for ref in done:
+                pending.pop(ref)
+        for state in states:
+            saved = ""
+            try:
+                result = ray.get(state.ref, timeout=0) if state.ref not in pending else {}
+                if result.get("status") == "stopped":
+                    saved = f"; checkpoint at step {result['step']} kept"
+            except Exception:  # killed or failed while stopping: the last checkpoint stands
+                pass
+            self._finish(state, status, reason + saved)
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -253,9 +284,8 @@ class Driver:
             self._loop()
         except KeyboardInterrupt:
             self.echo("interrupted: stopping jobs, keeping what was saved")
-            for state in self.jobs.values():
-                if state.status == "running":
-                    self._finish(state, "killed", "cancelled")
+            self._stop([s for s in self.jobs.values() if s.status == "running"], "killed",
+                       "cancelled")
             self.tracker.finish(self.parent_run, "KILLED")
             return 130
         failed = [s for s in self.jobs.values() if s.status in ("failed", "skipped", "killed")]

@@ -6,7 +6,6 @@ background thread, so the training loop never waits on the tracking server.
 
 from __future__ import annotations
 
-import io
 import os
 import queue
 import threading
@@ -23,6 +22,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 TAG_PREFIX = "genforge."
 BATCH_LIMIT = 1000  # MLflow's limit of metrics per log_batch
 PARAM_LIMIT = 100
+JOB_TRIES = 3  # tries of an image or tag upload before it is dropped
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -104,8 +104,15 @@ class RunLogger:
         self._jobs: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._error: Exception | None = None
+        self.dropped: list[str] = []
         self._thread = threading.Thread(target=self._loop, name="mlflow-logger", daemon=True)
         self._thread.start()
+
+    def last_logged_step(self, key: str) -> int:
+        """The highest step of `key` already in the run (0 if none): a resumed attempt logs
+        only after it, so the run's history has no step twice."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -114,65 +121,72 @@ class RunLogger:
 
     def log_image(self, image, key: str, step: int) -> None:
         """`image`: HxWxC uint8 numpy array."""
-        self._jobs.put(lambda: self.client.log_image(self.run_id, image, key=key, step=step))
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._jobs.put(lambda: self.client.log_text(self.run_id, text, artifact_file))
-
-    def log_bytes(self, data: bytes, artifact_path: str, filename: str) -> None:
-        def upload() -> None:
-            import os
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, filename)
-                with open(path, "wb") as fh:
-                    fh.write(data)
-                self.client.log_artifact(self.run_id, path, artifact_path)
-
-        self._jobs.put(upload)
+        self._jobs.put((lambda: self.client.log_image(self.run_id, image, key=key, step=step), 0))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._jobs.put(lambda: self.client.log_batch(
-            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+        self._jobs.put((lambda: self.client.log_batch(
+            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]), 0))
+
+    def flush_metrics(self) -> bool:
+        """Send the buffered metrics now (from any thread); False if the server is away, in
+        which case they stay buffered for the next try."""
+        try:
+            self._flush_metrics()
+            return True
+        except Exception:
+            return False
 
     def _flush_metrics(self) -> None:
         with self._lock:
             pending, self._metrics = self._metrics, []
         for i in range(0, len(pending), BATCH_LIMIT):
-            self.client.log_batch(self.run_id, metrics=pending[i:i + BATCH_LIMIT])
+            try:
+                self.client.log_batch(self.run_id, metrics=pending[i:i + BATCH_LIMIT])
+            except Exception:
+                with self._lock:  # kept, in order, for the next flush
+                    self._metrics[:0] = pending[i:]
+                raise
 
     def _drain_jobs(self) -> None:
+        retry = []
         while True:
             try:
-                job = self._jobs.get_nowait()
+                job, tries = self._jobs.get_nowait()
             except queue.Empty:
-                return
-            job()
+                break
+            try:
+                job()
+            except Exception as exc:
+                if tries + 1 < JOB_TRIES:
+                    retry.append((job, tries + 1))
+                else:
+                    self.dropped.append(f"{type(exc).__name__}: {exc}"[:200])
+        for item in retry:
+            self._jobs.put(item)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.flush_s):
             self._run_safely()
-        self._run_safely()
+        for _ in range(JOB_TRIES):  # the final flush, with the same retries
+            self._run_safely()
+            if self._error is None and self._jobs.empty():
+                break
+            time.sleep(1)
 
     def _run_safely(self) -> None:
+        # The tracking server may be away for a while (restart, storage behind it): metrics
+        # stay buffered and images are retried; training never waits on it.
+        self._error = None
         try:
             self._flush_metrics()
-            self._drain_jobs()
-        except Exception as exc:  # surfaced by close(); logging must not kill training
+        except Exception as exc:
             self._error = exc
+        self._drain_jobs()
 
     def close(self) -> None:
-        """Send everything still buffered; raises if any send failed."""
+        """Send everything still buffered; raises if metrics could not be sent. Images and
+        tags that failed every try are listed in `dropped`, not raised."""
         self._stop.set()
-        self._thread.join(timeout=120)
+        self._thread.join(timeout=180)
         if self._error is not None:
             raise RuntimeError(f"logging to MLflow failed: {self._error}") from self._error
-
-
-def image_png(image) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, "PNG")
-    return buf.getvalue()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from support import genforge, keys
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -29,16 +28,6 @@ def tiny_quickstart(tmp_path: Path, experiment: str) -> Path:
     path = tmp_path / "quickstart.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def genforge(args: list[str], env: dict[str, str], timeout: float = 600):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def keys(s3, bucket: str, prefix: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def test_quickstart_end_to_end(tmp_path, local_stack, stack_env, s3_client):

@@ -174,6 +174,9 @@ class Worker:
 
     def _write_checkpoint(self, step: int, tensors: dict[str, torch.Tensor],
                           state: dict[str, Any]) -> str:
+        # Metrics up to this step reach MLflow before the checkpoint exists, so an attempt that
+        # resumes from it finds no gap in the run's history.
+        self.log.flush_metrics()
         uri = save_checkpoint(self.storage, step, tensors=tensors, state=state,
                               meta=self._meta(step))
         self.log.set_tags({"genforge.checkpoint": uri})
@@ -211,9 +214,13 @@ class Worker:
             ckpt = load_checkpoint(self.storage)
             self._restore(ckpt)
             start = ckpt.step
-            self.log.set_tags({"genforge.resumed_from": ckpt.uri})
+            self.log.set_tags({"genforge.resumed_from": ckpt.uri,
+                               "genforge.resumed_at_step": str(start + 1)})
         except NotFound:
             pass
+        # Steps between the checkpoint and the death of an earlier attempt were logged then;
+        # they are trained again (same per-step seeds) but not logged twice.
+        self._logged_until = self.log.last_logged_step("steps_per_s") if self.task.attempt > 1 else 0
 
         writer = CheckpointWriter(self._write_checkpoint)
         started = time.time()
@@ -263,7 +270,8 @@ class Worker:
                 elapsed = time.perf_counter() - window_start
                 values.update(lr=lr, steps_per_s=window_steps / elapsed,
                               images_per_s=window_steps * len(idx) / elapsed)
-                self.log.log_metrics(values, step)
+                if step > self._logged_until:
+                    self.log.log_metrics(values, step)
                 self._progress["loss"] = values.get("loss", next(iter(values.values())))
                 window_start, window_steps = time.perf_counter(), 0
             if self._stop.is_set():
