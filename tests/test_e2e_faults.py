@@ -156,3 +156,67 @@ def test_storage_outage_never_yields_a_corrupt_checkpoint(tmp_path, local_stack,
     assert latest.step >= 10
     if rc == 0:
         assert latest.step == 60
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path, local_stack, stack_env):
+    spec = write_spec(tmp_path / "cancel.yaml", {"experiment": "faults-cancel",
+                                                 "jobs": [{"name": "ddpm", **SLOW_TRAIN}]})
+    driver = genforge_background(["run", str(spec)], stack_env, tmp_path / "run.log")
+    try:
+        wait_for(checkpoint_at_least(local_stack, "faults-cancel", "ddpm", 10), 240, "a checkpoint")
+        time.sleep(1.5)  # between two periodic checkpoints
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=120) == 130
+    finally:
+        driver.kill()
+    log = (tmp_path / "run.log").read_text()
+    assert "interrupted" in log and "Traceback" not in log
+    client, run = run_of(local_stack, "faults-cancel", "ddpm")
+    assert run.info.status == "KILLED"
+    # the stopped worker saved at its next step boundary, not only at the periodic ones
+    stopped_at = load_checkpoint(job_storage(local_stack, "faults-cancel", "ddpm")).step
+    assert f"checkpoint at step {stopped_at} kept" in log
+    assert 10 < stopped_at < 60
+
+    again = genforge(["run", str(spec)], stack_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    client, run = run_of(local_stack, "faults-cancel", "ddpm")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["genforge.resumed_at_step"] == str(stopped_at + 1)
+    assert_history_complete(client, run, 60, 5)
+
+
+def test_timeout_fails_the_job_and_keeps_its_checkpoint(tmp_path, local_stack, stack_env):
+    job = {"name": "ddpm", **SLOW_TRAIN,
+           "resources": {**SLOW_TRAIN["resources"], "timeout_s": 12}}
+    spec = write_spec(tmp_path / "timeout.yaml", {"experiment": "faults-timeout", "jobs": [job]})
+    out = genforge(["run", str(spec)], stack_env)
+    assert out.returncode == 1
+    assert "job 'ddpm' failed: timed out after 12 s; checkpoint at step" in out.stderr
+    client, run = run_of(local_stack, "faults-timeout", "ddpm")
+    assert run.info.status == "FAILED" and "timed out" in run.data.tags["genforge.error"]
+    assert load_checkpoint(job_storage(local_stack, "faults-timeout", "ddpm")).step >= 1
+
+
+def test_corrupt_checkpoint_is_a_job_error_retried_then_reported(tmp_path, local_stack,
+                                                                 stack_env, s3_client):
+    # a "checkpoint" whose files do not match their manifest
+    prefix = "genforge/faults-corrupt/forged/0000/checkpoints/step-000001"
+    files = {"model.safetensors": b"not safetensors", "state.pt": b"not a pickle"}
+    for name, body in files.items():
+        s3_client.put_object(Bucket=local_stack.bucket, Key=f"{prefix}/{name}", Body=body)
+    manifest = {"step": 1, "format": 1, "meta": {"family": "ddpm"},
+                "files": {n: {"sha256": "0" * 64, "size": len(b)} for n, b in files.items()}}
+    s3_client.put_object(Bucket=local_stack.bucket, Key=f"{prefix}/manifest.json",
+                         Body=json.dumps(manifest).encode())
+    uri = f"s3://{local_stack.bucket}/genforge/faults-corrupt/forged/0000"
+    job = {"name": "grid", "kind": "sample", "family": "ddpm", "from": uri,
+           "resources": {"cpus": 1, "max_retries": 1}}
+    spec = write_spec(tmp_path / "corrupt.yaml", {"experiment": "faults-corrupt", "jobs": [job]})
+    out = genforge(["run", str(spec)], stack_env)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "retrying (1)" in out.stderr
+    failure = next(l for l in out.stderr.splitlines() if l.startswith("job 'grid' failed:"))
+    assert "CheckpointError" in failure and "Traceback" not in out.stderr
+    client, run = run_of(local_stack, "faults-corrupt", "grid")
+    assert run.info.status == "FAILED" and run.data.tags["genforge.attempt"] == "2"
