@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2, help="genforge jobs, between bare runs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_overhead.json"))
     args = parser.parse_args()
 
@@ -130,32 +131,35 @@ def main() -> None:
             def bare() -> float:
                 return ray.get(remote_bare.remote(x, args.steps, args.batch_size, args.threads))
 
-            # bare, job, bare: the mean of the two bare runs brackets any drift of the machine
-            bare_1 = bare()
-            print(f"bare loop:     {bare_1:.2f} steps/s", file=sys.stderr)
-            job = genforge_job(home, args.steps, args.batch_size, args.threads,
-                               args.checkpoint_every)
-            print(f"genforge job:  {job['steps_per_s']:.2f} steps/s", file=sys.stderr)
-            bare_2 = bare()
-            print(f"bare loop:     {bare_2:.2f} steps/s", file=sys.stderr)
+            # bare, job, bare, job, bare: interleaved, so drift of the machine hits both alike
+            bares, jobs = [], []
+            for i in range(2 * args.rounds + 1):
+                if i % 2 == 0:
+                    bares.append(bare())
+                    print(f"bare loop:     {bares[-1]:.2f} steps/s", file=sys.stderr)
+                else:
+                    jobs.append(genforge_job(home, args.steps, args.batch_size, args.threads,
+                                             args.checkpoint_every))
+                    print(f"genforge job:  {jobs[-1]['steps_per_s']:.2f} steps/s", file=sys.stderr)
             in_process = bare_loop(x, args.steps, args.batch_size, args.threads)
             print(f"bare loop in this process: {in_process:.2f} steps/s", file=sys.stderr)
             ray.shutdown()
         finally:
             stack.down(home)
 
-    bare = (bare_1 + bare_2) / 2
+    bare = sum(bares) / len(bares)
+    job_speed = sum(j["steps_per_s"] for j in jobs) / len(jobs)
     report = {
         "benchmark": "train_overhead",
         "config": {**vars(args), "model": MODEL, "data": "digits 16x16",
                    "torch": torch.__version__, "device": "cpu"},
-        "bare_steps_per_s": [bare_1, bare_2],
+        "bare_steps_per_s": bares,
         "bare_steps_per_s_outside_ray": in_process,
-        "genforge_steps_per_s": job["steps_per_s"],
-        "ratio": job["steps_per_s"] / bare,
+        "genforge_steps_per_s": [j["steps_per_s"] for j in jobs],
+        "ratio": job_speed / bare,
         "target_ratio": 0.95,
-        "launch_to_first_step_s": job["launch_to_first_step_s"],
-        "genforge_run_total_s": job["run_total_s"],
+        "launch_to_first_step_s": [j["launch_to_first_step_s"] for j in jobs],
+        "genforge_run_total_s": [j["run_total_s"] for j in jobs],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
