@@ -14,31 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from orchestrator import stack  # noqa: E402
+from common import MODEL, ROOT, finish, launch, private_stack, take_result, train_spec, write_report  # noqa: E402
 from orchestrator.datasets import stage  # noqa: E402
 from orchestrator.spec import DataSpec, DDPMModel  # noqa: E402
-from orchestrator.storage import S3Credentials, open_storage  # noqa: E402
 from workers.data import load_images  # noqa: E402
 from workers.diffusion.losses import ddpm_loss  # noqa: E402
 from workers.diffusion.schedules import make_schedule  # noqa: E402
 from workers.nn.ema import EMA  # noqa: E402
 from workers.nn.unet import UNet  # noqa: E402
-
-MODEL = {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "timesteps": 1000,
-         "schedule": "cosine"}
 
 
 def bare_loop(x: torch.Tensor, steps: int, batch_size: int, threads: int) -> float:
@@ -63,37 +54,14 @@ def bare_loop(x: torch.Tensor, steps: int, batch_size: int, threads: int) -> flo
     return steps / (time.perf_counter() - t0)
 
 
-def genforge_job(home: Path, steps: int, batch_size: int, threads: int,
+def genforge_job(home: Path, root, steps: int, batch_size: int, threads: int,
                  checkpoint_every: int) -> dict:
-    spec = {
-        "experiment": "bench-overhead",
-        "jobs": [{
-            "name": "ddpm", "kind": "train", "family": "ddpm", "model": MODEL,
-            "data": {"dataset": "digits", "image_size": 16},
-            "train": {"steps": steps, "batch_size": batch_size, "lr": 1e-3, "ema_decay": 0.995,
-                      "checkpoint_every": checkpoint_every, "log_every": 10,
-                      "seed": int(time.time())},  # a new hash each time: never a cache hit
-            "resources": {"cpus": threads, "gpus": 0},
-        }],
-    }
-    path = home / "bench.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))},
-           "GENFORGE_HOME": str(home)}
-    launched = time.time()
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)], env=env,
-                         cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"genforge run failed:\n{out.stderr[-2000:]}")
+    spec = train_spec("bench-overhead", steps=steps, batch_size=batch_size, threads=threads,
+                      checkpoint_every=checkpoint_every)
+    launched, proc = launch(home, spec)
+    finish(proc)
     total = time.time() - launched
-    state = stack.status(home)
-    creds = stack.credentials(home)
-    root = open_storage(state.storage, S3Credentials(state.s3_endpoint, creds["access_key"],
-                                                     creds["secret_key"]))
-    key = next(k for k in root.list("bench-overhead/ddpm/") if k.endswith("result.json"))
-    result = json.loads(root.get_bytes(key))
-    root.delete(key)
-    timing = result["timing"]
+    timing = take_result(root, "bench-overhead")["timing"]
     return {"steps_per_s": timing["steps_run"] / timing["loop_s"],
             "launch_to_first_step_s": timing["started_unix"] - launched,
             "run_total_s": total}
@@ -109,43 +77,34 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_overhead.json"))
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="genforge-bench-") as tmp:
-        home = Path(tmp)
-        print("starting a private stack ...", file=sys.stderr)
-        state = stack.up(home, ports=stack.free_ports(), num_cpus=args.threads, num_gpus=0)
-        try:
-            creds = stack.credentials(home)
-            root = open_storage(state.storage, S3Credentials(state.s3_endpoint, creds["access_key"],
-                                                             creds["secret_key"]))
-            key = stage(DataSpec(dataset="digits", image_size=16), root)
-            x, _ = load_images(root, key, image_size=16, channels=1)
+    with private_stack(args.threads) as (home, state, root):
+        key = stage(DataSpec(dataset="digits", image_size=16), root)
+        x, _ = load_images(root, key, image_size=16, channels=1)
 
-            # The bare loop runs as a Ray task with the job's CPUs, so both run in the same kind
-            # of process (Ray's worker environment differs from this one's: thread settings,
-            # allocator); what differs is only the harness.
-            import ray
+        # The bare loop runs as a Ray task with the job's CPUs, so both run in the same kind
+        # of process (Ray's worker environment differs from this one's: thread settings,
+        # allocator); what differs is only the harness.
+        import ray
 
-            ray.init(address=state.ray_address, logging_level="ERROR", log_to_driver=False)
-            remote_bare = ray.remote(num_cpus=args.threads)(bare_loop)
+        ray.init(address=state.ray_address, logging_level="ERROR", log_to_driver=False)
+        remote_bare = ray.remote(num_cpus=args.threads)(bare_loop)
 
-            def bare() -> float:
-                return ray.get(remote_bare.remote(x, args.steps, args.batch_size, args.threads))
+        def bare() -> float:
+            return ray.get(remote_bare.remote(x, args.steps, args.batch_size, args.threads))
 
-            # bare, job, bare, job, bare: interleaved, so drift of the machine hits both alike
-            bares, jobs = [], []
-            for i in range(2 * args.rounds + 1):
-                if i % 2 == 0:
-                    bares.append(bare())
-                    print(f"bare loop:     {bares[-1]:.2f} steps/s", file=sys.stderr)
-                else:
-                    jobs.append(genforge_job(home, args.steps, args.batch_size, args.threads,
-                                             args.checkpoint_every))
-                    print(f"genforge job:  {jobs[-1]['steps_per_s']:.2f} steps/s", file=sys.stderr)
-            in_process = bare_loop(x, args.steps, args.batch_size, args.threads)
-            print(f"bare loop in this process: {in_process:.2f} steps/s", file=sys.stderr)
-            ray.shutdown()
-        finally:
-            stack.down(home)
+        # bare, job, bare, job, bare: interleaved, so drift of the machine hits both alike
+        bares, jobs = [], []
+        for i in range(2 * args.rounds + 1):
+            if i % 2 == 0:
+                bares.append(bare())
+                print(f"bare loop:     {bares[-1]:.2f} steps/s", file=sys.stderr)
+            else:
+                jobs.append(genforge_job(home, root, args.steps, args.batch_size, args.threads,
+                                         args.checkpoint_every))
+                print(f"genforge job:  {jobs[-1]['steps_per_s']:.2f} steps/s", file=sys.stderr)
+        in_process = bare_loop(x, args.steps, args.batch_size, args.threads)
+        print(f"bare loop in this process: {in_process:.2f} steps/s", file=sys.stderr)
+        ray.shutdown()
 
     bare = sum(bares) / len(bares)
     job_speed = sum(j["steps_per_s"] for j in jobs) / len(jobs)
@@ -161,8 +120,7 @@ def main() -> None:
         "launch_to_first_step_s": [j["launch_to_first_step_s"] for j in jobs],
         "genforge_run_total_s": [j["run_total_s"] for j in jobs],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     print(json.dumps({k: report[k] for k in ("bare_steps_per_s", "genforge_steps_per_s", "ratio",
                                              "launch_to_first_step_s")}, indent=2))
 

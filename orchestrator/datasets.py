@@ -25,15 +25,18 @@ class DataError(Exception):
     """Data that cannot be staged; the message names the file and the problem."""
 
 
-def _read_source(path: str, credentials: S3Credentials | None) -> bytes:
+def _read_source(path: str, credentials: S3Credentials | None, base: Path | None) -> bytes:
     if "://" in path:
         parent, _, name = path.rpartition("/")
         try:
             return open_storage(parent, credentials).get_bytes(name)
         except StorageError as exc:
             raise DataError(f"{path}: cannot read ({exc})") from None
+    local = Path(path).expanduser()
+    if base is not None and not local.is_absolute():
+        local = base / local  # relative to the spec file, wherever genforge runs from
     try:
-        return Path(path).expanduser().read_bytes()
+        return local.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -72,7 +75,8 @@ def _as_images(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _load(data: DataSpec, credentials: S3Credentials | None) -> tuple[np.ndarray, np.ndarray | None, bytes]:
+def _load(data: DataSpec, credentials: S3Credentials | None,
+          base: Path | None = None) -> tuple[np.ndarray, np.ndarray | None, bytes]:
     if data.dataset == "digits":
         import sklearn
         from sklearn.datasets import load_digits
@@ -80,7 +84,7 @@ def _load(data: DataSpec, credentials: S3Credentials | None) -> tuple[np.ndarray
         digits = load_digits()
         x = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
         return x[..., None], digits.target.astype(np.int64), f"digits-{sklearn.__version__}".encode()
-    raw = _read_source(data.path, credentials)
+    raw = _read_source(data.path, credentials, base)
     if data.dataset == "npz":
         try:
             arrays = np.load(io.BytesIO(raw), allow_pickle=False)
@@ -95,7 +99,7 @@ def _load(data: DataSpec, credentials: S3Credentials | None) -> tuple[np.ndarray
         x = _as_images(parse_idx(raw, data.path), data.path)
         y, ident = None, raw
         if data.labels:
-            raw_labels = _read_source(data.labels, credentials)
+            raw_labels = _read_source(data.labels, credentials, base)
             y, ident = parse_idx(raw_labels, data.labels), raw + raw_labels
     if y is not None:
         y = np.asarray(y).astype(np.int64).reshape(-1)
@@ -104,9 +108,11 @@ def _load(data: DataSpec, credentials: S3Credentials | None) -> tuple[np.ndarray
     return x, y, ident
 
 
-def stage(data: DataSpec, storage: Storage, credentials: S3Credentials | None = None) -> str:
-    """Put the data set into storage once; returns its key (relative to the storage root)."""
-    x, y, ident = _load(data, credentials)
+def stage(data: DataSpec, storage: Storage, credentials: S3Credentials | None = None,
+          base: Path | None = None) -> str:
+    """Put the data set into storage once; returns its key (relative to the storage root).
+    Relative local paths are taken from `base` (the spec file's folder)."""
+    x, y, ident = _load(data, credentials, base)
     key = f"datasets/{hashlib.sha256(ident).hexdigest()}/data.npz"
     if not storage.exists(key):
         buf = io.BytesIO()

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -81,7 +82,8 @@ class Driver:
             if ident in self.data_keys:
                 continue
             try:
-                self.data_keys[ident] = datasets.stage(data, self.root, self.settings.s3)
+                self.data_keys[ident] = datasets.stage(data, self.root, self.settings.s3,
+                                                       base=Path(self.plan.spec.source).parent)
             except datasets.DataError as exc:
                 raise SpecError([f"{self.plan.spec.source}: job '{p.name}': data: {exc}"]) from None
 

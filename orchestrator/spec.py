@@ -99,11 +99,47 @@ class DDPMModel(Strict):
             raise ValueError("beta_start must be smaller than beta_end")
         return self
 
+    def check_data(self, data: DataSpec) -> str | None:
+        """A problem of this model with that data, found before anything runs."""
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if data.image_size % factor:
+            return (f"data.image_size: {data.image_size} is not divisible by {factor}, which "
+                    f"the U-Net's {len(self.channel_mult)} levels (model.channel_mult) need")
+        return None
+
+
+class GANModel(Strict):
+    z_dim: int = Field(64, ge=1, le=4096)
+    g_width: int = Field(64, ge=4, le=2048)  # channels of the generator's last hidden layer
+    d_width: int = Field(64, ge=4, le=2048)  # channels of the discriminator's first layer
+    loss: Literal["bce", "hinge"] = "bce"  # bce: non-saturating with BCEWithLogits
+    d_steps: int = Field(1, ge=1, le=10)  # k of Goodfellow et al.'s Algorithm 1
+    betas: tuple[float, float] = (0.5, 0.999)
+
+    def check_data(self, data: DataSpec) -> str | None:
+        try:
+            dcgan_layout(data.image_size)
+        except ValueError as exc:
+            return f"data.image_size: {exc}"
+        return None
+
+
+def dcgan_layout(image_size: int) -> tuple[int, int]:
+    """(base size, number of doublings) of a DCGAN for `image_size`: 28 = 7 -> 14 -> 28."""
+    depth = 0
+    while image_size % (2 ** (depth + 1)) == 0 and image_size // 2 ** (depth + 1) >= 4:
+        depth += 1
+    if depth == 0:
+        raise ValueError(f"{image_size} cannot be reached by doubling from 4..7 pixels "
+                         "(use a multiple of 8, or 28)")
+    return image_size // 2**depth, depth
+
 
 # family -> (model section, job kinds it can run). A new family is one entry here plus its
 # worker module registered in workers/__init__.py.
 FAMILIES: dict[str, tuple[type[Strict], frozenset[str]]] = {
     "ddpm": (DDPMModel, frozenset({"train", "sample"})),
+    "gan": (GANModel, frozenset({"train", "sample"})),
 }
 
 # The sections each kind reads; `defaults` fill only these, a job may set only these.
@@ -289,6 +325,9 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
         try:
             model = model_cls.model_validate(job.model)
             job = job.model_copy(update={"model": model.model_dump(mode="json")})
+            problem = model.check_data(job.data)
+            if problem:
+                problems.append(problem)
         except ValidationError as exc:
             problems += [f"{_loc(('model', *e['loc']))}: {_describe(e)}" for e in exc.errors()]
     if job.kind in ("sample", "evaluate") and not job.sources:

@@ -8,6 +8,7 @@ import importlib
 # section in orchestrator/spec.py).
 WORKERS = {
     "ddpm": "workers.ddpm:DDPMWorker",
+    "gan": "workers.gan:GANWorker",
 }
 
 

@@ -1,0 +1,63 @@
+"""DCGAN networks and the GAN losses and training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestrator.spec import dcgan_layout
+from workers.gan import discriminator_loss, generator_loss
+from workers.nn.dcgan import Discriminator, Generator
+
+
+@pytest.mark.parametrize("size, channels", [(8, 1), (16, 3), (28, 1), (32, 3), (64, 1)])
+def test_shapes(size, channels):
+    g = Generator(z_dim=16, channels=channels, image_size=size, width=8)
+    d = Discriminator(channels=channels, image_size=size, width=8)
+    x = g(torch.randn(5, 16))
+    assert x.shape == (5, channels, size, size) and x.abs().max() <= 1  # tanh
+    assert d(x).shape == (5,)
+
+
+def test_layout_and_bad_sizes():
+    assert dcgan_layout(28) == (7, 2) and dcgan_layout(32) == (4, 3) and dcgan_layout(8) == (4, 1)
+    for size in (9, 7, 6):
+        with pytest.raises(ValueError, match="cannot be reached"):
+            dcgan_layout(size)
+
+
+def test_dcgan_init():
+    g = Generator(z_dim=64, channels=1, image_size=32, width=64)
+    convs = [m.weight for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    std = torch.cat([w.flatten() for w in convs]).std().item()
+    assert std == pytest.approx(0.02, rel=0.05)
+    bn = [m.weight for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert torch.cat(bn).mean().item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_losses_on_hand_built_logits():
+    real, fake = torch.tensor([3.0, 1.0]), torch.tensor([-2.0, 0.5])
+    bce = discriminator_loss(real, fake, "bce")
+    expected = (-torch.log(torch.sigmoid(real)).mean() - torch.log(1 - torch.sigmoid(fake)).mean())
+    assert bce.item() == pytest.approx(expected.item(), rel=1e-5)
+    # non-saturating: -log D(G(z)), strong gradient where D rejects the fake
+    assert generator_loss(fake, "bce").item() == pytest.approx(
+        -torch.log(torch.sigmoid(fake)).mean().item(), rel=1e-5)
+    # hinge: relu(1 - real) + relu(1 + fake); generator: -fake
+    assert discriminator_loss(real, fake, "hinge").item() == pytest.approx((0 + 0) / 2 + (0 + 1.5) / 2)
+    assert generator_loss(fake, "hinge").item() == pytest.approx(0.75)
+
+
+def test_discriminator_learns_to_separate():
+    torch.manual_seed(0)
+    d = Discriminator(channels=1, image_size=8, width=8)
+    opt = torch.optim.Adam(d.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    real = torch.rand(32, 1, 8, 8) * 0.2 + 0.7  # bright
+    fake = torch.rand(32, 1, 8, 8) * 0.2 - 0.9  # dark
+    first = discriminator_loss(d(real), d(fake), "bce").item()
+    for _ in range(30):
+        loss = discriminator_loss(d(real), d(fake), "bce")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first

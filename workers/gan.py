@@ -1,0 +1,78 @@
+"""GAN (Goodfellow et al. 2014) with DCGAN networks: `d_steps` discriminator updates per
+generator update, the non-saturating generator loss with BCEWithLogits (or the hinge loss),
+Adam(betas 0.5/0.999). Samples come from an EMA of the generator."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from workers.base import Worker
+from workers.nn.dcgan import Discriminator, Generator
+from workers.nn.ema import EMA
+
+
+def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+            + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+
+
+def generator_loss(fake: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "hinge":
+        return -fake.mean()
+    # non-saturating: maximise log D(G(z)) rather than minimise log(1 - D(G(z)))
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+
+
+class GANWorker(Worker):
+    family = "gan"
+
+    def build(self, model_cfg: dict[str, Any], image_shape: tuple[int, int, int]) -> None:
+        channels, size, _ = image_shape
+        self.cfg = model_cfg
+        g = Generator(z_dim=model_cfg["z_dim"], channels=channels, image_size=size,
+                      width=model_cfg["g_width"]).to(self.device)
+        d = Discriminator(channels=channels, image_size=size,
+                          width=model_cfg["d_width"]).to(self.device)
+        self.modules = {"g": g, "d": d}
+        self.emas = {"g": EMA(g, decay=self.job.get("train", {}).get("ema_decay", 0.999))}
+
+    def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
+        betas = tuple(self.cfg["betas"])
+        self.optimizers = {name: torch.optim.Adam(m.parameters(), lr=train_cfg["lr"], betas=betas)
+                           for name, m in self.modules.items()}
+
+    def _z(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, self.cfg["z_dim"], generator=gen, device=self.device)
+
+    def train_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
+                   gen: torch.Generator) -> dict[str, torch.Tensor]:
+        g, d, kind = self.modules["g"], self.modules["d"], self.cfg["loss"]
+        for _ in range(self.cfg["d_steps"]):  # k discriminator steps (Algorithm 1)
+            with torch.no_grad():
+                fake = g(self._z(len(batch), gen))
+            real_logits, fake_logits = d(batch), d(fake)
+            loss_d = discriminator_loss(real_logits, fake_logits, kind)
+            self.optimize(loss_d, "d")
+        fake_logits_g = d(g(self._z(len(batch), gen)))
+        loss_g = generator_loss(fake_logits_g, kind)
+        self.optimize(loss_g, "g")
+        return {
+            "loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
+            "d_real": torch.sigmoid(real_logits).mean().detach(),
+            "d_fake": torch.sigmoid(fake_logits).mean().detach(),
+        }
+
+    def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        g = self.sampling_module("g")
+        was_training = g.training
+        g.eval()
+        try:
+            return g(self._z(n, gen))
+        finally:
+            g.train(was_training)
