@@ -78,11 +78,12 @@ def throughput(home: Path, root, *, interval: int | None, steps: int, batch_size
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--intervals", type=int, nargs="+", default=[10, 25, 50])
+    parser.add_argument("--intervals", type=int, nargs="*", default=[10, 25, 50])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--kill-at", type=int, default=74)
     parser.add_argument("--overhead-interval", type=int, default=100)
     parser.add_argument("--overhead-steps", type=int, default=300)
+    parser.add_argument("--overhead-rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery.json"))
@@ -96,9 +97,9 @@ def main() -> None:
                                             kill_at=args.kill_at, batch_size=args.batch_size,
                                             threads=args.threads))
             print(recovery[-1], file=sys.stderr)
-        # none, every N, none, every N: interleaved against drift
+        # none, every N, none, every N, ...: interleaved against drift
         speeds: dict[str, list[float]] = {"none": [], "every": []}
-        for interval in (None, args.overhead_interval, None, args.overhead_interval):
+        for interval in (None, args.overhead_interval) * args.overhead_rounds:
             key = "none" if interval is None else "every"
             speeds[key].append(throughput(home, root, interval=interval, steps=args.overhead_steps,
                                           batch_size=args.batch_size, threads=args.threads))
