@@ -105,6 +105,19 @@ def job_hash(job: Job, upstream: dict[str, str], version: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _missing_data_files(spec: Spec) -> list[str]:
+    """Local data files that do not exist (relative paths are taken from the spec's folder)."""
+    base = Path(spec.source).parent
+    errors = []
+    for job in spec.jobs:
+        for field_name in ("path", "labels"):
+            value = getattr(job.data, field_name, None) if job.data else None
+            if value and not is_uri(value) and not (base / Path(value).expanduser()).is_file():
+                errors.append(f"{spec.source}: job '{job.name}': data.{field_name}: "
+                              f"no such file: {value}")
+    return errors
+
+
 def build_plan(spec: Spec) -> Plan:
     src = spec.source
     names = {j.name: j for j in spec.jobs}
@@ -138,6 +151,7 @@ def build_plan(spec: Spec) -> Plan:
                 errors.append(f"{src}: job '{job.name}': sample.steps: {job.sample.steps} steps "
                               f"but model '{ref}' has {limit} timesteps")
             deps[job.name].append(ref)
+    errors += _missing_data_files(spec)
     if errors:
         raise SpecError(errors)
     try:

@@ -65,6 +65,7 @@ def test_job_values_win_over_defaults():
     (spec(sample(src=None)), "s.yaml: job 'grid': from: required field is missing"),
     (spec(train(), sample(train={"steps": 3})), "s.yaml: job 'grid': train: not used by kind 'sample'"),
     (spec(train(data={"dataset": "npz"})), "s.yaml: job 'ddpm': data: dataset 'npz' needs a path"),
+    (spec(train(data={"dataset": "npz", "path": "no/such.npz"})), "s.yaml: job 'ddpm': data.path: no such file: no/such.npz"),
     (spec(train(model={"beta_start": 0.1, "beta_end": 0.01})), "s.yaml: job 'ddpm': model: beta_start must be smaller than beta_end"),
     (spec(train(resources={"gpus": -1})), "s.yaml: job 'ddpm': resources.gpus: Input should be greater than or equal to 0"),
     (spec(train(), sample(src="http://x/y")), "s.yaml: job 'grid': from: unsupported URI scheme"),
