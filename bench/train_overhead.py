@@ -4,7 +4,8 @@ first training step with the stack already up.
 
 The bare loop does the same algorithm (Algorithm 1 loss, Adam, gradient clipping, EMA update);
 what the job adds is the harness: per-step seeded batches, progress reporting, batched MLflow
-logging, and checkpoints written in the background every `--checkpoint-every` steps.
+logging, and checkpoints every `--checkpoint-every` steps (serialised between two steps, uploaded
+in the background).
 Mid-training sample grids are off here: they are extra sampling work, not overhead.
 
     python bench/train_overhead.py [--steps 300] [--out bench/results/train_overhead.json]

@@ -168,22 +168,31 @@ def _read_latest(storage: Storage) -> str | None:
     return text if parse_checkpoint_name(text) is not None else None
 
 
-def save_checkpoint(
-    storage: Storage,
+@dataclass
+class EncodedCheckpoint:
+    """A checkpoint serialised to local files, ready to upload (see `encode_checkpoint`)."""
+
+    name: str
+    step: int
+    folder: tempfile.TemporaryDirectory
+    manifest: bytes
+
+    def path(self, filename: str) -> str:
+        return os.path.join(self.folder.name, filename)
+
+
+def encode_checkpoint(
     step: int,
     *,
     tensors: dict[str, torch.Tensor],
     state: dict | None = None,
     meta: dict | None = None,
-) -> str:
-    """Write ``checkpoints/step-NNNNNN/`` under ``storage`` and advance ``LATEST``.
-
-    ``storage`` is rooted at the job prefix.  Order: model.safetensors, state.pt,
-    manifest.json (last: it marks the checkpoint complete), then LATEST (only moved
-    forward).  ``state`` must be loadable with ``torch.load(weights_only=True)``
-    (tensors, dicts, lists, tuples, numbers, strings, None); this is checked before
-    anything is uploaded.  Returns the checkpoint URI.
-    """
+) -> EncodedCheckpoint:
+    """Serialise a checkpoint to local temporary files: model.safetensors, state.pt and the
+    manifest with their sha256. All the CPU work of a checkpoint is here, so a trainer can do it
+    between two steps (the tensors are then free to change) and upload in the background.
+    ``state`` must be loadable with ``torch.load(weights_only=True)`` (tensors, dicts, lists,
+    tuples, numbers, strings, None); this is checked here, before anything is uploaded."""
     from safetensors.torch import save_file
 
     name = checkpoint_name(step)
@@ -193,29 +202,27 @@ def save_checkpoint(
         raise CheckpointError(f"state must be a dict, got {type(state).__name__}")
     if not isinstance(meta, dict):
         raise CheckpointError(f"meta must be a dict, got {type(meta).__name__}")
-    uri = storage.uri(_ckpt_key(name))
     prepared = _prepare_tensors(tensors)
-
-    with tempfile.TemporaryDirectory(prefix="genforge-ckpt-") as tmp:
-        model_path = os.path.join(tmp, MODEL_FILE)
-        state_path = os.path.join(tmp, STATE_FILE)
+    folder = tempfile.TemporaryDirectory(prefix="genforge-ckpt-")
+    model_path = os.path.join(folder.name, MODEL_FILE)
+    state_path = os.path.join(folder.name, STATE_FILE)
+    try:
         try:
             save_file(prepared, model_path, metadata={"format": "pt", "step": str(step)})
         except Exception as e:
-            raise CheckpointError(f"cannot serialize tensors for {uri}: {_describe(e)}") from None
+            raise CheckpointError(f"cannot serialize tensors of {name}: {_describe(e)}") from None
         try:
             torch.save(state, state_path)
         except Exception as e:
-            raise CheckpointError(f"cannot serialize state for {uri}: {_describe(e)}") from None
+            raise CheckpointError(f"cannot serialize state of {name}: {_describe(e)}") from None
         # Refuse state that could not be resumed from: round-trip it the way load does.
         try:
             torch.load(state_path, weights_only=True, map_location="cpu", mmap=True)
         except Exception as e:
             raise CheckpointError(
-                f"state for {uri} is not loadable with torch.load(weights_only=True) "
+                f"state of {name} is not loadable with torch.load(weights_only=True) "
                 f"(use only tensors/dicts/lists/numbers/strings): {_describe(e)}"
             ) from None
-
         files = {
             fname: {"sha256": _sha256_file(path), "size": os.path.getsize(path)}
             for fname, path in ((MODEL_FILE, model_path), (STATE_FILE, state_path))
@@ -231,16 +238,30 @@ def save_checkpoint(
         try:
             manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"meta for {uri} is not JSON-serializable: {e}") from None
+            raise CheckpointError(f"meta of {name} is not JSON-serializable: {e}") from None
+    except BaseException:
+        folder.cleanup()
+        raise
+    return EncodedCheckpoint(name=name, step=step, folder=folder, manifest=manifest_bytes)
 
+
+def write_checkpoint(storage: Storage, encoded: EncodedCheckpoint) -> str:
+    """Upload an encoded checkpoint under ``storage`` (rooted at the job prefix) and advance
+    ``LATEST``. Order: model.safetensors, state.pt, manifest.json (last: it marks the checkpoint
+    complete), then LATEST (only moved forward). Returns the checkpoint URI."""
+    name, step = encoded.name, encoded.step
+    uri = storage.uri(_ckpt_key(name))
+    try:
         # Overwriting an existing checkpoint: make it incomplete first so no reader
         # ever sees the old manifest next to new files.
         manifest_key = _ckpt_key(name, MANIFEST_FILE)
         if storage.exists(manifest_key):
             storage.delete(manifest_key)
-        storage.put_file(_ckpt_key(name, MODEL_FILE), model_path)
-        storage.put_file(_ckpt_key(name, STATE_FILE), state_path)
-    storage.put_bytes(manifest_key, manifest_bytes)
+        storage.put_file(_ckpt_key(name, MODEL_FILE), encoded.path(MODEL_FILE))
+        storage.put_file(_ckpt_key(name, STATE_FILE), encoded.path(STATE_FILE))
+        storage.put_bytes(manifest_key, encoded.manifest)
+    finally:
+        encoded.folder.cleanup()
 
     current = _read_latest(storage)
     current_step = parse_checkpoint_name(current) if current else None
@@ -250,6 +271,18 @@ def save_checkpoint(
         log.info("checkpoint %s saved; LATEST stays at newer %s", name, current)
     log.info("saved checkpoint %s", uri)
     return uri
+
+
+def save_checkpoint(
+    storage: Storage,
+    step: int,
+    *,
+    tensors: dict[str, torch.Tensor],
+    state: dict | None = None,
+    meta: dict | None = None,
+) -> str:
+    """Encode and write a checkpoint (`encode_checkpoint` then `write_checkpoint`)."""
+    return write_checkpoint(storage, encode_checkpoint(step, tensors=tensors, state=state, meta=meta))
 
 
 # --------------------------------------------------------------------------- list / verify / load

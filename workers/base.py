@@ -23,10 +23,12 @@ from torch import nn
 
 from orchestrator.checkpoints import (
     Checkpoint,
+    EncodedCheckpoint,
     NotFound,
+    encode_checkpoint,
     load_checkpoint,
     resolve_checkpoint_uri,
-    save_checkpoint,
+    write_checkpoint,
 )
 from orchestrator.storage import open_storage
 from orchestrator.task import Task
@@ -42,29 +44,21 @@ class JobError(Exception):
     """An error in the job itself (bad data, NaN loss): not retried as an infrastructure fault."""
 
 
-def cpu_copy(obj: Any) -> Any:
-    """A deep copy with every tensor detached on the CPU, safe to upload while training goes on."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
-
-
 class CheckpointWriter:
-    """Uploads checkpoints on a background thread; at most one in flight, so memory stays
-    bounded and the loop only waits if checkpoints are asked for faster than they upload."""
+    """Checkpoints in two halves: `submit` serialises on the calling (training) thread, between
+    two steps, so the weights are free to change right after; the upload runs on a background
+    thread, at most one in flight, so the loop waits only if checkpoints are asked for faster
+    than they upload."""
 
-    def __init__(self, write: Callable[..., str]):
-        self._write = write
+    def __init__(self, encode: Callable[[int], EncodedCheckpoint],
+                 upload: Callable[[EncodedCheckpoint], str]):
+        self._encode, self._upload = encode, upload
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
 
-    def submit(self, *args: Any, **kwargs: Any) -> None:
+    def submit(self, step: int) -> None:
         self.wait()
-        self._pending = self._pool.submit(self._write, *args, **kwargs)
+        self._pending = self._pool.submit(self._upload, self._encode(step))
 
     def wait(self) -> str | None:
         if self._pending is None:
@@ -148,7 +142,7 @@ class Worker:
             "model": self.job.get("model", {}), "image_shape": list(self.image_shape),
         }
 
-    def _snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _encode_checkpoint(self, step: int) -> EncodedCheckpoint:
         tensors = {f"{name}/{k}": v for name, m in self.modules.items()
                    for k, v in m.state_dict().items()}
         tensors.update({f"ema.{name}/{k}": v for name, e in self.emas.items()
@@ -157,7 +151,7 @@ class Worker:
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "ema_updates": {name: e.num_updates for name, e in self.emas.items()},
         }
-        return cpu_copy(tensors), cpu_copy(state)
+        return encode_checkpoint(step, tensors=tensors, state=state, meta=self._meta(step))
 
     def _restore(self, ckpt: Checkpoint, *, weights_only: bool = False) -> None:
         def part(prefix: str) -> dict[str, torch.Tensor]:
@@ -172,13 +166,11 @@ class Worker:
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(ckpt.state["optimizers"][name])
 
-    def _write_checkpoint(self, step: int, tensors: dict[str, torch.Tensor],
-                          state: dict[str, Any]) -> str:
+    def _upload_checkpoint(self, encoded: EncodedCheckpoint) -> str:
         # Metrics up to this step reach MLflow before the checkpoint exists, so an attempt that
         # resumes from it finds no gap in the run's history.
         self.log.flush_metrics()
-        uri = save_checkpoint(self.storage, step, tensors=tensors, state=state,
-                              meta=self._meta(step))
+        uri = write_checkpoint(self.storage, encoded)
         self.log.set_tags({"genforge.checkpoint": uri})
         return uri
 
@@ -222,12 +214,12 @@ class Worker:
         # they are trained again (same per-step seeds) but not logged twice.
         self._logged_until = self.log.last_logged_step("steps_per_s") if self.task.attempt > 1 else 0
 
-        writer = CheckpointWriter(self._write_checkpoint)
+        writer = CheckpointWriter(self._encode_checkpoint, self._upload_checkpoint)
         started = time.time()
         try:
             step = self._train_loop(x, labels, start, cfg, writer)
             loop_s = time.time() - started
-            writer.submit(step, *self._snapshot())
+            writer.submit(step)
             uri = writer.wait()
         finally:
             writer.close()
@@ -277,7 +269,7 @@ class Worker:
             if self._stop.is_set():
                 return step
             if cfg.get("checkpoint_every") and step % cfg["checkpoint_every"] == 0 and step < steps:
-                writer.submit(step, *self._snapshot())
+                writer.submit(step)
             if cfg.get("sample_every") and step % cfg["sample_every"] == 0 and step < steps:
                 self._log_grid(step, cfg["sample_images"])
                 for module in self.modules.values():
