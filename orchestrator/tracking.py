@@ -87,8 +87,6 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def metric_history(self, run_id: str, key: str) -> list[Metric]:
-        return self.client.get_metric_history(run_id, key)
 
 
 class RunLogger:

@@ -78,12 +78,23 @@ def assert_history_complete(client, run, steps: int, every: int) -> None:
     assert sorted(logged) == list(range(every, steps + 1, every)), sorted(logged)
 
 
-def test_killed_worker_resumes_from_its_checkpoint(tmp_path, local_stack, stack_env):
-    spec = write_spec(tmp_path / "kill.yaml", {"experiment": "faults-kill",
-                                               "jobs": [{"name": "ddpm", **SLOW_TRAIN}]})
+def start_slow_job(tmp_path, local_stack, stack_env, experiment: str):
+    """`genforge run` of one slow training job in the background, returned once the job has
+    written its first checkpoint."""
+    spec = write_spec(tmp_path / f"{experiment}.yaml",
+                      {"experiment": experiment, "jobs": [{"name": "ddpm", **SLOW_TRAIN}]})
     driver = genforge_background(["run", str(spec)], stack_env, tmp_path / "run.log")
     try:
-        wait_for(checkpoint_at_least(local_stack, "faults-kill", "ddpm", 10), 240, "a checkpoint")
+        wait_for(checkpoint_at_least(local_stack, experiment, "ddpm", 10), 240, "a checkpoint")
+    except BaseException:
+        driver.kill()
+        raise
+    return spec, driver
+
+
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path, local_stack, stack_env):
+    _, driver = start_slow_job(tmp_path, local_stack, stack_env, "faults-kill")
+    try:
         (actor,) = alive_job_actors(local_stack)
         os.kill(actor.pid, signal.SIGKILL)
         assert driver.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-3000:]
@@ -132,11 +143,8 @@ def test_rerun_after_driver_death_resumes_and_reuses(tmp_path, local_stack, stac
 
 def test_storage_outage_never_yields_a_corrupt_checkpoint(tmp_path, local_stack, stack_env):
     home = Path(local_stack.home)
-    spec = write_spec(tmp_path / "s3.yaml", {"experiment": "faults-s3",
-                                             "jobs": [{"name": "ddpm", **SLOW_TRAIN}]})
-    driver = genforge_background(["run", str(spec)], stack_env, tmp_path / "run.log")
+    _, driver = start_slow_job(tmp_path, local_stack, stack_env, "faults-s3")
     try:
-        wait_for(checkpoint_at_least(local_stack, "faults-s3", "ddpm", 10), 240, "a checkpoint")
         weed = stack.StackState.load(home).pids["seaweedfs"]
         os.kill(weed, signal.SIGKILL)
         time.sleep(4)
@@ -159,11 +167,8 @@ def test_storage_outage_never_yields_a_corrupt_checkpoint(tmp_path, local_stack,
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path, local_stack, stack_env):
-    spec = write_spec(tmp_path / "cancel.yaml", {"experiment": "faults-cancel",
-                                                 "jobs": [{"name": "ddpm", **SLOW_TRAIN}]})
-    driver = genforge_background(["run", str(spec)], stack_env, tmp_path / "run.log")
+    spec, driver = start_slow_job(tmp_path, local_stack, stack_env, "faults-cancel")
     try:
-        wait_for(checkpoint_at_least(local_stack, "faults-cancel", "ddpm", 10), 240, "a checkpoint")
         time.sleep(1.5)  # between two periodic checkpoints
         driver.send_signal(signal.SIGINT)
         assert driver.wait(timeout=120) == 130

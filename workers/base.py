@@ -174,14 +174,13 @@ class Worker:
         self.log.set_tags({"genforge.checkpoint": uri})
         return uri
 
-    def _log_grid(self, step: int, n: int) -> bytes:
+    def _log_grid(self, step: int, n: int) -> None:
         with torch.no_grad():
             samples = self.generate(n, None, self._generator(self.job["train"]["seed"]))
         picture = imageio.grid(imageio.to_uint8(samples), scale=imageio.display_scale(samples.shape[-1]))
         png = imageio.png_bytes(picture)
         self.storage.put_bytes(f"samples/step-{step:06d}.png", png)
         self.log.log_image(picture, key="samples", step=step)
-        return png
 
     def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
         result = {**result, "job": self.task.name, "hash": self.task.job_hash,
