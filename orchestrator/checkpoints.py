@@ -460,6 +460,14 @@ def load_checkpoint(storage: Storage, name: str | None = None, *, map_location: 
     return _walk(storage, attempt)
 
 
+def read_manifest(storage: Storage, name: str | None = None) -> dict:
+    """The verified manifest (with its `meta`) of checkpoint ``name`` or of the newest valid one,
+    without deserialising anything."""
+    if name is not None:
+        return verify_checkpoint(storage, name)
+    return _walk(storage, lambda n: verify_checkpoint(storage, n))
+
+
 def latest_step(storage: Storage) -> int | None:
     """Step of the newest *verified* checkpoint (hashes checked, nothing deserialized).
 

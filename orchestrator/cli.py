@@ -79,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_INVALID
     driver = Driver(plan, settings, force=force)
     driver.stage_data()
+    driver.check_references()
     print(f"MLflow UI: {settings.tracking_uri}  (experiment '{plan.spec.experiment}')",
           file=sys.stderr)
     try:

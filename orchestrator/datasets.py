@@ -108,6 +108,14 @@ def _load(data: DataSpec, credentials: S3Credentials | None,
     return x, y, ident
 
 
+def has_labels(storage: Storage, key: str) -> bool:
+    """Whether the staged data set at `key` has labels (reads only the npz's directory)."""
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(storage.get_bytes(key))) as archive:
+        return "y.npy" in archive.namelist()
+
+
 def stage(data: DataSpec, storage: Storage, credentials: S3Credentials | None = None,
           base: Path | None = None) -> str:
     """Put the data set into storage once; returns its key (relative to the storage root).

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from orchestrator import datasets
 from orchestrator.actor import JobActor
-from orchestrator.checkpoints import CheckpointError
-from orchestrator.plan import Plan, PlannedJob, is_uri
+from orchestrator.checkpoints import CheckpointError, read_manifest, resolve_checkpoint_uri
+from orchestrator.plan import Plan, PlannedJob, check_uri_references, is_uri
 from orchestrator.settings import Settings
 from orchestrator.spec import SpecError
 from orchestrator.storage import NotFound, StorageError, open_storage
@@ -86,6 +86,22 @@ class Driver:
                                                        base=Path(self.plan.spec.source).parent)
             except datasets.DataError as exc:
                 raise SpecError([f"{self.plan.spec.source}: job '{p.name}': data: {exc}"]) from None
+        unlabelled = [
+            f"{self.plan.spec.source}: job '{p.name}': data: {p.job.data.path} has no labels "
+            f"('{p.job.data.y_key}'), which model.class_conditional needs"
+            for p in self.plan.jobs
+            if p.job.kind == "train" and p.job.section().needs_labels()
+            and not datasets.has_labels(self.root, self.data_keys[p.job.data.model_dump_json()])
+        ]
+        if unlabelled:
+            raise SpecError(unlabelled)
+
+    def check_references(self) -> None:
+        """Every checkpoint URI the spec reads exists and fits; a SpecError otherwise."""
+        def read_meta(uri: str) -> dict[str, Any]:
+            return read_manifest(*resolve_checkpoint_uri(uri, self.settings.s3)).get("meta", {})
+
+        check_uri_references(self.plan, read_meta)
 
     def _is_forced(self, name: str) -> bool:
         return self.force is True or (isinstance(self.force, set) and name in self.force)
@@ -99,9 +115,11 @@ class Driver:
             return None
 
     # ---- launching --------------------------------------------------------------------------
+    def _uri(self, ref: str) -> str:
+        return ref if is_uri(ref) else self.root.uri(self.prefix(self.plan.by_name[ref]))
+
     def _sources(self, planned: PlannedJob) -> tuple[str, ...]:
-        return tuple(ref if is_uri(ref) else self.root.uri(self.prefix(self.plan.by_name[ref]))
-                     for ref in planned.job.sources)
+        return tuple(self._uri(ref) for ref in planned.job.sources)
 
     def _launch(self, state: JobState) -> None:
         p = state.planned
@@ -115,6 +133,7 @@ class Driver:
             storage_root=self.settings.storage, prefix=self.prefix(p),
             tracking_uri=self.settings.tracking_uri, run_id=state.run_id,
             code_version=self.plan.code_version, sources=self._sources(p), data_key=data_key,
+            refs={field: self._uri(ref) for field, ref in p.job.references},
             attempt=state.attempt, s3=self.settings.s3,
         )
         r = p.job.resources

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from orchestrator.spec import Job, Spec, SpecError
+from orchestrator.spec import Job, Spec, SpecError, Upstream
 
 # Job kinds whose output is a checkpoint another job can read.
 PRODUCES_CHECKPOINT = frozenset({"train", "distill"})
@@ -105,6 +105,26 @@ def job_hash(job: Job, upstream: dict[str, str], version: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def check_uri_references(plan: Plan, read_meta) -> None:
+    """Check every checkpoint URI the spec reads, before anything runs: `read_meta(uri)` returns
+    the checkpoint's metadata or raises with the reason it cannot be read."""
+    errors: list[str] = []
+    for p in plan.jobs:
+        for field_name, ref in p.job.references:
+            if not is_uri(ref):
+                continue
+            try:
+                up = Upstream.of_checkpoint(ref, read_meta(ref))
+            except Exception as exc:  # noqa: BLE001 - any reason becomes the message
+                problem = f"{field_name}: cannot read a checkpoint at {ref} ({exc})"
+            else:
+                problem = check_reference(p.job, field_name, up)
+            if problem:
+                errors.append(f"{plan.spec.source}: job '{p.name}': {problem}")
+    if errors:
+        raise SpecError(errors)
+
+
 def _missing_data_files(spec: Spec) -> list[str]:
     """Local data files that do not exist (relative paths are taken from the spec's folder)."""
     base = Path(spec.source).parent
@@ -118,6 +138,21 @@ def _missing_data_files(spec: Spec) -> list[str]:
     return errors
 
 
+def check_reference(job: Job, field: str, up: Upstream) -> str | None:
+    """Whether what `field` of `job` points at (a job of the spec or a checkpoint) fits it."""
+    if up.kind not in PRODUCES_CHECKPOINT:
+        return f"{field}: {up.label} is a '{up.kind}' job and has no checkpoint to read"
+    if field == "from" and job.kind == "sample":
+        if up.family != job.family:
+            return f"from: {up.label} is family '{up.family}', this job is '{job.family}'"
+        limit = up.model.get("timesteps")
+        if job.sample.steps and limit and job.sample.steps > limit:
+            return f"sample.steps: {job.sample.steps} steps but {up.label} has {limit} timesteps"
+    if field.startswith("model."):
+        return job.section().check_ref(field, up, job.data)
+    return None
+
+
 def build_plan(spec: Spec) -> Plan:
     src = spec.source
     names = {j.name: j for j in spec.jobs}
@@ -125,8 +160,7 @@ def build_plan(spec: Spec) -> Plan:
     deps: dict[str, list[str]] = {}
     for job in spec.jobs:
         deps[job.name] = []
-        for ref in job.sources:
-            field_name = "teacher" if ref == job.teacher else "from"
+        for field_name, ref in job.references:
             if is_uri(ref):
                 if not ref.startswith(("s3://", "file://")):
                     errors.append(f"{src}: job '{job.name}': {field_name}: "
@@ -140,16 +174,9 @@ def build_plan(spec: Spec) -> Plan:
             if ref == job.name:
                 errors.append(f"{src}: job '{job.name}': {field_name}: a job cannot read itself")
                 continue
-            if job.kind == "sample" and upstream.kind not in PRODUCES_CHECKPOINT:
-                errors.append(f"{src}: job '{job.name}': from: job '{ref}' is a "
-                              f"'{upstream.kind}' job and has no checkpoint to sample from")
-            if job.kind == "sample" and upstream.family != job.family:
-                errors.append(f"{src}: job '{job.name}': from: job '{ref}' is family "
-                              f"'{upstream.family}', this job is '{job.family}'")
-            limit = upstream.model.get("timesteps")
-            if job.kind == "sample" and job.sample.steps and limit and job.sample.steps > limit:
-                errors.append(f"{src}: job '{job.name}': sample.steps: {job.sample.steps} steps "
-                              f"but model '{ref}' has {limit} timesteps")
+            problem = check_reference(job, field_name, Upstream.of_job(upstream))
+            if problem:
+                errors.append(f"{src}: job '{job.name}': {problem}")
             deps[job.name].append(ref)
     errors += _missing_data_files(spec)
     if errors:

@@ -6,8 +6,9 @@ Every problem found is reported as one line naming the file, the job and the fie
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -74,15 +75,75 @@ class TrainSpec(Strict):
 
 class SampleSpec(Strict):
     num_images: int = Field(64, ge=1, le=1_000_000)
+    # diffusion (ddpm, ldm)
     sampler: Literal["ancestral", "ddim"] = "ddim"
     steps: int | None = Field(None, ge=1, le=100_000)  # None: every timestep of the model
     eta: float = Field(0.0, ge=0, le=1)
+    # autoregressive
+    temperature: float = Field(1.0, gt=0, le=100)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    use_cache: bool = True
+    label: int | None = Field(None, ge=0)  # class-conditional models: None cycles through classes
     batch_size: int = Field(256, ge=1, le=65536)
     use_ema: bool = True
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
-class DDPMModel(Strict):
+@dataclass(frozen=True)
+class Upstream:
+    """What a job reads, as far as validation needs it: a job of the spec or a checkpoint's
+    metadata (for URIs)."""
+
+    ref: str
+    family: str
+    kind: str
+    model: dict[str, Any]
+    image_shape: tuple[int, int, int] | None  # (channels, height, width)
+
+    @classmethod
+    def of_job(cls, job: Job) -> Upstream:
+        shape = (job.data.channels, job.data.image_size, job.data.image_size) if job.data else None
+        return cls(job.name, job.family, job.kind, job.model, shape)
+
+    @classmethod
+    def of_checkpoint(cls, uri: str, meta: dict[str, Any]) -> Upstream:
+        shape = meta.get("image_shape")
+        return cls(uri, str(meta.get("family")), str(meta.get("kind", "train")),
+                   dict(meta.get("model") or {}), tuple(shape) if shape else None)
+
+    @property
+    def label(self) -> str:
+        return f"job '{self.ref}'" if "://" not in self.ref else self.ref
+
+
+class ModelSection(Strict):
+    """A family's `model:` section. REFS names the fields that point at another job or a
+    checkpoint URI (e.g. an autoregressive model's tokenizer); the plan makes them edges of the
+    DAG and asks `check_ref` whether what they point at fits."""
+
+    REFS: ClassVar[tuple[str, ...]] = ()
+
+    def check_data(self, data: DataSpec) -> str | None:
+        """A problem of this model with that data, found before anything runs."""
+        return None
+
+    def needs_labels(self) -> bool:
+        return False
+
+    def check_ref(self, field: str, up: Upstream, data: DataSpec) -> str | None:
+        return None
+
+
+def _levels_divide(size: int, channel_mult: tuple[int, ...], what: str, where: str) -> str | None:
+    factor = 2 ** (len(channel_mult) - 1)
+    if size % factor:
+        return (f"{where}: {size} is not divisible by {factor}, which the {what}'s "
+                f"{len(channel_mult)} levels (model.channel_mult) need")
+    return None
+
+
+class DDPMModel(ModelSection):
     channels: int = Field(32, ge=4, le=1024)
     channel_mult: tuple[int, ...] = Field((1, 2), min_length=1, max_length=6)
     num_res_blocks: int = Field(1, ge=1, le=8)
@@ -100,15 +161,10 @@ class DDPMModel(Strict):
         return self
 
     def check_data(self, data: DataSpec) -> str | None:
-        """A problem of this model with that data, found before anything runs."""
-        factor = 2 ** (len(self.channel_mult) - 1)
-        if data.image_size % factor:
-            return (f"data.image_size: {data.image_size} is not divisible by {factor}, which "
-                    f"the U-Net's {len(self.channel_mult)} levels (model.channel_mult) need")
-        return None
+        return _levels_divide(data.image_size, self.channel_mult, "U-Net", "data.image_size")
 
 
-class GANModel(Strict):
+class GANModel(ModelSection):
     z_dim: int = Field(64, ge=1, le=4096)
     g_width: int = Field(64, ge=4, le=2048)  # channels of the generator's last hidden layer
     d_width: int = Field(64, ge=4, le=2048)  # channels of the discriminator's first layer
@@ -135,12 +191,131 @@ def dcgan_layout(image_size: int) -> tuple[int, int]:
     return image_size // 2**depth, depth
 
 
-# family -> (model section, job kinds it can run). A new family is one entry here plus its
-# worker module registered in workers/__init__.py.
-FAMILIES: dict[str, tuple[type[Strict], frozenset[str]]] = {
+class AutoencoderModel(ModelSection):
+    """The first-stage autoencoder of VQGAN and latent diffusion."""
+
+    channels: int = Field(64, ge=4, le=1024)
+    channel_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1, max_length=6)
+    num_res_blocks: int = Field(1, ge=1, le=8)
+    latent_channels: int = Field(4, ge=1, le=1024)
+    disc_start: int = Field(1000, ge=0)  # the patch discriminator joins at this step
+    disc_weight: float = Field(0.5, ge=0, le=100)  # 0: no discriminator at all
+    disc_width: int = Field(64, ge=4, le=1024)
+    disc_layers: int = Field(2, ge=1, le=5)
+
+    def check_data(self, data: DataSpec) -> str | None:
+        return _levels_divide(data.image_size, self.channel_mult, "autoencoder",
+                              "data.image_size")
+
+
+class VQGANModel(AutoencoderModel):
+    latent_channels: int = Field(32, ge=1, le=1024)  # dimension of a codebook vector
+    codebook_size: int = Field(256, ge=2, le=65536)
+    beta: float = Field(0.25, ge=0, le=10)  # commitment
+    codebook_decay: float = Field(0.99, gt=0, lt=1)  # EMA of the codebook
+    restart_threshold: float = Field(1.0, ge=0)  # EMA usage below which a code is restarted
+
+
+class LDMAutoencoderModel(AutoencoderModel):
+    stage: Literal["autoencoder"]
+    kl_weight: float = Field(1e-4, ge=0, le=100)  # weight of the KL (mean per latent element)
+
+
+MAX_TOKENS = 1024  # longest token sequence an autoregressive model may be asked to learn
+
+
+def _first_stage_problem(field: str, up: Upstream, data: DataSpec, families: dict[str, str | None]
+                         ) -> tuple[str | None, int]:
+    """Whether `up` is a trained first stage of one of `families` (family -> required stage),
+    with the same image shape as `data`. Returns (problem, downsampling factor)."""
+    stage = up.model.get("stage")
+    wanted = " or ".join(f"'{f}'" + (f" (stage: {s})" if s else "") for f, s in families.items())
+    if up.kind not in ("train", "distill") or up.family not in families or (
+            families[up.family] and stage != families[up.family]):
+        what = f"a '{up.family}' {up.kind} job" + (f" (stage: {stage})" if stage else "")
+        return f"{field}: {up.label} is {what}; it must be a trained {wanted} model", 1
+    shape = (data.channels, data.image_size, data.image_size)
+    if up.image_shape and tuple(up.image_shape) != shape:
+        return (f"{field}: {up.label} works on {'x'.join(map(str, up.image_shape))} images, "
+                f"this job's data is {'x'.join(map(str, shape))} (channels x size x size)"), 1
+    return None, 2 ** (len(up.model.get("channel_mult", (1,))) - 1)
+
+
+class ARModel(ModelSection):
+    REFS: ClassVar[tuple[str, ...]] = ("tokenizer",)
+
+    tokenizer: str = Field(min_length=1)  # a vqgan job of this spec, or its checkpoint URI
+    dim: int = Field(128, ge=8, le=8192)
+    layers: int = Field(4, ge=1, le=64)
+    heads: int = Field(4, ge=1, le=128)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    class_conditional: bool = False
+    num_classes: int = Field(10, ge=2, le=100_000)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ARModel:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+    def check_data(self, data: DataSpec) -> str | None:
+        if self.class_conditional and (
+                data.dataset == "idx" and not data.labels or data.dataset == "npz" and not data.y_key):
+            return "model.class_conditional: the data has no labels (set data.labels or data.y_key)"
+        return None
+
+    def needs_labels(self) -> bool:
+        return self.class_conditional
+
+    def check_ref(self, field: str, up: Upstream, data: DataSpec) -> str | None:
+        problem, factor = _first_stage_problem(field, up, data, {"vqgan": None})
+        tokens = (data.image_size // factor) ** 2
+        if problem is None and tokens > MAX_TOKENS:
+            problem = (f"{field}: {data.image_size}x{data.image_size} images make {tokens} tokens "
+                       f"with {up.label}; at most {MAX_TOKENS} are supported")
+        return problem
+
+
+class LDMModel(DDPMModel):
+    REFS: ClassVar[tuple[str, ...]] = ("autoencoder",)
+
+    stage: Literal["diffusion"] = "diffusion"
+    autoencoder: str = Field(min_length=1)  # an ldm autoencoder or a vqgan: a job or its URI
+
+    def check_data(self, data: DataSpec) -> str | None:
+        return None  # the latent size is known only with the autoencoder: see check_ref
+
+    def check_ref(self, field: str, up: Upstream, data: DataSpec) -> str | None:
+        problem, factor = _first_stage_problem(field, up, data,
+                                               {"ldm": "autoencoder", "vqgan": None})
+        if problem is None:
+            problem = _levels_divide(data.image_size // factor, self.channel_mult, "U-Net",
+                                     f"{field}: its latent size")
+        return problem
+
+
+# family -> (model section, or {stage: section}, and the job kinds it can run). A new family is
+# one entry here plus its worker module registered in workers/__init__.py.
+FAMILIES: dict[str, tuple[type[ModelSection] | dict[str, type[ModelSection]], frozenset[str]]] = {
     "ddpm": (DDPMModel, frozenset({"train", "sample"})),
     "gan": (GANModel, frozenset({"train", "sample"})),
+    "vqgan": (VQGANModel, frozenset({"train", "sample"})),
+    "autoregressive": (ARModel, frozenset({"train", "sample"})),
+    "ldm": ({"diffusion": LDMModel, "autoencoder": LDMAutoencoderModel},
+            frozenset({"train", "sample"})),
 }
+
+
+def model_section(family: str, model: dict[str, Any]) -> type[ModelSection]:
+    """The model section class for a family (and, for staged families, `model.stage`)."""
+    section = FAMILIES[family][0]
+    if isinstance(section, dict):
+        stage = model.get("stage", "diffusion")
+        if stage not in section:
+            raise ValueError(f"model.stage: must be one of {', '.join(map(repr, section))} "
+                             f"(got {stage!r})")
+        return section[stage]
+    return section
 
 # The sections each kind reads; `defaults` fill only these, a job may set only these.
 KIND_SECTIONS: dict[str, frozenset[str]] = {
@@ -166,10 +341,28 @@ class Job(Strict):
     resources: Resources = Resources()
 
     @property
+    def references(self) -> list[tuple[str, str]]:
+        """(field, reference) for everything this job reads: job names of the spec or
+        checkpoint URIs, from `from`, `teacher` and the model's reference fields."""
+        froms = [self.from_] if isinstance(self.from_, str) else list(self.from_ or [])
+        out = [("from", ref) for ref in froms]
+        if self.teacher:
+            out.append(("teacher", self.teacher))
+        if self.kind == "train" and self.family in FAMILIES:
+            try:
+                refs = model_section(self.family, self.model).REFS
+            except ValueError:
+                refs = ()
+            out += [(f"model.{f}", self.model[f]) for f in refs if self.model.get(f)]
+        return out
+
+    @property
     def sources(self) -> list[str]:
-        """Every reference this job reads: job names of the spec or checkpoint URIs."""
-        refs = [self.from_] if isinstance(self.from_, str) else list(self.from_ or [])
-        return refs + ([self.teacher] if self.teacher else [])
+        return [ref for _, ref in self.references]
+
+    def section(self) -> ModelSection:
+        """The validated model section of a train job."""
+        return model_section(self.family, self.model).model_validate(self.model)
 
     def resolved(self) -> dict[str, Any]:
         """The job as plain data with every default filled in (what is hashed and logged)."""
@@ -317,19 +510,21 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
     if job.family not in FAMILIES:
         return None, problems + [f"family: '{job.family}' is not available in this version "
                                  f"(available: {', '.join(sorted(FAMILIES))})"]
-    model_cls, kinds = FAMILIES[job.family]
+    kinds = FAMILIES[job.family][1]
     if job.kind not in kinds:
         problems.append(f"kind: family '{job.family}' cannot run kind '{job.kind}' "
                         f"(it can: {', '.join(sorted(kinds))})")
     if job.kind == "train":
         try:
-            model = model_cls.model_validate(job.model)
+            model = model_section(job.family, job.model).model_validate(job.model)
             job = job.model_copy(update={"model": model.model_dump(mode="json")})
             problem = model.check_data(job.data)
             if problem:
                 problems.append(problem)
         except ValidationError as exc:
             problems += [f"{_loc(('model', *e['loc']))}: {_describe(e)}" for e in exc.errors()]
+        except ValueError as exc:
+            problems.append(str(exc))
     if job.kind in ("sample", "evaluate") and not job.sources:
         problems.append("from: required field is missing")
     return (None, problems) if problems else (job, [])

@@ -20,6 +20,7 @@ class Task:
     code_version: str
     sources: tuple[str, ...] = ()  # checkpoint URIs of what the job reads (job prefixes or steps)
     data_key: str | None = None  # staged data set, relative to storage_root
+    refs: dict[str, str] = field(default_factory=dict)  # field ("from", "model.tokenizer") -> URI
     attempt: int = 1
     s3: S3Credentials | None = field(default=None, repr=False)
 

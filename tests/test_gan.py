@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orchestrator.spec import dcgan_layout
-from workers.gan import discriminator_loss, generator_loss
+from workers.nn.adversarial import discriminator_loss, generator_loss
 from workers.nn.dcgan import Discriminator, Generator
 
 

@@ -28,6 +28,22 @@ def sample(name: str = "grid", src: str = "ddpm", **over) -> dict:
     return {"name": name, "kind": "sample", "family": "ddpm", "from": src, **over}
 
 
+def vq(name: str = "vq", **over) -> dict:
+    return train(name, family="vqgan", **{"model": {}, **over})
+
+
+def ar(name: str = "ar", **over) -> dict:
+    return train(name, family="autoregressive", **{"model": {"tokenizer": "vq"}, **over})
+
+
+def ae(name: str = "ae", **over) -> dict:
+    return train(name, family="ldm", **{"model": {"stage": "autoencoder"}, **over})
+
+
+def ldm(name: str = "ldm", **over) -> dict:
+    return train(name, family="ldm", **{"model": {"autoencoder": "ae", "channel_mult": [1]}, **over})
+
+
 def errors(data) -> list[str]:
     with pytest.raises(SpecError) as info:
         build_plan(parse_spec(data, "s.yaml"))
@@ -71,7 +87,20 @@ def test_job_values_win_over_defaults():
     (spec(train(), sample(src="http://x/y")), "s.yaml: job 'grid': from: unsupported URI scheme"),
     (spec(train(), sample(name="g2", src="grid"), sample()), "s.yaml: job 'g2': from: job 'grid' is a 'sample' job"),
     (spec(train(kind="evaluate", train=None, **{"from": ["ddpm"]})), "s.yaml: job 'ddpm': kind: family 'ddpm' cannot run kind 'evaluate'"),
-    (spec(train(family="vqgan")), "s.yaml: job 'ddpm': family: 'vqgan' is not available in this version"),
+    (spec(train(family="vqgan", model={"channel_mult": [1, 2, 2, 2]}, data={"image_size": 12})), "s.yaml: job 'ddpm': data.image_size: 12 is not divisible by 8, which the autoencoder's 4 levels"),
+    (spec(vq(), ar(data={"image_size": 32})), "s.yaml: job 'ar': model.tokenizer: job 'vq' works on 1x16x16 images, this job's data is 1x32x32"),
+    (spec(train("vq", family="gan", model={}), ar()), "s.yaml: job 'ar': model.tokenizer: job 'vq' is a 'gan' train job; it must be a trained 'vqgan' model"),
+    (spec(vq(), sample("vs", "vq", family="vqgan"), ar(model={"tokenizer": "vs"})), "s.yaml: job 'ar': model.tokenizer: job 'vs' is a 'sample' job and has no checkpoint"),
+    (spec(vq(), ar(model={"tokenizer": "nope"})), "s.yaml: job 'ar': model.tokenizer: no job named 'nope' in this spec"),
+    (spec(ar(model={})), "s.yaml: job 'ar': model.tokenizer: required field is missing"),
+    (spec(vq(model={"channel_mult": [1]}), ar(data={"image_size": 40}, model={"tokenizer": "vq"}) | {"name": "ar"}), "s.yaml: job 'ar': model.tokenizer: job 'vq' works on"),
+    (spec(vq(data={"image_size": 64}, model={"channel_mult": [1]}), ar(data={"image_size": 64})), "s.yaml: job 'ar': model.tokenizer: 64x64 images make 4096 tokens with job 'vq'; at most 1024"),
+    (spec(vq(), ar(model={"tokenizer": "vq", "class_conditional": True}, data={"dataset": "idx", "path": "x.idx"})), "s.yaml: job 'ar': model.class_conditional: the data has no labels"),
+    (spec(vq(), ar(model={"tokenizer": "vq", "dim": 30, "heads": 4})), "s.yaml: job 'ar': model: dim 30 is not divisible by heads 4"),
+    (spec(ae(), ldm(model={"autoencoder": "ae", "channel_mult": [1, 2, 2, 2]})), "s.yaml: job 'ldm': model.autoencoder: its latent size: 4 is not divisible by 8, which the U-Net's 4 levels"),
+    (spec(ae(), ldm(), ldm("ldm2", model={"autoencoder": "ldm"})), "s.yaml: job 'ldm2': model.autoencoder: job 'ldm' is a 'ldm' train job (stage: diffusion); it must be a trained 'ldm' (stage: autoencoder) or 'vqgan' model"),
+    (spec(ldm(model={"autoencoder": "ae", "stage": "decoder"})), "s.yaml: job 'ldm': model.stage: must be one of 'diffusion', 'autoencoder'"),
+    (spec(ae(model={"stage": "autoencoder", "timesteps": 10})), "s.yaml: job 'ae': model.timesteps: unknown field"),
     (spec(train(data={"image_size": 9})), "s.yaml: job 'ddpm': data.image_size: 9 is not divisible by 2"),
     (spec(train(family="gan", model={}, data={"image_size": 6})), "s.yaml: job 'ddpm': data.image_size: 6 cannot be reached by doubling"),
     (spec(train(family="gan", model={"loss": "wasserstein"})), "s.yaml: job 'ddpm': model.loss: Input should be 'bce' or 'hinge'"),
@@ -79,7 +108,7 @@ def test_job_values_win_over_defaults():
     ({"experiment": "no spaces", "jobs": [train()]}, "s.yaml: experiment: String should match pattern"),
     ({"experiment": "t", "jobs": [train()], "extra": 1}, "s.yaml: extra: unknown field"),
     (["a", "list"], "s.yaml: the spec must be a mapping"),
-    (spec(train(), sample(sample={"steps": 5000})), "s.yaml: job 'grid': sample.steps: 5000 steps but model 'ddpm' has 1000 timesteps"),
+    (spec(train(), sample(sample={"steps": 5000})), "s.yaml: job 'grid': sample.steps: 5000 steps but job 'ddpm' has 1000 timesteps"),
 ])
 def test_bad_input_is_one_clear_line(data, expected):
     lines = errors(data)
@@ -156,3 +185,45 @@ def test_cli_validate_exit_codes(tmp_path):
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "nope.yaml: cannot read the file" in missing.stderr
     assert "Traceback" not in out.stderr + missing.stderr
+
+
+def test_checkpoint_uris_are_checked_before_anything_runs():
+    from orchestrator.plan import check_uri_references
+
+    metas = {"s3://b/vq": {"family": "vqgan", "model": {"channel_mult": [1, 2, 2]},
+                           "image_shape": [1, 16, 16]},
+             "s3://b/gan": {"family": "gan", "model": {}, "image_shape": [1, 16, 16]}}
+
+    def read_meta(uri):
+        if uri not in metas:
+            raise FileNotFoundError(f"no complete checkpoint under {uri}")
+        return metas[uri]
+
+    ok = build_plan(parse_spec(spec(ar(model={"tokenizer": "s3://b/vq"}),
+                                    sample("s", "s3://b/gan", family="gan")), "s.yaml"))
+    check_uri_references(ok, read_meta)
+    assert ok.by_name["ar"].deps == ()  # a URI is not a job to wait for
+
+    bad = build_plan(parse_spec(spec(
+        ar(model={"tokenizer": "s3://b/gan"}),
+        ar("ar2", model={"tokenizer": "s3://b/none"}),
+        ar("ar3", model={"tokenizer": "s3://b/vq"}, data={"image_size": 28}),
+        sample("s", "s3://b/vq", family="ldm")), "s.yaml"))
+    with pytest.raises(SpecError) as info:
+        check_uri_references(bad, read_meta)
+    assert info.value.lines == [
+        "s.yaml: job 'ar': model.tokenizer: s3://b/gan is a 'gan' train job; it must be a trained 'vqgan' model",
+        "s.yaml: job 'ar2': model.tokenizer: cannot read a checkpoint at s3://b/none (no complete checkpoint under s3://b/none)",
+        "s.yaml: job 'ar3': model.tokenizer: s3://b/vq works on 1x16x16 images, this job's data is 1x28x28 (channels x size x size)",
+        "s.yaml: job 's': from: s3://b/vq is family 'vqgan', this job is 'ldm'",
+    ]
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data").exists(), reason="no ../shared/data")
+def test_example_specs_validate():
+    for name in ("quickstart", "gan", "vqgan-ar", "ldm"):
+        plan = build_plan(load_spec(ROOT / "jobspecs" / f"{name}.yaml"))
+        assert plan.jobs
+    plan = build_plan(load_spec(ROOT / "jobspecs" / "vqgan-ar.yaml"))
+    assert plan.by_name["transformer"].deps == ("vqgan",)
+    assert plan.by_name["samples"].deps == ("transformer",)

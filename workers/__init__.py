@@ -9,6 +9,9 @@ import importlib
 WORKERS = {
     "ddpm": "workers.ddpm:DDPMWorker",
     "gan": "workers.gan:GANWorker",
+    "vqgan": "workers.vqgan:VQGANWorker",
+    "autoregressive": "workers.autoregressive:ARWorker",
+    "ldm": "workers.ldm:LDMWorker",
 }
 
 

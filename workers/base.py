@@ -5,6 +5,11 @@ progress and logging. A family subclasses `Worker` and fills in four hooks:
     configure_optimizers(train_cfg)     create self.optimizers
     train_step(batch, labels, gen)      one update (use self.optimize); returns loss tensors
     generate(n, sample_cfg, gen, ...)   images in [-1, 1] from the (EMA) modules
+
+and may override `prepare_data` (what the training batches are drawn from: e.g. token
+sequences instead of images). Modules another job trained and this one only uses (a tokenizer,
+a first-stage autoencoder) go in `self.frozen`: they are saved with every checkpoint, so a
+checkpoint is all a sampling job needs, and never trained.
 """
 
 from __future__ import annotations
@@ -84,7 +89,12 @@ class Worker:
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.emas: dict[str, EMA] = {}
+        self.frozen: dict[str, nn.Module] = {}
+        self.frozen_meta: dict[str, dict[str, Any]] = {}  # name -> the checkpoint meta it came from
+        self.loading: Checkpoint | None = None  # the checkpoint being restored for sampling
         self.image_shape: tuple[int, int, int] = (1, 16, 16)
+        self.step = 0  # the training step being run
+        self.tokens_per_item = 0  # set by token models: training then logs tokens/s
         self._progress: dict[str, Any] = {"phase": "starting", "step": 0, "total": 0}
         self._stop = threading.Event()
 
@@ -102,6 +112,24 @@ class Worker:
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What training batches are drawn from; called once after `build`."""
+        return x, labels
+
+    def final_metrics(self) -> dict[str, float]:
+        """Metrics measured once when training ends (e.g. on held-out data)."""
+        return {}
+
+    def sample_stats(self) -> dict[str, float]:
+        """Metrics of a sampling job beyond its time per image (e.g. tokens/s)."""
+        return {}
+
+    @classmethod
+    def for_task(cls, task: Task) -> type[Worker]:
+        """The class that runs `task` (a family with stages picks one here)."""
+        return cls
 
     # ---- what the actor calls -------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
@@ -137,9 +165,11 @@ class Worker:
 
     def _meta(self, step: int) -> dict[str, Any]:
         return {
-            "family": self.family, "job": self.task.name, "hash": self.task.job_hash,
-            "code_version": self.task.code_version, "step": step,
+            "family": self.family, "kind": self.task.kind, "job": self.task.name,
+            "hash": self.task.job_hash, "code_version": self.task.code_version, "step": step,
             "model": self.job.get("model", {}), "image_shape": list(self.image_shape),
+            "data": self.job.get("data"), "data_key": self.task.data_key,
+            "frozen": self.frozen_meta,
         }
 
     def _encode_checkpoint(self, step: int) -> EncodedCheckpoint:
@@ -147,6 +177,8 @@ class Worker:
                    for k, v in m.state_dict().items()}
         tensors.update({f"ema.{name}/{k}": v for name, e in self.emas.items()
                         for k, v in e.module.state_dict().items()})
+        tensors.update({f"frozen.{name}/{k}": v for name, m in self.frozen.items()
+                        for k, v in m.state_dict().items()})
         state = {
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "ema_updates": {name: e.num_updates for name, e in self.emas.items()},
@@ -159,6 +191,8 @@ class Worker:
 
         for name, module in self.modules.items():
             module.load_state_dict(part(f"{name}/"))
+        for name, module in self.frozen.items():
+            module.load_state_dict(part(f"frozen.{name}/"))
         for name, ema in self.emas.items():
             ema.module.load_state_dict(part(f"ema.{name}/"))
             ema.num_updates = int(ckpt.state.get("ema_updates", {}).get(name, 0))
@@ -198,6 +232,9 @@ class Worker:
         labels = labels.to(self.device) if labels is not None else None
         self.image_shape = tuple(x.shape[1:])
         self.build(self.job["model"], self.image_shape)
+        for module in self.frozen.values():
+            module.eval().requires_grad_(False)
+        x, labels = self.prepare_data(x, labels)
         self.configure_optimizers(cfg)
 
         start = 0
@@ -226,9 +263,12 @@ class Worker:
         if step < cfg["steps"]:  # asked to stop: the checkpoint is saved, the job is not done
             return {"status": "stopped", "step": step, "checkpoint": uri}
         self._progress.update(phase="sampling")
+        final = self.final_metrics()
+        if final:
+            self.log.log_metrics(final, step)
         self._log_grid(step, cfg["sample_images"])
         return self._finish({"status": "finished", "kind": "train", "step": step,
-                             "checkpoint": uri, "timing": timing})
+                             "checkpoint": uri, "timing": timing, "metrics": final})
 
     def _train_loop(self, x: torch.Tensor, labels: torch.Tensor | None, start: int,
                     cfg: dict[str, Any], writer: CheckpointWriter) -> int:
@@ -247,6 +287,7 @@ class Worker:
             for opt in self.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = lr
+            self.step = step
             losses = self.train_step(x[idx], labels[idx] if labels is not None else None, gen)
             for name, ema in self.emas.items():
                 ema.update(self.modules[name])
@@ -261,6 +302,8 @@ class Worker:
                 elapsed = time.perf_counter() - window_start
                 values.update(lr=lr, steps_per_s=window_steps / elapsed,
                               images_per_s=window_steps * len(idx) / elapsed)
+                if self.tokens_per_item:
+                    values["tokens_per_s"] = values["images_per_s"] * self.tokens_per_item
                 if step > self._logged_until:
                     self.log.log_metrics(values, step)
                 self._progress["loss"] = values.get("loss", next(iter(values.values())))
@@ -283,16 +326,18 @@ class Worker:
         if family != self.family:
             raise JobError(f"{ckpt.uri} holds a '{family}' model, not '{self.family}'")
         self.image_shape = tuple(ckpt.meta["image_shape"])
+        self.loading = ckpt
         self.build(ckpt.meta["model"], self.image_shape)
         self._restore(ckpt, weights_only=True)
-        for module in [*self.modules.values(), *(e.module for e in self.emas.values())]:
+        for module in [*self.modules.values(), *(e.module for e in self.emas.values()),
+                       *self.frozen.values()]:
             module.eval()
         return ckpt
 
     def sample(self) -> dict[str, Any]:
         cfg = self.job["sample"]
         self._progress.update(phase="loading checkpoint")
-        ckpt = self.load_for_sampling(self.task.sources[0])
+        ckpt = self.load_for_sampling(self.task.refs["from"])
         if not cfg["use_ema"]:
             self.emas = {}
         self.log.set_tags({"genforge.source_checkpoint": ckpt.uri})
@@ -318,8 +363,9 @@ class Worker:
         picture = imageio.grid(images[:64], scale=imageio.display_scale(images.shape[1]))
         self.storage.put_bytes("outputs/grid.png", imageio.png_bytes(picture))
         self.log.log_image(picture, key="samples", step=0)
-        self.log.log_metrics({"sample_s_per_image": seconds / n, "num_images": n}, 0)
+        stats = self.sample_stats()
+        self.log.log_metrics({"sample_s_per_image": seconds / n, "num_images": n, **stats}, 0)
         return self._finish({"status": "finished", "kind": "sample", "num_images": n,
                              "outputs": [self.storage.uri("outputs/images.npz"),
                                          self.storage.uri("outputs/grid.png")],
-                             "source": ckpt.uri, "s_per_image": seconds / n})
+                             "source": ckpt.uri, "s_per_image": seconds / n, "metrics": stats})

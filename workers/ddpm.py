@@ -21,7 +21,13 @@ class DDPMWorker(Worker):
     family = "ddpm"
 
     def build(self, model_cfg: dict[str, Any], image_shape: tuple[int, int, int]) -> None:
-        channels, size, _ = image_shape
+        self.build_diffusion(model_cfg, image_shape)
+
+    def build_diffusion(self, model_cfg: dict[str, Any], shape: tuple[int, int, int]) -> None:
+        """The U-Net, schedule and EMA for diffusion over tensors of `shape` (C, H, W): pixels
+        here, latents in latent diffusion."""
+        self.sample_shape = shape
+        channels, size, _ = shape
         net = UNet(
             in_channels=channels, image_size=size, channels=model_cfg["channels"],
             channel_mult=tuple(model_cfg["channel_mult"]),
@@ -59,7 +65,7 @@ class DDPMWorker(Worker):
         was_training = net.training
         net.eval()
         try:
-            return sample(net, sampler, (n, *self.image_shape), num_steps=steps, generator=gen,
+            return sample(net, sampler, (n, *self.sample_shape), num_steps=steps, generator=gen,
                           device=self.device, progress=progress)
         finally:
             net.train(was_training)

@@ -58,22 +58,25 @@ class AttnBlock(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, timestep embedding added in between; optional attention after."""
+    """GroupNorm-SiLU-conv twice, timestep embedding (when temb_dim > 0) added in between;
+    optional attention after. Without a time embedding it is the autoencoders' block."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, temb_dim: int, dropout: float = 0.0, attn: bool = False):
+    def __init__(self, *, in_channels: int, out_channels: int, temb_dim: int = 0, dropout: float = 0.0,
+                 attn: bool = False):
         super().__init__()
         self.norm1 = norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_dim, out_channels)
+        self.temb_proj = nn.Linear(temb_dim, out_channels) if temb_dim else None
         self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         self.attn = AttnBlock(channels=out_channels) if attn else nn.Identity()
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        if self.temb_proj is not None:
+            h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.attn(self.skip(x) + h)
 

@@ -1,0 +1,46 @@
+"""Running a spec's jobs in this process, in plan order, on file:// storage and a local MLflow
+store: the workers exactly as the driver builds their tasks, without Ray or any service. For
+unit tests of the families, benchmarks of the models alone, and debugging a worker with pdb;
+pipelines run through the driver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.datasets import stage
+from orchestrator.plan import build_plan, is_uri
+from orchestrator.spec import parse_spec
+from orchestrator.storage import open_storage
+from orchestrator.task import Task
+from workers import worker_class
+
+
+def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None
+             ) -> dict[str, dict[str, Any]]:
+    """Run every job (or those in `only`, whose upstream jobs must have run in the same
+    `workdir`); returns job name -> result, plus "_runs" -> job name -> MLflow run id."""
+    plan = build_plan(parse_spec(spec, source=str(workdir / "spec.yaml")))
+    root_uri = f"file://{workdir / 'store'}"
+    root = open_storage(root_uri)
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(tracking)
+    exp = (client.get_experiment_by_name(plan.spec.experiment)
+           or client.get_experiment(client.create_experiment(plan.spec.experiment)))
+    prefix = {p.name: f"{plan.spec.experiment}/{p.name}/{p.hash}" for p in plan.jobs}
+    results: dict[str, Any] = {"_runs": {}}
+    for p in plan.jobs:
+        if only is not None and p.name not in only:
+            continue
+        data_key = stage(p.job.data, root, base=workdir) if p.job.data and p.job.kind == "train" else None
+        run_id = client.create_run(exp.experiment_id).info.run_id
+        refs = {f: ref if is_uri(ref) else root.uri(prefix[ref]) for f, ref in p.job.references}
+        task = Task(job=p.job.resolved(), job_hash=p.hash, experiment=plan.spec.experiment,
+                    storage_root=root_uri, prefix=prefix[p.name], tracking_uri=tracking,
+                    run_id=run_id, code_version=plan.code_version,
+                    sources=tuple(refs.values()), data_key=data_key, refs=refs)
+        results[p.name] = worker_class(task.family).for_task(task)(task).run()
+        results["_runs"][p.name] = run_id
+    return results

@@ -1,0 +1,87 @@
+"""Autoregressive image model over VQGAN tokens (the second stage of taming-transformers): a
+decoder-only transformer learns p(t_i | t_<i [, class]) over the raster-ordered code indices of a
+frozen VQGAN, which tokenizes the data set once (cached in storage) and decodes sampled tokens
+back to images. Sampling: temperature, top-k, top-p, with a KV cache."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from workers.autoencoder import encode_dataset, load_first_stage
+from workers.base import JobError, Worker
+from workers.nn.ema import EMA
+from workers.nn.transformer import Transformer
+
+
+class ARWorker(Worker):
+    family = "autoregressive"
+
+    def build(self, model_cfg: dict[str, Any], image_shape: tuple[int, int, int]) -> None:
+        self.cfg = model_cfg
+        self.vq = load_first_stage(self, "tokenizer", "model.tokenizer", ("vqgan",))
+        _, h, w = self.vq.latent_shape(image_shape)
+        self.token_shape = (h, w)
+        self.tokens_per_item = h * w
+        self.num_classes = model_cfg["num_classes"] if model_cfg["class_conditional"] else 0
+        net = Transformer(vocab_size=self.vq.bottleneck.codebook_size, seq_len=h * w,
+                          num_classes=self.num_classes, dim=model_cfg["dim"],
+                          layers=model_cfg["layers"], heads=model_cfg["heads"],
+                          dropout=model_cfg["dropout"]).to(self.device)
+        self.modules = {"net": net}
+        self.emas = {"net": EMA(net, decay=self.job.get("train", {}).get("ema_decay", 0.999))}
+        self._sampled, self._tokens, self._token_s = 0, 0, 0.0
+
+    def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        codes = encode_dataset(self, "tokenizer", x, "codes").long().reshape(len(x), -1)
+        if self.num_classes:
+            if labels is None:
+                raise JobError("model.class_conditional: the data set has no labels")
+            if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+                raise JobError(f"model.num_classes: labels run from {int(labels.min())} to "
+                               f"{int(labels.max())}, outside 0..{self.num_classes - 1}")
+        return codes, labels
+
+    def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
+        self.optimizers = {"net": torch.optim.AdamW(self.modules["net"].parameters(),
+                                                    lr=train_cfg["lr"], betas=(0.9, 0.95),
+                                                    weight_decay=0.01)}
+
+    def train_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
+                   gen: torch.Generator) -> dict[str, torch.Tensor]:
+        loss = self.modules["net"].loss(batch, labels if self.num_classes else None)
+        self.optimize(loss, "net")
+        return {"loss": loss.detach(), "perplexity": loss.detach().exp()}
+
+    def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        cfg = sample_cfg or {}
+        labels = None
+        if self.num_classes:
+            label = cfg.get("label")
+            if label is not None and label >= self.num_classes:
+                raise JobError(f"sample.label: {label} but the model has {self.num_classes} classes")
+            labels = (torch.full((n,), label, device=self.device) if label is not None else
+                      torch.arange(self._sampled, self._sampled + n, device=self.device) % self.num_classes)
+        net = self.sampling_module("net")
+        was_training = net.training
+        net.eval()
+        t0 = time.perf_counter()
+        try:
+            tokens = net.generate(n, labels=labels, temperature=cfg.get("temperature", 1.0),
+                                  top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
+                                  use_cache=cfg.get("use_cache", True), generator=gen,
+                                  progress=progress)
+        finally:
+            net.train(was_training)
+        if sample_cfg is not None:
+            self._sampled += n
+            self._tokens += tokens.numel()
+            self._token_s += time.perf_counter() - t0
+        return self.vq.decode(tokens.view(n, *self.token_shape)).clamp(-1, 1)
+
+    def sample_stats(self) -> dict[str, float]:
+        return {"tokens_per_s": self._tokens / max(self._token_s, 1e-9)}
