@@ -88,3 +88,35 @@ def test_labels_must_match_images(tmp_path, storage):
     path.write_bytes(buf.getvalue())
     with pytest.raises(DataError, match="3 images but 2 labels"):
         stage(DataSpec(dataset="npz", path=str(path)), storage)
+
+
+def test_class_conditional_model_on_unlabelled_data_is_refused_at_staging(tmp_path):
+    """An npz whose label key is absent stages fine, but a class-conditional transformer over
+    it is a spec error (exit 2) before anything runs; labelled data passes."""
+    from orchestrator.driver import Driver
+    from orchestrator.plan import build_plan
+    from orchestrator.settings import Settings
+    from orchestrator.spec import SpecError, parse_spec
+    from orchestrator.storage import S3Credentials
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "plain.npz", x=rng.integers(0, 255, (20, 8, 8), dtype=np.uint8))
+    np.savez(tmp_path / "labelled.npz", x=rng.integers(0, 255, (20, 8, 8), dtype=np.uint8),
+             y=np.arange(20) % 2)
+
+    def driver(path: str) -> Driver:
+        spec = parse_spec({"experiment": "t", "defaults": {"data": {
+            "dataset": "npz", "path": path, "image_size": 8}}, "jobs": [
+            {"name": "vq", "kind": "train", "family": "vqgan", "model": {"channel_mult": [1, 2]}},
+            {"name": "ar", "kind": "train", "family": "autoregressive",
+             "model": {"tokenizer": "vq", "class_conditional": True}}]},
+            source=str(tmp_path / "s.yaml"))
+        settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                            storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
+        return Driver(build_plan(spec), settings)
+
+    with pytest.raises(SpecError) as info:
+        driver("plain.npz").stage_data()
+    assert info.value.lines == [f"{tmp_path / 's.yaml'}: job 'ar': data: plain.npz has no labels "
+                                "('y'), which model.class_conditional needs"]
+    driver("labelled.npz").stage_data()

@@ -228,7 +228,7 @@ def test_vqgan_trains_logs_and_reconstructs(chain):
     assert 0 < m["holdout_mse"] < 2 and m["holdout_psnr"] == pytest.approx(10 * np.log10(4 / m["holdout_mse"]))
     assert 0 < m["holdout_codebook_usage"] <= 1 and 1 <= m["holdout_perplexity"] <= 32
     history = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(results["_runs"]["vq"]).data.metrics
-    for key in ("rec_l1", "mse", "perplexity", "codebook_usage", "d_loss", "g_loss",
+    for key in ("rec_l1", "mse", "psnr", "perplexity", "codebook_usage", "d_loss", "g_loss",
                 "disc_adaptive_weight", "holdout_psnr"):
         assert key in history, key
     images = outputs(results["vq-s"])

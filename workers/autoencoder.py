@@ -91,7 +91,8 @@ class AutoencoderWorker(Worker):
         rec, bottleneck_loss, stats = ae(batch, gen)
         rec_loss = (batch - rec).abs().mean()
         loss = rec_loss + self._bottleneck_weight() * bottleneck_loss
-        out = {"rec_l1": rec_loss.detach(), "mse": (batch - rec).pow(2).mean().detach(),
+        mse = (batch - rec).pow(2).mean().detach()
+        out = {"rec_l1": rec_loss.detach(), "mse": mse, "psnr": 10 * torch.log10(4.0 / mse),
                "bottleneck_loss": bottleneck_loss.detach(),
                **{k: v for k, v in stats.items() if k != "indices"}}
         adversarial = disc is not None and self.step > self.cfg["disc_start"]
