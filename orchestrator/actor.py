@@ -12,7 +12,7 @@ class JobActor:
     def __init__(self, task: Task):
         from workers import worker_class
 
-        self.worker = worker_class(task.family).for_task(task)(task)
+        self.worker = worker_class(task.family or task.kind).for_task(task)(task)
 
     def run(self) -> dict[str, Any]:
         return self.worker.run()

@@ -300,9 +300,11 @@ def list_checkpoints(storage: Storage) -> list[str]:
     return [found[s] for s in sorted(found)]
 
 
-def _read_verified(storage: Storage, name: str, *, want: tuple[str, ...] | None = None) -> tuple[dict, dict[str, bytes]]:
+def _read_verified(storage: Storage, name: str, *, want: tuple[str, ...] | None = None,
+                   check_files: bool = True) -> tuple[dict, dict[str, bytes]]:
     """Read and verify checkpoint ``name``. Returns (manifest, {filename: bytes}) for ``want``
-    (default: every file). Raises NotFound if the manifest is missing, CheckpointError if invalid."""
+    (default: every file). Raises NotFound if the manifest is missing, CheckpointError if invalid.
+    Without ``check_files`` only the manifest is read and checked."""
     uri = storage.uri(_ckpt_key(name))
     step = parse_checkpoint_name(name)
     if step is None:
@@ -328,7 +330,7 @@ def _read_verified(storage: Storage, name: str, *, want: tuple[str, ...] | None 
         raise CheckpointError(f"checkpoint {uri}: manifest meta is not an object")
 
     blobs: dict[str, bytes] = {}
-    for fname, info in files.items():
+    for fname, info in files.items() if check_files else ():
         if not isinstance(fname, str) or not _FILE_NAME_RE.fullmatch(fname) or fname == MANIFEST_FILE:
             raise CheckpointError(f"checkpoint {uri}: manifest lists invalid file name {fname!r}")
         if (
@@ -461,11 +463,12 @@ def load_checkpoint(storage: Storage, name: str | None = None, *, map_location: 
 
 
 def read_manifest(storage: Storage, name: str | None = None) -> dict:
-    """The verified manifest (with its `meta`) of checkpoint ``name`` or of the newest valid one,
-    without deserialising anything."""
-    if name is not None:
-        return verify_checkpoint(storage, name)
-    return _walk(storage, lambda n: verify_checkpoint(storage, n))
+    """The manifest (with its `meta`) of checkpoint ``name`` or of the newest complete one: only
+    manifest.json is read, so this is cheap; loading verifies the files."""
+    def attempt(n: str) -> dict:
+        return _read_verified(storage, n, want=(), check_files=False)[0]
+
+    return attempt(name) if name is not None else _walk(storage, attempt)
 
 
 def latest_step(storage: Storage) -> int | None:

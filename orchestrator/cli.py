@@ -1,4 +1,4 @@
-"""genforge: up | down | env | validate | run."""
+"""genforge: up | down | env | validate | run | compare."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for i, p in enumerate(plan.jobs, 1):
         r = p.job.resources
         reads = ",".join(p.job.sources) or "-"
-        print(f"  {i:<3} {p.name:<18} {p.job.kind:<9} {p.job.family:<15} {reads:<20.20} "
+        print(f"  {i:<3} {p.name:<18} {p.job.kind:<9} {p.job.family or '-':<15} {reads:<20.20} "
               f"{r.gpus:>5g} {r.cpus:>5g}  {p.hash}")
     return 0
 
@@ -89,6 +89,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import compare
+    from orchestrator import settings as settings_mod
+    from orchestrator.storage import open_storage
+
+    settings = settings_mod.resolve()
+    if settings is None:
+        _err("no services configured; set MLFLOW_TRACKING_URI and GENFORGE_STORAGE, or run "
+             "'genforge up'")
+        return EXIT_INVALID
+    client = MlflowClient(settings.tracking_uri)
+    try:
+        rows, parent = compare.collect(client, open_storage(settings.storage, settings.s3),
+                                       args.experiment)
+    except compare.CompareError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    print(compare.render(rows, args.format))
+    if parent:  # the table beside the pipeline that produced it, in MLflow
+        client.log_text(parent, compare.render(rows, "markdown"), "comparison.md")
+        client.log_text(parent, compare.render(rows, "json"), "comparison.json")
+    if args.plot:
+        compare.plot(rows, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", nargs="*", metavar="JOB",
                    help="rerun cached jobs (all, or the named ones)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="a table of every evaluated model of an experiment")
+    p.add_argument("experiment")
+    p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    p.add_argument("--plot", metavar="FILE.png", help="also plot quality against sampling time")
+    p.set_defaults(func=cmd_compare)
 
     args = parser.parse_args(argv)
     try:

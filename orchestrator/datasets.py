@@ -1,14 +1,18 @@
 """Staging: the driver turns a data spec into one canonical, content-addressed object.
 
-Whatever the source (scikit-learn's digits, an npz file, gzip IDX files; local or s3://), the
-staged form is `datasets/<sha256>/data.npz` with `x` uint8 of shape (N, H, W, C) and, when the
-data has labels, `y` int64 of shape (N,). Workers read only that object, so a job can run on
-any node. The key is the digest of the source bytes, so the same data is uploaded once.
+Whatever the source (scikit-learn's digits, an npz file, gzip IDX files, a folder of images
+with one subfolder per class; local or s3://), the staged form is two objects under
+`datasets/<sha256>/`: `data.npz`, the training split, and `heldout.npz`, the held-out split (a
+file of its own, or a seeded fraction of the data), each with `x` uint8 of shape (N, H, W, C)
+and, when the data has labels, `y` int64 of shape (N,). Workers read only those objects, so a
+job can run on any node. The key is the digest of the source bytes and the split, so the same
+data is uploaded once.
 """
 
 from __future__ import annotations
 
 import gzip
+import zipfile
 import hashlib
 import io
 from pathlib import Path
@@ -75,8 +79,51 @@ def _as_images(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def _load_folder(data: DataSpec, path: str, base: Path | None
+                 ) -> tuple[np.ndarray, np.ndarray, bytes, list[str]]:
+    """PNG/JPEG files in one subfolder per class (classes in sorted order), resized to
+    data.image_size and converted to data.channels at staging: a folder's images need not share
+    a size."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path).expanduser()
+    if base is not None and not root.is_absolute():
+        root = base / root
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise DataError(f"{path}: no class subfolders (expected <class>/<image>.png)")
+    images, labels, digest = [], [], hashlib.sha256()
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if not file.is_file() or file.name.startswith("."):
+                continue
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{path}: {name}/{file.name} is not a PNG or JPEG file")
+            raw = file.read_bytes()
+            try:
+                with Image.open(io.BytesIO(raw)) as img:
+                    img = img.convert("L" if data.channels == 1 else "RGB")
+                    img = img.resize((data.image_size, data.image_size), Image.BICUBIC)
+                    images.append(np.asarray(img, dtype=np.uint8).reshape(
+                        data.image_size, data.image_size, data.channels))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{path}: {name}/{file.name} is not a readable image ({exc})") from None
+            labels.append(label)
+            digest.update(f"{name}/{file.name}".encode() + hashlib.sha256(raw).digest())
+    if not images:
+        raise DataError(f"{path}: no images in its class subfolders")
+    ident = digest.digest() + f"|{data.image_size}|{data.channels}".encode()
+    return np.stack(images), np.asarray(labels, dtype=np.int64), ident, classes
+
+
 def _load(data: DataSpec, credentials: S3Credentials | None,
           base: Path | None = None) -> tuple[np.ndarray, np.ndarray | None, bytes]:
+    if data.dataset == "folder":
+        x, y, ident, _ = _load_folder(data, data.path, base)
+        return x, y, ident
     if data.dataset == "digits":
         import sklearn
         from sklearn.datasets import load_digits
@@ -108,23 +155,64 @@ def _load(data: DataSpec, credentials: S3Credentials | None,
     return x, y, ident
 
 
-def has_labels(storage: Storage, key: str) -> bool:
-    """Whether the staged data set at `key` has labels (reads only the npz's directory)."""
-    import zipfile
+def split_sizes(storage: Storage, key: str) -> dict[str, int | bool]:
+    """Images in the training and held-out splits of the data staged at `key`, and whether it
+    has labels (reads only the arrays' headers)."""
+    out: dict[str, int | bool] = {}
+    for name, split_key in (("train", key), ("heldout", heldout_key(key))):
+        with zipfile.ZipFile(io.BytesIO(storage.get_bytes(split_key))) as archive:
+            out["labelled"] = "y.npy" in archive.namelist()
+            with archive.open("x.npy") as f:
+                read_header = (np.lib.format.read_array_header_1_0
+                               if np.lib.format.read_magic(f) == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                out[name] = read_header(f)[0][0]
+    return out
 
-    with zipfile.ZipFile(io.BytesIO(storage.get_bytes(key))) as archive:
-        return "y.npy" in archive.namelist()
+
+def heldout_key(data_key: str) -> str:
+    """The held-out split beside the training split `data_key`."""
+    return data_key.rsplit("/", 1)[0] + "/heldout.npz"
+
+
+def _split(data: DataSpec, x: np.ndarray, y: np.ndarray | None, credentials, base
+           ) -> tuple[tuple[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray | None], bytes]:
+    split = data.split
+    if split.heldout:
+        held = data.model_copy(update={"path": split.heldout, "labels": split.heldout_labels})
+        hx, hy, ident = _load(held, credentials, base)
+        if hx.shape[1:] != x.shape[1:]:
+            raise DataError(f"{split.heldout}: held-out images are {hx.shape[1:]}, "
+                            f"the data's are {x.shape[1:]}")
+        if (hy is None) != (y is None):
+            raise DataError(f"{split.heldout}: the held-out split and the data must both have "
+                            "labels or both have none")
+        return (x, y), (hx, hy), b"|heldout|" + ident
+    order = np.random.default_rng(split.seed).permutation(len(x))
+    count = max(1, int(round(split.fraction * len(x))))
+    if count >= len(x):
+        raise DataError(f"{len(x)} images are too few to hold out {split.fraction:.0%}")
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
+    pick = (lambda a, i: a[i] if a is not None else None)
+    return ((x[kept], pick(y, kept)), (x[held], pick(y, held)),
+            f"|split|{split.fraction}|{split.seed}".encode())
+
+
+def _npz(x: np.ndarray, y: np.ndarray | None) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **({"x": x} if y is None else {"x": x, "y": y}))
+    return buf.getvalue()
 
 
 def stage(data: DataSpec, storage: Storage, credentials: S3Credentials | None = None,
           base: Path | None = None) -> str:
-    """Put the data set into storage once; returns its key (relative to the storage root).
-    Relative local paths are taken from `base` (the spec file's folder)."""
+    """Put the data set's two splits into storage once; returns the training split's key
+    (relative to the storage root; `heldout_key` gives the other). Relative local paths are
+    taken from `base` (the spec file's folder)."""
     x, y, ident = _load(data, credentials, base)
-    key = f"datasets/{hashlib.sha256(ident).hexdigest()}/data.npz"
-    if not storage.exists(key):
-        buf = io.BytesIO()
-        arrays = {"x": x} if y is None else {"x": x, "y": y}
-        np.savez(buf, **arrays)
-        storage.put_bytes(key, buf.getvalue())
+    train, held, split_ident = _split(data, x, y, credentials, base)
+    key = f"datasets/{hashlib.sha256(ident + split_ident).hexdigest()}/data.npz"
+    if not storage.exists(key):  # written last: its presence means both splits are there
+        storage.put_bytes(heldout_key(key), _npz(*held))
+        storage.put_bytes(key, _npz(*train))
     return key

@@ -76,7 +76,7 @@ class Driver:
         """Stage every data set once, before anything starts; bad data is a SpecError."""
         for p in self.plan.jobs:
             data = p.job.data
-            if data is None or p.job.kind not in ("train", "distill"):
+            if data is None or p.job.kind not in ("train", "distill", "evaluate"):
                 continue
             ident = data.model_dump_json()
             if ident in self.data_keys:
@@ -86,15 +86,23 @@ class Driver:
                                                        base=Path(self.plan.spec.source).parent)
             except datasets.DataError as exc:
                 raise SpecError([f"{self.plan.spec.source}: job '{p.name}': data: {exc}"]) from None
-        unlabelled = [
-            f"{self.plan.spec.source}: job '{p.name}': data: {p.job.data.path} has no labels "
-            f"('{p.job.data.y_key}'), which model.class_conditional needs"
-            for p in self.plan.jobs
-            if p.job.kind == "train" and p.job.section().needs_labels()
-            and not datasets.has_labels(self.root, self.data_keys[p.job.data.model_dump_json()])
-        ]
-        if unlabelled:
-            raise SpecError(unlabelled)
+        problems = []
+        for p in self.plan.jobs:
+            if p.job.kind not in ("train", "evaluate"):
+                continue
+            key = self.data_keys[p.job.data.model_dump_json()]
+            needs = ("evaluation's feature classifier" if p.job.kind == "evaluate" else
+                     "model.class_conditional" if p.job.section().needs_labels() else None)
+            sizes = datasets.split_sizes(self.root, key) if needs else None
+            where = f"{self.plan.spec.source}: job '{p.name}'"
+            if needs and not sizes["labelled"]:
+                problems.append(f"{where}: data: {p.job.data.path or p.job.data.dataset} has no "
+                                f"labels ('{p.job.data.y_key}'), which the {needs} needs")
+            elif p.job.kind == "evaluate" and sizes["heldout"] < p.job.evaluate.num_samples:
+                problems.append(f"{where}: evaluate.num_samples: {p.job.evaluate.num_samples} but "
+                                f"the held-out split has {sizes['heldout']} images to compare with")
+        if problems:
+            raise SpecError(problems)
 
     def check_references(self) -> None:
         """Every checkpoint URI the spec reads exists and fits; a SpecError otherwise."""
@@ -166,7 +174,7 @@ class Driver:
             self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run})
             return run.info.run_id, int(run.data.tags.get("genforge.attempt", "0"))
         tags = {
-            "genforge.job": p.name, "genforge.family": p.job.family, "genforge.kind": p.job.kind,
+            "genforge.job": p.name, "genforge.family": p.job.family or "-", "genforge.kind": p.job.kind,
             "genforge.hash": p.hash, "genforge.code_version": self.plan.code_version,
             "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
         }

@@ -34,13 +34,18 @@ def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None
     for p in plan.jobs:
         if only is not None and p.name not in only:
             continue
-        data_key = stage(p.job.data, root, base=workdir) if p.job.data and p.job.kind == "train" else None
-        run_id = client.create_run(exp.experiment_id).info.run_id
-        refs = {f: ref if is_uri(ref) else root.uri(prefix[ref]) for f, ref in p.job.references}
+        data_key = (stage(p.job.data, root, base=workdir)
+                    if p.job.data and p.job.kind in ("train", "evaluate") else None)
+        run_id = client.create_run(exp.experiment_id, run_name=p.name, tags={
+            "genforge.job": p.name, "genforge.kind": p.job.kind, "genforge.hash": p.hash,
+            "genforge.family": p.job.family or "-"}).info.run_id
+        uris = [(f, ref if is_uri(ref) else root.uri(prefix[ref])) for f, ref in p.job.references]
+        refs = dict(uris)
         task = Task(job=p.job.resolved(), job_hash=p.hash, experiment=plan.spec.experiment,
                     storage_root=root_uri, prefix=prefix[p.name], tracking_uri=tracking,
                     run_id=run_id, code_version=plan.code_version,
-                    sources=tuple(refs.values()), data_key=data_key, refs=refs)
-        results[p.name] = worker_class(task.family).for_task(task)(task).run()
+                    sources=tuple(uri for _, uri in uris), data_key=data_key, refs=refs)
+        results[p.name] = worker_class(task.family or task.kind).for_task(task)(task).run()
+        client.set_terminated(run_id, "FINISHED")
         results["_runs"][p.name] = run_id
     return results

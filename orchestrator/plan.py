@@ -130,16 +130,42 @@ def _missing_data_files(spec: Spec) -> list[str]:
     base = Path(spec.source).parent
     errors = []
     for job in spec.jobs:
-        for field_name in ("path", "labels"):
-            value = getattr(job.data, field_name, None) if job.data else None
-            if value and not is_uri(value) and not (base / Path(value).expanduser()).is_file():
+        if job.data is None:
+            continue
+        folder = job.data.dataset == "folder"
+        for field_name, value in (("path", job.data.path), ("labels", job.data.labels),
+                                  ("split.heldout", job.data.split.heldout),
+                                  ("split.heldout_labels", job.data.split.heldout_labels)):
+            if not value or is_uri(value):
+                continue
+            local = base / Path(value).expanduser()
+            if not (local.is_dir() if folder and field_name in ("path", "split.heldout")
+                    else local.is_file()):
+                what = "directory" if folder and field_name in ("path", "split.heldout") else "file"
                 errors.append(f"{spec.source}: job '{job.name}': data.{field_name}: "
-                              f"no such file: {value}")
+                              f"no such {what}: {value}")
     return errors
+
+
+def _check_evaluated(job: Job, up: Upstream) -> str | None:
+    """An evaluate job reads images: generated from a checkpoint, or a sample job's outputs."""
+    if up.kind not in PRODUCES_CHECKPOINT | {"sample"}:
+        return f"from: {up.label} is a '{up.kind}' job and produces no images to evaluate"
+    shape = (job.data.channels, job.data.image_size, job.data.image_size)
+    if up.image_shape and tuple(up.image_shape) != shape:
+        return (f"from: {up.label} makes {'x'.join(map(str, up.image_shape))} images, the "
+                f"evaluation data is {'x'.join(map(str, shape))} (channels x size x size)")
+    wanted = job.evaluate.num_samples
+    if up.kind == "sample" and up.num_images is not None and up.num_images < wanted:
+        return (f"evaluate.num_samples: {wanted} but {up.label} made only {up.num_images} "
+                f"images")
+    return None
 
 
 def check_reference(job: Job, field: str, up: Upstream) -> str | None:
     """Whether what `field` of `job` points at (a job of the spec or a checkpoint) fits it."""
+    if job.kind == "evaluate":
+        return _check_evaluated(job, up)
     if up.kind not in PRODUCES_CHECKPOINT:
         return f"{field}: {up.label} is a '{up.kind}' job and has no checkpoint to read"
     if field == "from" and job.kind == "sample":
@@ -174,7 +200,7 @@ def build_plan(spec: Spec) -> Plan:
             if ref == job.name:
                 errors.append(f"{src}: job '{job.name}': {field_name}: a job cannot read itself")
                 continue
-            problem = check_reference(job, field_name, Upstream.of_job(upstream))
+            problem = check_reference(job, field_name, Upstream.of_job(upstream, names))
             if problem:
                 errors.append(f"{src}: job '{job.name}': {problem}")
             deps[job.name].append(ref)

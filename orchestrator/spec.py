@@ -32,22 +32,40 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SplitSpec(Strict):
+    """The held-out split: a file of its own (same format as the data), or else a seeded
+    `fraction` of the data. Training reads only the rest; evaluation and the autoencoders'
+    reconstruction error read the held-out part."""
+
+    heldout: str | None = None  # local path or s3:// URI; for idx, the images file
+    heldout_labels: str | None = None  # idx only
+    fraction: float = Field(0.1, gt=0, le=0.5)  # without `heldout`
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
 class DataSpec(Strict):
-    dataset: Literal["digits", "npz", "idx"] = "digits"
-    path: str | None = None  # local file or s3:// URI (npz file, or IDX images file)
+    dataset: Literal["digits", "npz", "idx", "folder"] = "digits"
+    path: str | None = None  # local file or s3:// URI (npz, IDX images file); folder: a directory
     labels: str | None = None  # IDX labels file; npz labels come from `y_key`
     x_key: str = "x"
     y_key: str | None = "y"
     image_size: int = Field(16, ge=4, le=256)
     channels: Literal[1, 3] = 1
     limit: int | None = Field(None, ge=1)
+    split: SplitSpec = SplitSpec()
 
     @model_validator(mode="after")
     def _path_matches_dataset(self) -> DataSpec:
-        if self.dataset == "digits" and (self.path or self.labels):
-            raise ValueError("dataset 'digits' is built in and takes no path or labels")
+        if self.dataset == "digits" and (self.path or self.labels or self.split.heldout):
+            raise ValueError("dataset 'digits' is built in and takes no path, labels or "
+                             "split.heldout")
         if self.dataset != "digits" and not self.path:
             raise ValueError(f"dataset '{self.dataset}' needs a path")
+        if self.dataset == "folder" and (self.labels or "://" in self.path):
+            raise ValueError("dataset 'folder' is a local directory whose subfolders are the "
+                             "classes (no labels file, no URI)")
+        if self.split.heldout_labels and self.dataset != "idx":
+            raise ValueError("split.heldout_labels is for dataset 'idx' only")
         return self
 
 
@@ -90,6 +108,31 @@ class SampleSpec(Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
+class ClassifierSpec(Strict):
+    """The feature network of evaluation, trained once per data set and configuration."""
+
+    steps: int = Field(1500, ge=1, le=1_000_000)
+    batch_size: int = Field(128, ge=1, le=65536)
+    lr: float = Field(1e-3, gt=0, le=10)
+    width: int = Field(32, ge=4, le=1024)
+    features: int = Field(128, ge=8, le=4096)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class EvaluateSpec(Strict):
+    num_samples: int = Field(1000, ge=10, le=1_000_000)  # generated images per source
+    sample: dict[str, Any] = Field(default_factory=dict)  # sampler settings for every source
+    per_source: dict[str, dict[str, Any]] = Field(default_factory=dict)  # ...overridden by source
+    knn_k: int = Field(3, ge=1, le=100)  # k of the k-NN precision/recall
+    classifier: ClassifierSpec = ClassifierSpec()
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    def settings(self, ref: str) -> SampleSpec:
+        """The sampler settings for source `ref`."""
+        merged = {**self.sample, **self.per_source.get(ref, {}), "num_images": self.num_samples}
+        return SampleSpec.model_validate(merged)
+
+
 @dataclass(frozen=True)
 class Upstream:
     """What a job reads, as far as validation needs it: a job of the spec or a checkpoint's
@@ -100,11 +143,18 @@ class Upstream:
     kind: str
     model: dict[str, Any]
     image_shape: tuple[int, int, int] | None  # (channels, height, width)
+    num_images: int | None = None  # what a sample job makes
 
     @classmethod
-    def of_job(cls, job: Job) -> Upstream:
-        shape = (job.data.channels, job.data.image_size, job.data.image_size) if job.data else None
-        return cls(job.name, job.family, job.kind, job.model, shape)
+    def of_job(cls, job: Job, jobs: dict[str, Job] | None = None) -> Upstream:
+        """`jobs` (the spec's, by name) lets a sample job report its model's image shape."""
+        source = job
+        if job.kind == "sample" and jobs and isinstance(job.from_, str) and job.from_ in jobs:
+            source = jobs[job.from_]
+        data = source.data
+        shape = (data.channels, data.image_size, data.image_size) if data else None
+        return cls(job.name, str(job.family), job.kind, job.model, shape,
+                   job.sample.num_images if job.sample else None)
 
     @classmethod
     def of_checkpoint(cls, uri: str, meta: dict[str, Any]) -> Upstream:
@@ -322,15 +372,16 @@ KIND_SECTIONS: dict[str, frozenset[str]] = {
     "train": frozenset({"model", "data", "train"}),
     "sample": frozenset({"sample", "from"}),
     "distill": frozenset({"teacher", "distill", "data", "train"}),
-    "evaluate": frozenset({"from", "data"}),
+    "evaluate": frozenset({"from", "data", "evaluate"}),
 }
-OPTIONAL_SECTIONS = frozenset({"model", "data", "train", "sample", "from", "teacher", "distill"})
+OPTIONAL_SECTIONS = frozenset({"model", "data", "train", "sample", "from", "teacher", "distill",
+                               "evaluate"})
 
 
 class Job(Strict):
     name: str = Field(pattern=JOB_NAME)
     kind: Kind
-    family: Family
+    family: Family | None = None  # every kind but evaluate, which scores jobs of any family
     model: dict[str, Any] = Field(default_factory=dict)
     data: DataSpec | None = None
     train: TrainSpec | None = None
@@ -338,6 +389,7 @@ class Job(Strict):
     from_: str | list[str] | None = Field(None, alias="from")
     teacher: str | None = None
     distill: dict[str, Any] | None = None
+    evaluate: EvaluateSpec | None = None
     resources: Resources = Resources()
 
     @property
@@ -373,6 +425,7 @@ class Defaults(Strict):
     data: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
     sample: dict[str, Any] | None = None
+    evaluate: dict[str, Any] | None = None
     resources: dict[str, Any] | None = None
 
 
@@ -493,12 +546,12 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
         if key in OPTIONAL_SECTIONS and key not in used and raw[key] is not None
     ]
     merged = dict(raw)
-    for section in ("data", "train", "sample", "resources"):
+    for section in ("data", "train", "sample", "evaluate", "resources"):
         default = getattr(defaults, section)
         if default and (section in used or section == "resources"):
             own = raw.get(section)
             merged[section] = _merge(default, own) if isinstance(own, dict) else own or default
-    for section in ("data", "train", "sample"):
+    for section in ("data", "train", "sample", "evaluate"):
         if section in used and merged.get(section) is None:
             merged[section] = {}
 
@@ -507,6 +560,10 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
     except ValidationError as exc:
         return None, problems + [f"{_loc(e['loc'])}: {_describe(e)}" for e in exc.errors()]
 
+    if job.kind == "evaluate":
+        return _check_evaluate(job, problems)
+    if job.family is None:
+        return None, problems + ["family: required field is missing"]
     if job.family not in FAMILIES:
         return None, problems + [f"family: '{job.family}' is not available in this version "
                                  f"(available: {', '.join(sorted(FAMILIES))})"]
@@ -527,6 +584,23 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
             problems.append(str(exc))
     if job.kind in ("sample", "evaluate") and not job.sources:
         problems.append("from: required field is missing")
+    return (None, problems) if problems else (job, [])
+
+
+def _check_evaluate(job: Job, problems: list[str]) -> tuple[Job | None, list[str]]:
+    if job.family is not None:
+        problems.append("family: an evaluate job scores jobs of any family; leave it out")
+    if not job.sources:
+        problems.append("from: required field is missing")
+    for ref in job.evaluate.per_source:
+        if ref not in job.sources:
+            problems.append(f"evaluate.per_source.{ref}: not one of the jobs in 'from'")
+    for ref in [None, *job.evaluate.per_source]:
+        try:
+            job.evaluate.settings(ref)
+        except ValidationError as exc:
+            where = "evaluate.sample" if ref is None else f"evaluate.per_source.{ref}"
+            problems += [f"{_loc((where, *e['loc']))}: {_describe(e)}" for e in exc.errors()]
     return (None, problems) if problems else (job, [])
 
 

@@ -34,4 +34,4 @@ class Task:
 
     @property
     def family(self) -> str:
-        return self.job["family"]
+        return self.job.get("family")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from orchestrator.datasets import DataError, parse_idx, stage
+from orchestrator.datasets import DataError, heldout_key, parse_idx, stage
 from orchestrator.spec import DataSpec
 from orchestrator.storage import FileStorage
 from workers.data import load_images
@@ -30,16 +31,28 @@ def test_digits_staged_once_and_scaled(storage):
     spec = DataSpec(dataset="digits", image_size=16)
     key = stage(spec, storage)
     assert key.startswith("datasets/") and key.endswith("/data.npz")
-    assert stage(spec, storage) == key and storage.list("datasets/") == [key]
+    assert stage(spec, storage) == key
+    assert sorted(storage.list("datasets/")) == [key, heldout_key(key)]
     x, y = load_images(storage, key, image_size=16, channels=1)
-    assert x.shape == (1797, 1, 16, 16) and y.shape == (1797,)
+    # a seeded 10% is held out: 180 of 1797
+    assert x.shape == (1617, 1, 16, 16) and y.shape == (1617,)
+    hx, hy = load_images(storage, heldout_key(key), image_size=16, channels=1)
+    assert hx.shape == (180, 1, 16, 16)
+    assert np.bincount(torch.cat([y, hy]).numpy()).sum() == 1797
+    # the split is part of the key: another seed is another staged data set
+    other = stage(DataSpec(dataset="digits", image_size=16, split={"seed": 1}), storage)
+    assert other != key
+    assert not torch.equal(load_images(storage, heldout_key(other), image_size=16, channels=1)[0], hx)
     assert float(x.min()) == pytest.approx(-1.0) and float(x.max()) == pytest.approx(1.0, abs=0.05)
     assert sorted(set(y.tolist())) == list(range(10))
 
 
 @needs_data
 def test_mnist_idx_with_labels(storage):
-    key = stage(DataSpec(dataset="idx", path=str(MNIST), labels=str(MNIST_LABELS)), storage)
+    # an explicit held-out file: the data itself stays whole and in order
+    key = stage(DataSpec(dataset="idx", path=str(MNIST), labels=str(MNIST_LABELS),
+                         split={"heldout": str(MNIST), "heldout_labels": str(MNIST_LABELS)}), storage)
+    assert load_images(storage, heldout_key(key), image_size=28, channels=1)[0].shape[0] == 10000
     x, y = load_images(storage, key, image_size=28, channels=1, limit=500)
     assert x.shape == (500, 1, 28, 28) and y.shape == (500,)
     assert y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the MNIST test set's first labels
@@ -52,7 +65,9 @@ def test_mnist_idx_with_labels(storage):
 def test_fashion_npz(storage):
     key = stage(DataSpec(dataset="npz", path=str(FASHION)), storage)
     x, y = load_images(storage, key, image_size=28, channels=1)
-    assert x.shape == (10000, 1, 28, 28) and np.bincount(y.numpy()).tolist() == [1000] * 10
+    hx, hy = load_images(storage, heldout_key(key), image_size=28, channels=1)
+    assert x.shape == (9000, 1, 28, 28) and hx.shape == (1000, 1, 28, 28)
+    assert (np.bincount(y.numpy()) + np.bincount(hy.numpy())).tolist() == [1000] * 10
 
 
 def test_npz_without_the_named_key(tmp_path, storage):
@@ -62,7 +77,7 @@ def test_npz_without_the_named_key(tmp_path, storage):
         stage(DataSpec(dataset="npz", path=str(path)), storage)
     key = stage(DataSpec(dataset="npz", path=str(path), x_key="images", y_key=None), storage)
     x, y = load_images(storage, key, image_size=8, channels=1)
-    assert x.shape == (3, 1, 8, 8) and y is None
+    assert x.shape == (2, 1, 8, 8) and y is None  # one of three held out
 
 
 @needs_data
@@ -118,5 +133,37 @@ def test_class_conditional_model_on_unlabelled_data_is_refused_at_staging(tmp_pa
     with pytest.raises(SpecError) as info:
         driver("plain.npz").stage_data()
     assert info.value.lines == [f"{tmp_path / 's.yaml'}: job 'ar': data: plain.npz has no labels "
-                                "('y'), which model.class_conditional needs"]
+                                "('y'), which the model.class_conditional needs"]
     driver("labelled.npz").stage_data()
+
+
+def write_png(path, array) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_folder_of_images_one_class_per_subfolder(tmp_path, storage):
+    rng = np.random.default_rng(0)
+    for cls, count in (("boots", 6), ("shirts", 4)):
+        for i in range(count):  # sizes differ: staging resizes
+            write_png(tmp_path / "imgs" / cls / f"{i}.png",
+                      rng.integers(0, 255, (10 + i, 12, 3), dtype=np.uint8))
+    spec = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), image_size=8, channels=1,
+                    split={"fraction": 0.2})
+    key = stage(spec, storage)
+    x, y = load_images(storage, key, image_size=8, channels=1)
+    hx, hy = load_images(storage, heldout_key(key), image_size=8, channels=1)
+    assert x.shape == (8, 1, 8, 8) and hx.shape == (2, 1, 8, 8)
+    assert sorted(torch.cat([y, hy]).tolist()) == [0] * 6 + [1] * 4  # boots=0, shirts=1
+
+    (tmp_path / "imgs" / "shirts" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"shirts/notes.txt is not a PNG or JPEG file"):
+        stage(spec, storage)
+    (tmp_path / "imgs" / "shirts" / "notes.txt").unlink()
+    (tmp_path / "imgs" / "shirts" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=r"shirts/broken.png is not a readable image"):
+        stage(spec, storage)
+    with pytest.raises(DataError, match=r"no class subfolders"):
+        stage(DataSpec(dataset="folder", path=str(tmp_path / "imgs" / "boots")), storage)

@@ -171,7 +171,7 @@ def test_transformer_loss_falls_on_a_tiny_batch():
     tokens = torch.randint(0, 16, (8, 8))
     labels = torch.tensor([0, 1] * 4)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    first = float(net.loss(tokens, labels))
+    first = net.loss(tokens, labels).item()
     assert first == pytest.approx(np.log(16), rel=0.1)  # uniform at init
     for _ in range(40):
         loss = net.loss(tokens, labels)

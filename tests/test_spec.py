@@ -28,6 +28,10 @@ def sample(name: str = "grid", src: str = "ddpm", **over) -> dict:
     return {"name": name, "kind": "sample", "family": "ddpm", "from": src, **over}
 
 
+def evaluate(name: str = "score", sources=("ddpm",), **over) -> dict:
+    return {"name": name, "kind": "evaluate", "from": list(sources), **over}
+
+
 def vq(name: str = "vq", **over) -> dict:
     return train(name, family="vqgan", **{"model": {}, **over})
 
@@ -86,7 +90,14 @@ def test_job_values_win_over_defaults():
     (spec(train(resources={"gpus": -1})), "s.yaml: job 'ddpm': resources.gpus: Input should be greater than or equal to 0"),
     (spec(train(), sample(src="http://x/y")), "s.yaml: job 'grid': from: unsupported URI scheme"),
     (spec(train(), sample(name="g2", src="grid"), sample()), "s.yaml: job 'g2': from: job 'grid' is a 'sample' job"),
-    (spec(train(kind="evaluate", train=None, **{"from": ["ddpm"]})), "s.yaml: job 'ddpm': kind: family 'ddpm' cannot run kind 'evaluate'"),
+    (spec(train(kind="evaluate", train=None, **{"from": ["ddpm"]})), "s.yaml: job 'ddpm': family: an evaluate job scores jobs of any family; leave it out"),
+    (spec(train(), {"name": "g", "kind": "sample", "from": "ddpm"}), "s.yaml: job 'g': family: required field is missing"),
+    (spec(train(), sample(), evaluate(sources=["grid"], evaluate={"num_samples": 100})), "s.yaml: job 'score': evaluate.num_samples: 100 but job 'grid' made only 64 images"),
+    (spec(train(), evaluate(data={"image_size": 28})), "s.yaml: job 'score': from: job 'ddpm' makes 1x16x16 images, the evaluation data is 1x28x28"),
+    (spec(train(), evaluate(), evaluate("score2", ["score"])), "s.yaml: job 'score2': from: job 'score' is a 'evaluate' job and produces no images to evaluate"),
+    (spec(train(), evaluate(evaluate={"per_source": {"other": {}}})), "s.yaml: job 'score': evaluate.per_source.other: not one of the jobs in 'from'"),
+    (spec(train(), evaluate(evaluate={"sample": {"sampler": "euler"}})), "s.yaml: job 'score': evaluate.sample.sampler: Input should be 'ancestral' or 'ddim'"),
+    (spec(train(), evaluate(**{"from": []})), "s.yaml: job 'score': from: required field is missing"),
     (spec(train(family="vqgan", model={"channel_mult": [1, 2, 2, 2]}, data={"image_size": 12})), "s.yaml: job 'ddpm': data.image_size: 12 is not divisible by 8, which the autoencoder's 4 levels"),
     (spec(vq(), ar(data={"image_size": 32})), "s.yaml: job 'ar': model.tokenizer: job 'vq' works on 1x16x16 images, this job's data is 1x32x32"),
     (spec(train("vq", family="gan", model={}), ar()), "s.yaml: job 'ar': model.tokenizer: job 'vq' is a 'gan' train job; it must be a trained 'vqgan' model"),

@@ -12,6 +12,7 @@ WORKERS = {
     "vqgan": "workers.vqgan:VQGANWorker",
     "autoregressive": "workers.autoregressive:ARWorker",
     "ldm": "workers.ldm:LDMWorker",
+    "evaluate": "workers.evaluate:EvaluateWorker",  # scores the others; not a model family
 }
 
 

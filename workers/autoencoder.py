@@ -2,9 +2,9 @@
 
 `AutoencoderWorker` trains one: L1 reconstruction plus the bottleneck's loss (commitment or KL),
 and from `disc_start` on a patch discriminator with the hinge loss, its generator term weighted
-adaptively (Esser et al. 2021). The last `holdout` images of the data set are never trained on:
-reconstruction error is measured on them at the end, and "sampling" an autoencoder reconstructs
-them.
+adaptively (Esser et al. 2021). Reconstruction error is measured at the end on (up to
+HOLDOUT_MAX images of) the data set's held-out split, and "sampling" an autoencoder reconstructs
+those images.
 
 The stages that build on an autoencoder (the autoregressive transformer, latent diffusion) use
 `load_first_stage` and `encode_dataset`.
@@ -22,18 +22,15 @@ import numpy as np
 import torch
 
 from orchestrator.checkpoints import load_checkpoint, resolve_checkpoint_uri
+from orchestrator.datasets import heldout_key
 from orchestrator.storage import NotFound
 from workers.base import JobError, Worker
 from workers.data import load_images
 from workers.nn.adversarial import discriminator_loss, generator_loss
 from workers.nn.autoencoder import Autoencoder, PatchDiscriminator, adaptive_weight
 
-HOLDOUT_MAX = 256  # held-out images: min(HOLDOUT_MAX, 10% of the data set)
+HOLDOUT_MAX = 1000  # held-out images reconstructed for the final metrics and sample jobs
 ENCODE_BATCH = 256
-
-
-def holdout_count(n: int) -> int:
-    return min(HOLDOUT_MAX, n // 10)
 
 
 def build_autoencoder(family: str, model_cfg: dict[str, Any], image_channels: int) -> Autoencoder:
@@ -74,14 +71,6 @@ class AutoencoderWorker(Worker):
         self.optimizers = {name: torch.optim.Adam(m.parameters(), lr=train_cfg["lr"], betas=(0.5, 0.9))
                            for name, m in self.modules.items()}
 
-    def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        held = holdout_count(len(x))
-        if held == 0:
-            raise JobError(f"{len(x)} images are too few to hold any out (at least 10 needed)")
-        self.holdout = x[-held:]
-        return x[:-held], (labels[:-held] if labels is not None else None)
-
     def _bottleneck_weight(self) -> float:
         return 1.0 if self.bottleneck == "vq" else self.cfg["kl_weight"]
 
@@ -120,6 +109,7 @@ class AutoencoderWorker(Worker):
             ae.train(was_training)
 
     def final_metrics(self) -> dict[str, float]:
+        self._ensure_holdout()
         rec = self.reconstruct(self.holdout)
         mse = float((rec - self.holdout).pow(2).mean())
         metrics = {"holdout_mse": mse, "holdout_psnr": psnr(mse),
@@ -132,20 +122,23 @@ class AutoencoderWorker(Worker):
                            holdout_codebook_usage=float((counts > 0).float().mean()))
         return metrics
 
-    def _load_holdout(self) -> torch.Tensor:
-        """A sampling job reads the held-out images of the data set its checkpoint trained on."""
-        meta = self.loading.meta
+    def _ensure_holdout(self) -> None:
+        """The held-out split of the data set the model trains (or, for a sampling job, its
+        checkpoint trained) on."""
+        if self.holdout is not None:
+            return
+        meta = self.loading.meta if self.loading else {"data": self.job["data"],
+                                                       "data_key": self.task.data_key}
         data = meta["data"]
-        x, _ = load_images(self.root, meta["data_key"], image_size=data["image_size"],
-                           channels=data["channels"], limit=data.get("limit"))
-        return x[-holdout_count(len(x)):].to(self.device)
+        x, _ = load_images(self.root, heldout_key(meta["data_key"]), image_size=data["image_size"],
+                           channels=data["channels"], limit=HOLDOUT_MAX)
+        self.holdout = x.to(self.device)
 
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Reconstructions of held-out images: the first n for training previews; for a sampling
         job the next n, cycling through them."""
-        if self.holdout is None:
-            self.holdout = self._load_holdout()
+        self._ensure_holdout()
         start = self._sampled if sample_cfg is not None else 0
         idx = torch.arange(start, start + n, device=self.device) % len(self.holdout)
         originals = self.holdout[idx]

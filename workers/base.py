@@ -140,7 +140,7 @@ class Worker:
 
     def run(self) -> dict[str, Any]:
         try:
-            result = self.train() if self.task.kind == "train" else self.sample()
+            result = getattr(self, self.task.kind)()
         finally:
             self.log.close()
         return result

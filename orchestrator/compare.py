@@ -1,0 +1,147 @@
+"""`genforge compare EXPERIMENT`: every evaluated model of an experiment in one table.
+
+Rows come from the experiment's finished evaluate runs in MLflow (the latest run of each
+evaluate job) and their `metrics.json` in storage: first each evaluation's real-vs-real
+baseline, then its sources. The table is printed (text, markdown, csv or json), logged as an
+artifact of the evaluation's pipeline run, and optionally plotted: quality against sampling
+time per image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.storage import NotFound, Storage
+
+COLUMNS = [  # (key, header, format)
+    ("evaluation", "evaluation", "{}"), ("model", "model", "{}"), ("family", "family", "{}"),
+    ("kind", "kind", "{}"), ("step", "step", "{}"), ("params", "params", "{:,}"),
+    ("sampler", "sampler", "{}"), ("fd", "FD", "{:.2f}"), ("kid", "KID", "{:.3f}"),
+    ("classifier_score", "CS", "{:.2f}"), ("class_kl", "class KL", "{:.3f}"),
+    ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
+    ("s_per_image", "s/image", "{:.2e}"),
+]
+
+
+class CompareError(Exception):
+    """Nothing to compare; the message says why."""
+
+
+def _sampler(info: dict[str, Any]) -> str:
+    s = info.get("sampler")
+    if not s:
+        return "(sample job)" if info.get("source_kind") == "sample" else "-"
+    family = info.get("family")
+    if family in ("ddpm", "ldm") and s.get("sampler"):
+        return f"{s['sampler']} {s.get('steps') or 'all'} steps"
+    if family == "autoregressive":
+        parts = [f"T={s.get('temperature', 1.0):g}"]
+        parts += [f"top-k {s['top_k']}"] if s.get("top_k") else []
+        parts += [f"top-p {s['top_p']:g}"] if s.get("top_p") else []
+        return ", ".join(parts)
+    return "-"
+
+
+def collect(client: MlflowClient, root: Storage, experiment: str) -> tuple[list[dict], str | None]:
+    """The table's rows, and the pipeline run of the newest evaluation (where it is logged)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise CompareError(f"no experiment named '{experiment}' in MLflow")
+    runs = client.search_runs([exp.experiment_id],
+                              "tags.`genforge.kind` = 'evaluate' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    latest: dict[str, Any] = {}
+    for run in runs:
+        latest.setdefault(run.data.tags["genforge.job"], run)
+    if not latest:
+        raise CompareError(f"experiment '{experiment}' has no finished evaluate job")
+    rows: list[dict] = []
+    for name, run in sorted(latest.items()):
+        key = f"{experiment}/{name}/{run.data.tags['genforge.hash']}/outputs/metrics.json"
+        try:
+            results = json.loads(root.get_bytes(key))
+        except NotFound:
+            raise CompareError(f"{root.uri(key)} is missing (run {run.info.run_id})") from None
+        rows.append({"evaluation": name, "model": "real vs real (held-out)", "family": "-",
+                     "kind": "baseline", "step": "-", "params": None, "sampler": "-",
+                     "s_per_image": None, **_metric_cells(results["baseline"])})
+        for src in results["sources"]:
+            rows.append({"evaluation": name, "model": src["ref"], "family": src.get("family"),
+                         "kind": src.get("source_kind"), "step": src.get("step"),
+                         "params": src.get("params"), "sampler": _sampler(src),
+                         "s_per_image": src.get("s_per_image"), **_metric_cells(src["metrics"])})
+    parent = next(iter(latest.values())).data.tags.get("mlflow.parentRunId")
+    return rows, parent
+
+
+def _metric_cells(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics.get(k) for k, _, _ in COLUMNS
+            if k in ("fd", "kid", "classifier_score", "class_kl", "precision", "recall")}
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def render(rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=[k for k, _, _ in COLUMNS])
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k, _, _ in COLUMNS} for r in rows)
+        return buf.getvalue()
+    cells = [[_cell(r.get(k), f) for k, _, f in COLUMNS] for r in rows]
+    headers = [h for _, h, _ in COLUMNS]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    numeric = {i for i, (k, _, f) in enumerate(COLUMNS) if f != "{}" or k == "step"}
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if i in numeric else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """FD against sampling time per image, one labelled point per model; each evaluation's
+    real-vs-real FD as a dashed line (what "good" is)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for row in rows:
+        if row["kind"] == "baseline":
+            ax.axhline(row["fd"], ls="--", lw=1, color="grey")
+            ax.annotate(f"real vs real ({row['evaluation']})", (0.01, row["fd"]),
+                        xycoords=("axes fraction", "data"), fontsize=7, color="grey",
+                        va="bottom")
+        elif row.get("s_per_image") and row.get("fd") is not None:
+            ax.scatter(row["s_per_image"], row["fd"], s=30)
+            ax.annotate(f"{row['model']} ({row['sampler']})" if row["sampler"] != "-" else row["model"],
+                        (row["s_per_image"], row["fd"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling time per image (s)")
+    ax.set_ylabel("Fréchet distance (classifier features, lower is better)")
+    ax.grid(True, which="both", lw=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,131 @@
+"""Offline evaluation: the metrics move the right way on real data, the feature network is a
+cached artifact, evaluate jobs score every kind of source, and `compare` tabulates them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+
+from orchestrator import compare
+from orchestrator.inprocess import run_jobs
+from orchestrator.storage import open_storage
+from workers.evaluate import as_uint8
+from workers.evaluation.metrics import class_histogram, classifier_score, histogram_kl, score
+from workers.nn.classifier import Classifier, FeatureExtractor, accuracy, train_classifier
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fashion-mnist"
+needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data is not present")
+
+
+def test_closed_form_pieces():
+    # confident and varied predictions score the number of classes; uniform ones score 1
+    assert classifier_score(torch.eye(4)) == pytest.approx(4.0, rel=1e-6)
+    assert classifier_score(torch.full((8, 4), 0.25)) == pytest.approx(1.0)
+    hist = class_histogram(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]))
+    assert hist.tolist() == pytest.approx([2 / 3, 1 / 3])
+    real = torch.full((10,), 0.1)
+    assert histogram_kl(real, real) == pytest.approx(0.0, abs=1e-9)
+    collapsed = torch.zeros(10)
+    collapsed[3] = 1.0
+    assert histogram_kl(collapsed, real) == pytest.approx(np.log(10), rel=1e-3)
+
+
+@needs_data
+def test_metrics_order_real_blurred_noised_and_collapsed():
+    torch.manual_seed(0)
+    arrays = np.load(DATA / "test.npz")
+    x = torch.from_numpy(arrays["x"][:, None].astype(np.float32)) / 127.5 - 1
+    y = torch.from_numpy(arrays["y"].astype(np.int64))
+    train_x, train_y, real_x, real_y = x[:6000], y[:6000], x[6000:], y[6000:]
+    net = Classifier(channels=1, image_size=28, num_classes=10, width=16, features=64)
+    train_classifier(net, train_x, train_y, {"steps": 250, "batch_size": 128, "lr": 2e-3, "seed": 0})
+    assert accuracy(net, real_x, real_y) > 0.7
+    extractor = FeatureExtractor(net)
+
+    n = 400
+    real = as_uint8(real_x[:n])
+    other = train_x[1000:1000 + n]
+    sets = {
+        "real": other,
+        "blurred": F.avg_pool2d(other, 3, stride=1, padding=1),
+        "noised": (other + 0.6 * torch.randn_like(other)).clamp(-1, 1),
+        "one class": train_x[train_y == 1][:n],  # trousers only
+    }
+    m = {name: score(extractor, real, as_uint8(imgs)) for name, imgs in sets.items()}
+    for key in ("fd", "kid"):
+        assert m["real"][key] < m["blurred"][key] < m["noised"][key], (key, m)
+    assert m["noised"]["fd"] > 5 * m["real"]["fd"]
+    assert m["real"]["class_kl"] < 0.1 and m["one class"]["class_kl"] > 1.5
+    assert max(m["one class"]["class_histogram"]) > 0.8
+    assert m["one class"]["recall"] < 0.5 * m["real"]["recall"]
+    assert m["real"]["precision"] > m["noised"]["precision"]
+    assert m["real"]["classifier_score"] > 2 * m["one class"]["classifier_score"]
+
+
+def eval_spec(classifier_steps: int = 60) -> dict:
+    return {
+        "experiment": "ev",
+        "defaults": {"data": {"dataset": "digits", "image_size": 16},
+                     "train": {"batch_size": 16, "log_every": 5, "sample_images": 4}},
+        "jobs": [
+            {"name": "gan", "kind": "train", "family": "gan", "train": {"steps": 10},
+             "model": {"g_width": 8, "d_width": 8}},
+            {"name": "ddpm", "kind": "train", "family": "ddpm", "train": {"steps": 6},
+             "model": {"channels": 8, "channel_mult": [1], "timesteps": 40}},
+            {"name": "grid", "kind": "sample", "family": "ddpm", "from": "ddpm",
+             "sample": {"num_images": 60, "steps": 4}},
+            {"name": "score", "kind": "evaluate", "from": ["gan", "grid", "ddpm"],
+             "evaluate": {"num_samples": 60, "sample": {"steps": 4},
+                          "classifier": {"steps": classifier_steps, "width": 8}}},
+        ]}
+
+
+def test_evaluate_job_scores_every_source_and_caches_its_feature_network(tmp_path):
+    results = run_jobs(tmp_path, eval_spec())
+    out = results["score"]
+    assert out["status"] == "finished"
+    metrics = out["metrics"]
+    assert [s["ref"] for s in metrics["sources"]] == ["gan", "grid", "ddpm"]
+    by_ref = {s["ref"]: s for s in metrics["sources"]}
+    assert by_ref["gan"]["family"] == "gan" and by_ref["gan"]["params"] > 0
+    assert by_ref["grid"]["source_kind"] == "sample" and by_ref["ddpm"]["source_kind"] == "train"
+    assert by_ref["ddpm"]["sampler"]["steps"] == 4 and by_ref["ddpm"]["s_per_image"] > 0
+    # the sample job's images and the same sampler run inside the evaluation agree
+    assert by_ref["grid"]["metrics"]["fd"] == pytest.approx(by_ref["ddpm"]["metrics"]["fd"], rel=1e-4)
+    for src in metrics["sources"]:  # barely trained models are far from real-vs-real
+        assert src["metrics"]["fd"] > metrics["baseline"]["fd"]
+        assert src["metrics"]["num_samples"] == 60
+    assert 0.1 < metrics["classifier_test_accuracy"] <= 1.0
+
+    stored = json.loads(open_storage(out["outputs"][0].rsplit("/", 1)[0]).get_bytes("metrics.json"))
+    assert stored["baseline"]["fd"] == pytest.approx(metrics["baseline"]["fd"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = client.get_run(results["_runs"]["score"]).data
+    assert first.tags["genforge.classifier_cache"] == "miss" and "classifier_loss" in first.metrics
+    assert {"baseline.fd", "gan.fd", "grid.kid", "ddpm.s_per_image"} <= set(first.metrics)
+
+    # a second evaluation of the same data set trains no feature network
+    spec = eval_spec()
+    spec["jobs"][-1]["evaluate"]["seed"] = 1
+    again = run_jobs(tmp_path, spec, only=["score"])
+    second = client.get_run(again["_runs"]["score"]).data
+    assert second.tags["genforge.classifier_cache"] == "hit"
+    assert "classifier_loss" not in second.metrics
+    assert second.metrics["classifier_test_accuracy"] == first.metrics["classifier_test_accuracy"]
+
+    rows, _ = compare.collect(client, open_storage(f"file://{tmp_path / 'store'}"), "ev")
+    assert [r["model"] for r in rows] == ["real vs real (held-out)", "gan", "grid", "ddpm"]
+    table = compare.render(rows, "table").splitlines()
+    assert table[0].split()[:3] == ["evaluation", "model", "family"] and len(table) == 6
+    assert compare.render(rows, "markdown").count("\n| score |") == 4
+    csv_rows = compare.render(rows, "csv").splitlines()
+    assert csv_rows[0].startswith("evaluation,model,family") and len(csv_rows) == 5
+    assert json.loads(compare.render(rows, "json"))[1]["family"] == "gan"
+    compare.plot(rows, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

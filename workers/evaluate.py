@@ -1,0 +1,177 @@
+"""Evaluation jobs: every source (a trained model, or a sample job's outputs) scored the same
+way against the data set's held-out split, in the feature space of a classifier trained on the
+training split. The classifier is a cached artifact of the data set: trained by the first
+evaluation that needs it, then read by every later one.
+
+Outputs: `outputs/metrics.json` (the real-vs-real baseline, then one entry per source with its
+metrics, sampler settings and sampling time per image), and the same numbers on the MLflow run,
+prefixed by the source's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator.checkpoints import (
+    NotFound,
+    load_checkpoint,
+    read_manifest,
+    resolve_checkpoint_uri,
+    save_checkpoint,
+)
+from orchestrator.datasets import heldout_key
+from orchestrator.spec import SampleSpec
+from orchestrator.storage import open_storage
+from workers import images as imageio
+from workers import worker_class
+from workers.base import JobError, Worker
+from workers.data import load_images
+from workers.evaluation.metrics import score
+from workers.nn.classifier import Classifier, FeatureExtractor, accuracy, train_classifier
+
+CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W), the form the metrics take."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class EvaluateWorker(Worker):
+    family = "evaluate"
+
+    # ---- the feature network ------------------------------------------------------------
+    def _classifier_prefix(self, cfg: dict[str, Any], data: dict[str, Any]) -> str:
+        ident = json.dumps({"classifier": cfg, "size": data["image_size"],
+                            "channels": data["channels"], "version": CLASSIFIER_VERSION},
+                           sort_keys=True)
+        folder = self.task.data_key.rsplit("/", 1)[0]
+        return f"{folder}/classifier/{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+    def feature_network(self, x: torch.Tensor, y: torch.Tensor, hx: torch.Tensor,
+                        hy: torch.Tensor) -> tuple[Classifier, float, bool]:
+        """The data set's classifier: (network, held-out accuracy, whether it came from cache)."""
+        cfg, data = self.job["evaluate"]["classifier"], self.job["data"]
+        num_classes = int(max(y.max(), hy.max())) + 1
+        net = Classifier(channels=x.shape[1], image_size=x.shape[-1], num_classes=num_classes,
+                         width=cfg["width"], features=cfg["features"]).to(self.device)
+        store = self.root.child(self._classifier_prefix(cfg, data))
+        try:
+            ckpt = load_checkpoint(store)
+            net.load_state_dict(ckpt.tensors)
+            return net.eval(), float(ckpt.meta["test_accuracy"]), True
+        except NotFound:
+            pass
+        self._progress.update(phase="training the feature network", step=0, total=cfg["steps"])
+
+        def on_step(step: int, loss: float) -> None:
+            self._progress["step"] = step
+            if step % 100 == 0 or step == cfg["steps"]:
+                self.log.log_metrics({"classifier_loss": loss}, step)
+
+        train_classifier(net, x, y, cfg, on_step)
+        test_accuracy = accuracy(net, hx, hy)
+        save_checkpoint(store, cfg["steps"], tensors=net.state_dict(),
+                        meta={"test_accuracy": test_accuracy, "num_classes": num_classes,
+                              "trained_by": self.task.name, "config": cfg})
+        return net, test_accuracy, False
+
+    # ---- the images of one source -------------------------------------------------------
+    def _sub_worker(self, family: str, uri: str, settings: dict[str, Any]) -> Worker:
+        """The source family's own worker, set up as a sampling job of `uri` (its run logger is
+        closed at once: everything is logged by this job)."""
+        job = {**self.job, "kind": "sample", "family": family, "sample": settings}
+        task = dataclasses.replace(self.task, job=job, refs={"from": uri}, sources=(uri,))
+        worker = worker_class(family).for_task(task)(task)
+        worker.log.close()
+        return worker
+
+    def images_of(self, ref: str, uri: str, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """n uint8 images of source `ref` and what is known of it."""
+        prefix = open_storage(uri, self.task.s3)
+        try:
+            made = json.loads(prefix.get_bytes("result.json"))
+        except NotFound:
+            made = {}
+        if made.get("kind") == "sample":  # a sample job: its images, as they were made
+            arrays = np.load(io.BytesIO(prefix.get_bytes("outputs/images.npz")))
+            images = torch.from_numpy(arrays["images"][:n]).permute(0, 3, 1, 2).contiguous()
+            meta = read_manifest(*resolve_checkpoint_uri(made["source"], self.task.s3)).get("meta", {})
+            return images, {"family": meta.get("family"), "source_kind": "sample",
+                            "checkpoint": made["source"], "step": meta.get("step"),
+                            "s_per_image": made.get("s_per_image"), "sampler": None}
+        settings = self.job["evaluate"]["sample"] | self.job["evaluate"]["per_source"].get(ref, {})
+        sample_cfg = SampleSpec.model_validate({**settings, "num_images": n}).model_dump()
+        family = read_manifest(*resolve_checkpoint_uri(uri, self.task.s3))["meta"]["family"]
+        worker = self._sub_worker(family, uri, sample_cfg)
+        ckpt = worker.load_for_sampling(uri)
+        if not sample_cfg["use_ema"]:
+            worker.emas = {}
+        gen = self._generator(self.job["evaluate"]["seed"])
+        parts, t0 = [], time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, n, sample_cfg["batch_size"]):
+                count = min(sample_cfg["batch_size"], n - start)
+                parts.append(as_uint8(worker.generate(count, sample_cfg, gen)).cpu())
+                self._progress["step"] = self._progress.get("step", 0) + count
+        seconds = time.perf_counter() - t0
+        params = sum(p.numel() for m in worker.modules.values() for p in m.parameters())
+        sampler = {k: sample_cfg[k] for k in ("sampler", "steps", "eta", "temperature", "top_k",
+                                              "top_p", "use_ema") if k in sample_cfg}
+        return torch.cat(parts), {"family": family, "source_kind": ckpt.meta.get("kind", "train"),
+                                  "checkpoint": ckpt.uri, "step": ckpt.step, "params": params,
+                                  "s_per_image": seconds / n, "sampler": sampler}
+
+    # ---- the job ------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        cfg, data = self.job["evaluate"], self.job["data"]
+        n = cfg["num_samples"]
+        self._progress.update(phase="loading data")
+        x, y = load_images(self.root, self.task.data_key, image_size=data["image_size"],
+                           channels=data["channels"], limit=data.get("limit"))
+        hx, hy = load_images(self.root, heldout_key(self.task.data_key),
+                             image_size=data["image_size"], channels=data["channels"])
+        if y is None or hy is None:
+            raise JobError("data: evaluation needs labels (its feature network is a classifier)")
+        if len(hx) < n:
+            raise JobError(f"evaluate.num_samples: {n} but the held-out split has {len(hx)} images")
+        x, y, hx, hy = (t.to(self.device) for t in (x, y, hx, hy))
+        net, test_accuracy, cached = self.feature_network(x, y, hx, hy)
+        self.log.set_tags({"genforge.classifier_cache": "hit" if cached else "miss"})
+        self.log.log_metrics({"classifier_test_accuracy": test_accuracy}, 0)
+        extractor = FeatureExtractor(net)
+
+        real = as_uint8(hx[:n]).cpu()
+        # real vs real at the same sample count: what a perfect model would score
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))[:n]
+        baseline = score(extractor, real, as_uint8(x[pick.to(x.device)]).cpu(), cfg["knn_k"])
+        results: dict[str, Any] = {"num_samples": n, "classifier_test_accuracy": test_accuracy,
+                                   "baseline": baseline, "sources": []}
+        self.log.log_metrics({f"baseline.{k}": v for k, v in baseline.items()
+                              if isinstance(v, float)}, 0)
+
+        refs = self.job["from"] if isinstance(self.job["from"], list) else [self.job["from"]]
+        self._progress.update(phase="sampling", step=0, total=n * len(refs))
+        for ref, uri in zip(refs, self.task.sources):
+            images, info = self.images_of(ref, uri, n)
+            if tuple(images.shape[1:]) != tuple(real.shape[1:]):
+                raise JobError(f"from: {ref} makes {tuple(images.shape[1:])} images, the "
+                               f"evaluation data is {tuple(real.shape[1:])}")
+            metrics = score(extractor, real, images, cfg["knn_k"])
+            label = ref if "://" not in ref else f"source{len(results['sources'])}"
+            self.log.log_metrics({f"{label}.{k}": v for k, v in
+                                  {**metrics, "s_per_image": info["s_per_image"]}.items()
+                                  if isinstance(v, float)}, 0)
+            results["sources"].append({"ref": ref, "label": label, **info, "metrics": metrics})
+        self.storage.put_bytes("outputs/metrics.json", json.dumps(results, indent=2).encode())
+        return self._finish({"status": "finished", "kind": "evaluate",
+                             "outputs": [self.storage.uri("outputs/metrics.json")],
+                             "metrics": results})
