@@ -25,6 +25,7 @@ COLUMNS = [  # (key, header, format)
     ("classifier_score", "CS", "{:.2f}"), ("class_kl", "class KL", "{:.3f}"),
     ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
     ("s_per_image", "s/image", "{:.2e}"),
+    ("inception_fid", "Inception FID", "{:.2f}"),  # only with evaluate.inception
 ]
 
 
@@ -81,7 +82,8 @@ def collect(client: MlflowClient, root: Storage, experiment: str) -> tuple[list[
 
 def _metric_cells(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics.get(k) for k, _, _ in COLUMNS
-            if k in ("fd", "kid", "classifier_score", "class_kl", "precision", "recall")}
+            if k in ("fd", "kid", "classifier_score", "class_kl", "precision", "recall",
+                     "inception_fid")}
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -94,21 +96,23 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def render(rows: list[dict], fmt: str) -> str:
+    columns = [c for c in COLUMNS if c[0] != "inception_fid"
+               or any(r.get("inception_fid") is not None for r in rows)]
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=[k for k, _, _ in COLUMNS])
+        writer = csv.DictWriter(buf, fieldnames=[k for k, _, _ in columns])
         writer.writeheader()
-        writer.writerows({k: r.get(k) for k, _, _ in COLUMNS} for r in rows)
+        writer.writerows({k: r.get(k) for k, _, _ in columns} for r in rows)
         return buf.getvalue()
-    cells = [[_cell(r.get(k), f) for k, _, f in COLUMNS] for r in rows]
-    headers = [h for _, h, _ in COLUMNS]
+    cells = [[_cell(r.get(k), f) for k, _, f in columns] for r in rows]
+    headers = [h for _, h, _ in columns]
     if fmt == "markdown":
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    numeric = {i for i, (k, _, f) in enumerate(COLUMNS) if f != "{}" or k == "step"}
+    numeric = {i for i, (k, _, f) in enumerate(columns) if f != "{}" or k == "step"}
 
     def line(values: list[str]) -> str:
         return "  ".join(v.rjust(w) if i in numeric else v.ljust(w)

@@ -125,6 +125,7 @@ class EvaluateSpec(Strict):
     per_source: dict[str, dict[str, Any]] = Field(default_factory=dict)  # ...overridden by source
     knn_k: int = Field(3, ge=1, le=100)  # k of the k-NN precision/recall
     classifier: ClassifierSpec = ClassifierSpec()
+    inception: bool = False  # also the Inception FID (the `inception` extra; slow on CPU)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     def settings(self, ref: str) -> SampleSpec:

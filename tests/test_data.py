@@ -167,3 +167,36 @@ def test_folder_of_images_one_class_per_subfolder(tmp_path, storage):
         stage(spec, storage)
     with pytest.raises(DataError, match=r"no class subfolders"):
         stage(DataSpec(dataset="folder", path=str(tmp_path / "imgs" / "boots")), storage)
+
+
+def test_evaluation_needs_enough_held_out_images_and_labels(tmp_path):
+    """num_samples above the held-out split, or unlabelled data (the feature network is a
+    classifier): one line each at staging, before anything runs."""
+    from orchestrator.driver import Driver
+    from orchestrator.plan import build_plan
+    from orchestrator.settings import Settings
+    from orchestrator.spec import SpecError, parse_spec
+    from orchestrator.storage import S3Credentials
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "plain.npz", x=rng.integers(0, 255, (40, 8, 8), dtype=np.uint8))
+
+    def staged(data: dict, num_samples: int) -> None:
+        spec = parse_spec({"experiment": "t", "defaults": {"data": {"image_size": 8, **data}},
+                           "jobs": [{"name": "gan", "kind": "train", "family": "gan"},
+                                    {"name": "score", "kind": "evaluate", "from": ["gan"],
+                                     "evaluate": {"num_samples": num_samples}}]},
+                          source=str(tmp_path / "s.yaml"))
+        settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                            storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
+        Driver(build_plan(spec), settings).stage_data()
+
+    staged({"dataset": "digits"}, 180)  # 10% of 1797 digits are held out
+    with pytest.raises(SpecError) as info:
+        staged({"dataset": "digits"}, 500)
+    assert info.value.lines == [f"{tmp_path / 's.yaml'}: job 'score': evaluate.num_samples: 500 "
+                                "but the held-out split has 180 images to compare with"]
+    with pytest.raises(SpecError) as info:
+        staged({"dataset": "npz", "path": "plain.npz"}, 10)
+    assert info.value.lines == [f"{tmp_path / 's.yaml'}: job 'score': data: plain.npz has no "
+                                "labels ('y'), which the evaluation's feature classifier needs"]

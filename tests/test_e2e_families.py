@@ -34,6 +34,8 @@ def tiny(name: str, experiment: str, first: str, second: str) -> dict:
     for job in spec["jobs"]:
         if job["kind"] == "sample":
             job["sample"]["num_images"] = 5
+        if job["kind"] == "evaluate":
+            job["evaluate"].update(num_samples=20, classifier={"steps": 20, "width": 8})
     return spec
 
 
@@ -65,7 +67,7 @@ def test_vqgan_then_transformer(tmp_path, local_stack, stack_env, s3_client):
     assert out.returncode == 0, out.stderr[-3000:]
     seen = check_pipeline(local_stack, s3_client, "e2e-vqgan-ar", {
         "vqgan": "vqgan", "reconstructions": "vqgan", "transformer": "autoregressive",
-        "samples": "autoregressive"})
+        "samples": "autoregressive", "score": "-"})
     found, runs, client = seen["keys"], seen["runs"], seen["client"]
     vq_manifests = [k for k in found if "/vqgan/" in k and k.endswith("manifest.json")]
     assert len(vq_manifests) == 2  # steps 4 and 8
@@ -79,6 +81,7 @@ def test_vqgan_then_transformer(tmp_path, local_stack, stack_env, s3_client):
     assert [m.step for m in client.get_metric_history(runs["transformer"].info.run_id, "loss")] == [2, 4, 6]
     assert ar.metrics["tokens_per_s"] > 0 and ar.metrics["perplexity"] > 1
     assert runs["samples"].data.metrics["tokens_per_s"] > 0
+    assert runs["score"].data.metrics["transformer.fd"] > runs["score"].data.metrics["baseline.fd"]
 
 
 def test_autoencoder_then_latent_diffusion(tmp_path, local_stack, stack_env, s3_client):
@@ -87,9 +90,11 @@ def test_autoencoder_then_latent_diffusion(tmp_path, local_stack, stack_env, s3_
     out = genforge(["run", str(write_spec(tmp_path / "ldm.yaml", spec))], stack_env)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = check_pipeline(local_stack, s3_client, "e2e-ldm", {
-        "autoencoder": "ldm", "reconstructions": "ldm", "diffusion": "ldm", "samples": "ldm"})
+        "autoencoder": "ldm", "reconstructions": "ldm", "diffusion": "ldm", "samples": "ldm",
+        "score": "-"})
     runs = seen["runs"]
     assert runs["autoencoder"].data.metrics["holdout_psnr"] > 5
     assert float(runs["diffusion"].data.tags["genforge.latent_scale"]) > 0
+    assert runs["score"].data.metrics["diffusion.fd"] > runs["score"].data.metrics["baseline.fd"]
     assert any(k.startswith("genforge/e2e-ldm/diffusion/") and k.endswith("manifest.json")
                for k in seen["keys"])

