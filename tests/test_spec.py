@@ -219,7 +219,8 @@ def test_checkpoint_uris_are_checked_before_anything_runs():
         ar(model={"tokenizer": "s3://b/gan"}),
         ar("ar2", model={"tokenizer": "s3://b/none"}),
         ar("ar3", model={"tokenizer": "s3://b/vq"}, data={"image_size": 28}),
-        sample("s", "s3://b/vq", family="ldm")), "s.yaml"))
+        sample("s", "s3://b/vq", family="ldm"),
+        evaluate("e", ["s3://b/gan"], data={"image_size": 28})), "s.yaml"))
     with pytest.raises(SpecError) as info:
         check_uri_references(bad, read_meta)
     assert info.value.lines == [
@@ -227,6 +228,7 @@ def test_checkpoint_uris_are_checked_before_anything_runs():
         "s.yaml: job 'ar2': model.tokenizer: cannot read a checkpoint at s3://b/none (no complete checkpoint under s3://b/none)",
         "s.yaml: job 'ar3': model.tokenizer: s3://b/vq works on 1x16x16 images, this job's data is 1x28x28 (channels x size x size)",
         "s.yaml: job 's': from: s3://b/vq is family 'vqgan', this job is 'ldm'",
+        "s.yaml: job 'e': from: s3://b/gan makes 1x16x16 images, the evaluation data is 1x28x28 (channels x size x size)",
     ]
 
 
