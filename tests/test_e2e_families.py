@@ -86,7 +86,8 @@ def test_vqgan_then_transformer(tmp_path, local_stack, stack_env, s3_client):
 
 def test_autoencoder_then_latent_diffusion(tmp_path, local_stack, stack_env, s3_client):
     spec = tiny("ldm", "e2e-ldm", "autoencoder", "diffusion")
-    spec["jobs"][-1]["sample"]["steps"] = 5
+    next(j for j in spec["jobs"] if j["name"] == "samples")["sample"]["steps"] = 5
+    next(j for j in spec["jobs"] if j["name"] == "score")["evaluate"]["sample"]["steps"] = 5
     out = genforge(["run", str(write_spec(tmp_path / "ldm.yaml", spec))], stack_env)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = check_pipeline(local_stack, s3_client, "e2e-ldm", {
