@@ -78,11 +78,11 @@ def assert_history_complete(client, run, steps: int, every: int) -> None:
     assert sorted(logged) == list(range(every, steps + 1, every)), sorted(logged)
 
 
-def start_slow_job(tmp_path, local_stack, stack_env, experiment: str):
+def start_slow_job(tmp_path, local_stack, stack_env, experiment: str, steps: int = 60):
     """`genforge run` of one slow training job in the background, returned once the job has
     written its first checkpoint."""
-    spec = write_spec(tmp_path / f"{experiment}.yaml",
-                      {"experiment": experiment, "jobs": [{"name": "ddpm", **SLOW_TRAIN}]})
+    job = {"name": "ddpm", **SLOW_TRAIN, "train": {**SLOW_TRAIN["train"], "steps": steps}}
+    spec = write_spec(tmp_path / f"{experiment}.yaml", {"experiment": experiment, "jobs": [job]})
     driver = genforge_background(["run", str(spec)], stack_env, tmp_path / "run.log")
     try:
         wait_for(checkpoint_at_least(local_stack, experiment, "ddpm", 10), 240, "a checkpoint")
@@ -167,7 +167,9 @@ def test_storage_outage_never_yields_a_corrupt_checkpoint(tmp_path, local_stack,
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path, local_stack, stack_env):
-    spec, driver = start_slow_job(tmp_path, local_stack, stack_env, "faults-cancel")
+    # long enough that Ctrl-C lands mid-training even when the machine is slow to notice the
+    # first checkpoint
+    spec, driver = start_slow_job(tmp_path, local_stack, stack_env, "faults-cancel", steps=200)
     try:
         time.sleep(1.5)  # between two periodic checkpoints
         driver.send_signal(signal.SIGINT)
@@ -181,14 +183,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path, local_stac
     # the stopped worker saved at its next step boundary, not only at the periodic ones
     stopped_at = load_checkpoint(job_storage(local_stack, "faults-cancel", "ddpm")).step
     assert f"checkpoint at step {stopped_at} kept" in log
-    assert 10 < stopped_at < 60
+    assert 10 < stopped_at < 200
 
     again = genforge(["run", str(spec)], stack_env)
     assert again.returncode == 0, again.stderr[-3000:]
     client, run = run_of(local_stack, "faults-cancel", "ddpm")
     assert run.info.status == "FINISHED"
     assert run.data.tags["genforge.resumed_at_step"] == str(stopped_at + 1)
-    assert_history_complete(client, run, 60, 5)
+    assert_history_complete(client, run, 200, 5)
 
 
 def test_timeout_fails_the_job_and_keeps_its_checkpoint(tmp_path, local_stack, stack_env):
