@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Ctrl-C (SIGINT) cancels the pipeline even where it arrives ignored: a shell starts
+    # background jobs of scripts with SIGINT ignored, and Python then keeps it that way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from orchestrator import settings as settings_mod
     from orchestrator.driver import Driver, ServiceError, check_services
     from orchestrator.plan import build_plan
