@@ -45,6 +45,7 @@ def load(name: str, steps: int, limit: int, images: int, threads: int) -> dict:
         data["path"] = str((path.parent / data["path"]).resolve())
         data["limit"] = limit
     spec.setdefault("defaults", {})["resources"] = {"cpus": threads, "gpus": 0}
+    spec["jobs"] = [j for j in spec["jobs"] if j["kind"] != "evaluate"]
     for job in spec["jobs"]:
         if job["kind"] == "train":
             job["train"].update(steps=steps, checkpoint_every=None, sample_every=None,
