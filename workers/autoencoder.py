@@ -28,6 +28,7 @@ from workers.base import JobError, Worker
 from workers.data import load_images
 from workers.nn.adversarial import discriminator_loss, generator_loss
 from workers.nn.autoencoder import Autoencoder, PatchDiscriminator, adaptive_weight
+from workers.nn.bottleneck import code_stats
 
 HOLDOUT_MAX = 1000  # held-out images reconstructed for the final metrics and sample jobs
 ENCODE_BATCH = 256
@@ -115,11 +116,8 @@ class AutoencoderWorker(Worker):
         metrics = {"holdout_mse": mse, "holdout_psnr": psnr(mse),
                    "holdout_l1": float((rec - self.holdout).abs().mean())}
         if self.bottleneck == "vq":
-            codes = self.modules["ae"].encode(self.holdout)
-            counts = torch.bincount(codes.reshape(-1), minlength=self.cfg["codebook_size"]).float()
-            probs = counts / counts.sum()
-            metrics.update(holdout_perplexity=float(torch.exp(-(probs * torch.log(probs + 1e-10)).sum())),
-                           holdout_codebook_usage=float((counts > 0).float().mean()))
+            stats = code_stats(self.modules["ae"].encode(self.holdout), self.cfg["codebook_size"])
+            metrics.update({f"holdout_{k}": float(v) for k, v in stats.items()})
         return metrics
 
     def _ensure_holdout(self) -> None:

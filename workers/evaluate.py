@@ -28,7 +28,7 @@ from orchestrator.checkpoints import (
     save_checkpoint,
 )
 from orchestrator.datasets import heldout_key
-from orchestrator.spec import SampleSpec
+from orchestrator.spec import EvaluateSpec
 from orchestrator.storage import open_storage
 from workers import images as imageio
 from workers import worker_class
@@ -109,8 +109,7 @@ class EvaluateWorker(Worker):
             return images, {"family": meta.get("family"), "source_kind": "sample",
                             "checkpoint": made["source"], "step": meta.get("step"),
                             "s_per_image": made.get("s_per_image"), "sampler": None}
-        settings = self.job["evaluate"]["sample"] | self.job["evaluate"]["per_source"].get(ref, {})
-        sample_cfg = SampleSpec.model_validate({**settings, "num_images": n}).model_dump()
+        sample_cfg = EvaluateSpec.model_validate(self.job["evaluate"]).settings(ref).model_dump()
         family = read_manifest(*resolve_checkpoint_uri(uri, self.task.s3))["meta"]["family"]
         worker = self._sub_worker(family, uri, sample_cfg)
         ckpt = worker.load_for_sampling(uri)

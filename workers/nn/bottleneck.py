@@ -20,6 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def code_stats(idx: Tensor, codebook_size: int) -> dict[str, Tensor]:
+    """Perplexity of the code distribution and the fraction of codes used, over `idx`."""
+    counts = torch.bincount(idx.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum()
+    return {"perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()),
+            "codebook_usage": (counts > 0).float().mean()}
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, *, codebook_size: int, dim: int, beta: float = 0.25, decay: float = 0.99,
                  restart_threshold: float = 1.0, eps: float = 1e-5):
@@ -53,12 +61,7 @@ class VectorQuantizer(nn.Module):
         loss = self.beta * F.mse_loss(z_e, z_q.detach())
         if self.training:
             self._ema_update(z.detach().reshape(-1, self.dim), idx.reshape(-1), generator)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
-        probs = counts / counts.sum()
-        stats = {
-            "perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()),
-            "codebook_usage": (counts > 0).float().mean(),
-        }
+        stats = code_stats(idx, self.codebook_size)
         # Straight-through: the forward pass sees z_q, the gradient flows to z_e unchanged.
         return z_e + (z_q - z_e).detach(), loss, {**stats, "indices": idx}
 
