@@ -23,7 +23,7 @@ from orchestrator.actor import JobActor
 from orchestrator.checkpoints import CheckpointError, read_manifest, resolve_checkpoint_uri
 from orchestrator.plan import Plan, PlannedJob, check_uri_references, is_uri
 from orchestrator.settings import Settings
-from orchestrator.spec import SpecError
+from orchestrator.spec import SpecError, model_needs_labels
 from orchestrator.storage import NotFound, StorageError, open_storage
 from orchestrator.task import Task
 from orchestrator.tracking import Tracker, flatten
@@ -87,12 +87,13 @@ class Driver:
             except datasets.DataError as exc:
                 raise SpecError([f"{self.plan.spec.source}: job '{p.name}': data: {exc}"]) from None
         problems = []
+        jobs = {j.name: j for j in self.plan.spec.jobs}
         for p in self.plan.jobs:
-            if p.job.kind not in ("train", "evaluate"):
+            if p.job.kind not in ("train", "distill", "evaluate"):
                 continue
             key = self.data_keys[p.job.data.model_dump_json()]
             needs = ("evaluation's feature classifier" if p.job.kind == "evaluate" else
-                     "model.class_conditional" if p.job.section().needs_labels() else None)
+                     "model.class_conditional" if model_needs_labels(p.job, jobs) else None)
             sizes = datasets.split_sizes(self.root, key) if needs else None
             where = f"{self.plan.spec.source}: job '{p.name}'"
             if needs and not sizes["labelled"]:

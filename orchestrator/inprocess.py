@@ -35,7 +35,7 @@ def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None
         if only is not None and p.name not in only:
             continue
         data_key = (stage(p.job.data, root, base=workdir)
-                    if p.job.data and p.job.kind in ("train", "evaluate") else None)
+                    if p.job.data and p.job.kind in ("train", "distill", "evaluate") else None)
         run_id = client.create_run(exp.experiment_id, run_name=p.name, tags={
             "genforge.job": p.name, "genforge.kind": p.job.kind, "genforge.hash": p.hash,
             "genforge.family": p.job.family or "-"}).info.run_id

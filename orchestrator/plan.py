@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from orchestrator.spec import Job, Spec, SpecError, Upstream
+from orchestrator.spec import Job, Spec, SpecError, Upstream, distill_section, model_section
 
 # Job kinds whose output is a checkpoint another job can read.
 PRODUCES_CHECKPOINT = frozenset({"train", "distill"})
@@ -162,10 +162,36 @@ def _check_evaluated(job: Job, up: Upstream) -> str | None:
     return None
 
 
+def _check_teacher(job: Job, up: Upstream) -> str | None:
+    """A distill job's teacher: a trained model of the job's family, on images of the job's
+    data, that the job's method can make the asked-for student of."""
+    if up.kind not in PRODUCES_CHECKPOINT:
+        return (f"teacher: {up.label} is a '{up.kind}' job; a teacher must be a trained model "
+                f"(a train or distill job)")
+    if up.family != job.family:
+        return f"teacher: {up.label} is family '{up.family}', this job is '{job.family}'"
+    shape = (job.data.channels, job.data.image_size, job.data.image_size)
+    if up.image_shape and tuple(up.image_shape) != shape:
+        return (f"teacher: {up.label} works on {'x'.join(map(str, up.image_shape))} images, "
+                f"this job's data is {'x'.join(map(str, shape))} (channels x size x size)")
+    if not up.model:  # a teacher whose own teacher is a URI: checked when the job runs
+        return None
+    try:
+        section = model_section(up.family, up.model)
+    except ValueError as exc:
+        return f"teacher: {up.label}: {exc}"
+    if section is not distill_section(job.family):
+        return (f"teacher: {up.label} is the {up.model.get('stage')} stage of '{up.family}', "
+                f"which cannot be distilled (use its diffusion stage)")
+    return section.check_distill(job.distill, up)
+
+
 def check_reference(job: Job, field: str, up: Upstream) -> str | None:
     """Whether what `field` of `job` points at (a job of the spec or a checkpoint) fits it."""
     if job.kind == "evaluate":
         return _check_evaluated(job, up)
+    if field == "teacher":
+        return _check_teacher(job, up)
     if up.kind not in PRODUCES_CHECKPOINT:
         return f"{field}: {up.label} is a '{up.kind}' job and has no checkpoint to read"
     if field == "from" and job.kind == "sample":
@@ -174,6 +200,9 @@ def check_reference(job: Job, field: str, up: Upstream) -> str | None:
         limit = up.model.get("timesteps")
         if job.sample.steps and limit and job.sample.steps > limit:
             return f"sample.steps: {job.sample.steps} steps but {up.label} has {limit} timesteps"
+        if up.model.get("distilled_steps") and job.sample.sampler != "ddim":
+            return (f"sample.sampler: {up.label} is distilled for {up.model['distilled_steps']}"
+                    f"-step DDIM; sample it with sampler: ddim")
     if field.startswith("model."):
         return job.section().check_ref(field, up, job.data)
     return None

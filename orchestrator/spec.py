@@ -97,6 +97,9 @@ class SampleSpec(Strict):
     sampler: Literal["ancestral", "ddim"] = "ddim"
     steps: int | None = Field(None, ge=1, le=100_000)  # None: every timestep of the model
     eta: float = Field(0.0, ge=0, le=1)
+    # timesteps: "linspace" T-1..0, "trailing" T-1..T/n-1; None: the model's own (trailing for
+    # a distilled model, whose grid it is)
+    spacing: Literal["linspace", "trailing"] | None = None
     # autoregressive
     temperature: float = Field(1.0, gt=0, le=100)
     top_k: int | None = Field(None, ge=1)
@@ -134,6 +137,43 @@ class EvaluateSpec(Strict):
         return SampleSpec.model_validate(merged)
 
 
+class ProgressiveDistill(Strict):
+    """Diffusion step distillation: the student starts as the teacher and learns, round by
+    round, to match two of its DDIM steps with one, halving the steps each round. Each round
+    trains `train.steps` steps."""
+
+    method: Literal["progressive"]
+    student_steps: int = Field(4, ge=1, le=10_000)
+    # DDIM steps of the first round's teacher; None: the teacher's own (its timesteps, or the
+    # steps it was itself distilled to)
+    teacher_steps: int | None = Field(None, ge=2, le=10_000)
+    prediction: Literal["v", "x"] = "v"  # what the student predicts (ε is unstable at few steps)
+
+
+class KDDistill(Strict):
+    """Knowledge distillation of an autoregressive model: the student (the teacher's model with
+    the `student` changes) learns the teacher's next-token distributions, T² KL(P_T || Q_T) at
+    temperature T, mixed with the hard-label cross-entropy: α CE + (1 - α) T² KL."""
+
+    method: Literal["kd"]
+    student: dict[str, Any] = Field(default_factory=dict)
+    temperature: float = Field(2.0, gt=0, le=100)
+    alpha: float = Field(0.5, ge=0, le=1)
+    allow_larger_student: bool = False
+
+
+class RegressDistill(Strict):
+    """Generator distillation: a student generator (the teacher's with the `student` changes)
+    regresses the teacher's G(z) for the same z, optionally also fooling the teacher's frozen
+    discriminator."""
+
+    method: Literal["regress"]
+    student: dict[str, Any] = Field(default_factory=dict)
+    loss: Literal["l1", "l2"] = "l1"
+    adversarial_weight: float = Field(0.0, ge=0, le=100)
+    allow_larger_student: bool = False
+
+
 @dataclass(frozen=True)
 class Upstream:
     """What a job reads, as far as validation needs it: a job of the spec or a checkpoint's
@@ -147,14 +187,25 @@ class Upstream:
     num_images: int | None = None  # what a sample job makes
 
     @classmethod
-    def of_job(cls, job: Job, jobs: dict[str, Job] | None = None) -> Upstream:
-        """`jobs` (the spec's, by name) lets a sample job report its model's image shape."""
-        source = job
-        if job.kind == "sample" and jobs and isinstance(job.from_, str) and job.from_ in jobs:
+    def of_job(cls, job: Job, jobs: dict[str, Job] | None = None, _seen: frozenset = frozenset()
+               ) -> Upstream:
+        """`jobs` (the spec's, by name) lets a sample job report its model's image shape and a
+        distill job its student's model."""
+        jobs = jobs or {}
+        source, model = job, job.model
+        if job.kind == "sample" and isinstance(job.from_, str) and job.from_ in jobs:
             source = jobs[job.from_]
+        if job.kind == "distill":
+            model = {}
+            teacher = jobs.get(job.teacher or "")
+            if teacher is not None and teacher.name not in _seen | {job.name}:
+                up = cls.of_job(teacher, jobs, _seen | {job.name})
+                section = distill_section(str(job.family))
+                if up.model and section is not None and job.distill:
+                    model = section.student_model(up.model, job.distill)
         data = source.data
         shape = (data.channels, data.image_size, data.image_size) if data else None
-        return cls(job.name, str(job.family), job.kind, job.model, shape,
+        return cls(job.name, str(job.family), job.kind, model, shape,
                    job.sample.num_images if job.sample else None)
 
     @classmethod
@@ -174,6 +225,9 @@ class ModelSection(Strict):
     DAG and asks `check_ref` whether what they point at fits."""
 
     REFS: ClassVar[tuple[str, ...]] = ()
+    DISTILL: ClassVar[type[Strict] | None] = None  # the family's distillation method
+    STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ()  # what `distill.student` may change
+    SIZE_FIELDS: ClassVar[tuple[str, ...]] = ()  # ...of which, larger than the teacher's, grow it
 
     def check_data(self, data: DataSpec) -> str | None:
         """A problem of this model with that data, found before anything runs."""
@@ -183,6 +237,29 @@ class ModelSection(Strict):
         return False
 
     def check_ref(self, field: str, up: Upstream, data: DataSpec) -> str | None:
+        return None
+
+    @classmethod
+    def student_model(cls, teacher: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
+        """The model section of a student distilled from a teacher with model `teacher`."""
+        return {**teacher, **distill.get("student", {})}
+
+    @classmethod
+    def check_distill(cls, distill: dict[str, Any], up: Upstream) -> str | None:
+        """Whether `distill` can make a student of the teacher `up` (whose model is known)."""
+        model = cls.student_model(up.model, distill)
+        try:
+            cls.model_validate({k: v for k, v in model.items() if k in cls.model_fields})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(map(str, ("distill.student", *err["loc"])))
+            return f"{where}: {_describe(err)}"
+        if not distill.get("allow_larger_student"):
+            for name in cls.SIZE_FIELDS:
+                if name in up.model and model[name] > up.model[name]:
+                    return (f"distill.student.{name}: {model[name]} is larger than the teacher's "
+                            f"{up.model[name]} ({up.label}); a student is meant to be smaller "
+                            "(set distill.allow_larger_student: true to allow it)")
         return None
 
 
@@ -204,6 +281,9 @@ class DDPMModel(ModelSection):
     schedule: Literal["linear", "cosine"] = "linear"
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
+    prediction: Literal["eps", "v", "x"] = "eps"  # what the U-Net predicts
+
+    DISTILL: ClassVar[type[Strict] | None] = ProgressiveDistill
 
     @model_validator(mode="after")
     def _betas_increase(self) -> DDPMModel:
@@ -214,8 +294,37 @@ class DDPMModel(ModelSection):
     def check_data(self, data: DataSpec) -> str | None:
         return _levels_divide(data.image_size, self.channel_mult, "U-Net", "data.image_size")
 
+    @classmethod
+    def student_model(cls, teacher: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
+        # `distilled_steps` exists only in checkpoints: the steps the student samples with
+        return {**teacher, "prediction": distill["prediction"],
+                "distilled_steps": distill["student_steps"]}
+
+    @classmethod
+    def check_distill(cls, distill: dict[str, Any], up: Upstream) -> str | None:
+        timesteps = int(up.model.get("timesteps", 1000))
+        own = up.model.get("distilled_steps") or timesteps
+        start = distill.get("teacher_steps") or own
+        student = distill["student_steps"]
+        where = "distill.teacher_steps" if distill.get("teacher_steps") else "distill.student_steps"
+        if start > timesteps:
+            return f"distill.teacher_steps: {start} but {up.label} has {timesteps} timesteps"
+        rounds = distill_rounds(start, student)
+        if rounds is None or rounds == 0:
+            largest = student * 2 ** max(0, (timesteps // student).bit_length() - 1)
+            why = ("are not fewer than" if rounds == 0 else "cannot be reached by halving")
+            hint = (f"; set distill.teacher_steps to {student} times a power of two, e.g. "
+                    f"{largest}" if largest > student else "")
+            return (f"{where}: {student} steps {why} the {start} steps of the teacher "
+                    f"({up.label}){hint}")
+        return None
+
 
 class GANModel(ModelSection):
+    DISTILL: ClassVar[type[Strict] | None] = RegressDistill
+    STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("g_width",)
+    SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("g_width",)
+
     z_dim: int = Field(64, ge=1, le=4096)
     g_width: int = Field(64, ge=4, le=2048)  # channels of the generator's last hidden layer
     d_width: int = Field(64, ge=4, le=2048)  # channels of the discriminator's first layer
@@ -294,6 +403,9 @@ def _first_stage_problem(field: str, up: Upstream, data: DataSpec, families: dic
 
 class ARModel(ModelSection):
     REFS: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    DISTILL: ClassVar[type[Strict] | None] = KDDistill
+    STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers", "heads", "dropout")
+    SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers")
 
     tokenizer: str = Field(min_length=1)  # a vqgan job of this spec, or its checkpoint URI
     dim: int = Field(128, ge=8, le=8192)
@@ -327,6 +439,14 @@ class ARModel(ModelSection):
         return problem
 
 
+def distill_rounds(teacher_steps: int, student_steps: int) -> int | None:
+    """Halving rounds from `teacher_steps` to `student_steps`, or None if unreachable."""
+    if student_steps < 1 or teacher_steps < student_steps or teacher_steps % student_steps:
+        return None
+    ratio = teacher_steps // student_steps
+    return ratio.bit_length() - 1 if ratio & (ratio - 1) == 0 else None
+
+
 class LDMModel(DDPMModel):
     REFS: ClassVar[tuple[str, ...]] = ("autoencoder",)
 
@@ -348,12 +468,12 @@ class LDMModel(DDPMModel):
 # family -> (model section, or {stage: section}, and the job kinds it can run). A new family is
 # one entry here plus its worker module registered in workers/__init__.py.
 FAMILIES: dict[str, tuple[type[ModelSection] | dict[str, type[ModelSection]], frozenset[str]]] = {
-    "ddpm": (DDPMModel, frozenset({"train", "sample"})),
-    "gan": (GANModel, frozenset({"train", "sample"})),
+    "ddpm": (DDPMModel, frozenset({"train", "sample", "distill"})),
+    "gan": (GANModel, frozenset({"train", "sample", "distill"})),
     "vqgan": (VQGANModel, frozenset({"train", "sample"})),
-    "autoregressive": (ARModel, frozenset({"train", "sample"})),
+    "autoregressive": (ARModel, frozenset({"train", "sample", "distill"})),
     "ldm": ({"diffusion": LDMModel, "autoencoder": LDMAutoencoderModel},
-            frozenset({"train", "sample"})),
+            frozenset({"train", "sample", "distill"})),
 }
 
 
@@ -367,6 +487,24 @@ def model_section(family: str, model: dict[str, Any]) -> type[ModelSection]:
                              f"(got {stage!r})")
         return section[stage]
     return section
+
+
+def distill_section(family: str) -> type[ModelSection] | None:
+    """The model section whose method distils a `family` model (ldm: its diffusion stage)."""
+    section = FAMILIES.get(family, (None,))[0]
+    candidates = section.values() if isinstance(section, dict) else [section]
+    return next((c for c in candidates if c is not None and c.DISTILL is not None), None)
+
+
+def model_needs_labels(job: Job, jobs: dict[str, Job]) -> bool:
+    """Whether the model a train or distill job trains reads class labels."""
+    model = job.model if job.kind == "train" else Upstream.of_job(job, jobs).model
+    if not model or job.family not in FAMILIES:
+        return False
+    section = model_section(job.family, model)
+    return section.model_validate({k: v for k, v in model.items()
+                                   if k in section.model_fields}).needs_labels()
+
 
 # The sections each kind reads; `defaults` fill only these, a job may set only these.
 KIND_SECTIONS: dict[str, frozenset[str]] = {
@@ -583,9 +721,39 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
             problems += [f"{_loc(('model', *e['loc']))}: {_describe(e)}" for e in exc.errors()]
         except ValueError as exc:
             problems.append(str(exc))
+    if job.kind == "distill" and job.family in FAMILIES and job.kind in kinds:
+        job, found = _check_distill(job)
+        problems += found
     if job.kind in ("sample", "evaluate") and not job.sources:
         problems.append("from: required field is missing")
     return (None, problems) if problems else (job, [])
+
+
+def _check_distill(job: Job) -> tuple[Job, list[str]]:
+    """Validate the `distill` section of a distill job against its family's method."""
+    problems = [] if job.teacher else ["teacher: required field is missing"]
+    section = distill_section(job.family)
+    method = section.DISTILL.model_fields["method"].annotation.__args__[0]
+    raw = job.distill
+    if raw is None:
+        return job, problems + [f"distill: required field is missing (family '{job.family}' "
+                                f"distils with method '{method}')"]
+    if raw.get("method") != method:
+        got = f", not {raw['method']!r}" if "method" in raw else ""
+        return job, problems + [f"distill.method: family '{job.family}' distils with "
+                                f"'{method}'{got}"]
+    try:
+        spec = section.DISTILL.model_validate(raw)
+    except ValidationError as exc:
+        return job, problems + [f"{_loc(('distill', *e['loc']))}: {_describe(e)}"
+                                for e in exc.errors()]
+    for key in getattr(spec, "student", {}):
+        if key not in section.model_fields:
+            problems.append(f"distill.student.{key}: unknown field")
+        elif key not in section.STUDENT_FIELDS:
+            problems.append(f"distill.student.{key}: the student keeps the teacher's {key}; it "
+                            f"may change {', '.join(section.STUDENT_FIELDS)}")
+    return job.model_copy(update={"distill": spec.model_dump(mode="json")}), problems
 
 
 def _check_evaluate(job: Job, problems: list[str]) -> tuple[Job | None, list[str]]:

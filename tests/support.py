@@ -30,3 +30,17 @@ def keys(s3, bucket: str, prefix: str) -> list[str]:
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def example_spec(name: str, experiment: str, limit: int) -> dict:
+    """jobspecs/<name>.yaml under another experiment name, its data paths made absolute and the
+    data limited to `limit` images."""
+    path = ROOT / "jobspecs" / f"{name}.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["experiment"] = experiment
+    data = spec["defaults"]["data"]
+    data["path"] = str((path.parent / data["path"]).resolve())
+    if data.get("split", {}).get("heldout"):
+        data["split"]["heldout"] = str((path.parent / data["split"]["heldout"]).resolve())
+    data["limit"] = limit
+    return spec

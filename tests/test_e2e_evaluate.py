@@ -6,24 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from support import ROOT, genforge, keys, write_spec
+from support import ROOT, example_spec, genforge, keys, write_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900),
               pytest.mark.skipif(not (ROOT.parent / "shared" / "data").exists(),
                                  reason="no ../shared/data")]
-SPEC = ROOT / "jobspecs" / "evaluate.yaml"
 
 
 def test_evaluate_and_compare(tmp_path, local_stack, stack_env, s3_client):
-    spec = yaml.safe_load(SPEC.read_text())
-    spec["experiment"] = "e2e-evaluate"
-    data = spec["defaults"]["data"]
-    data["path"] = str((SPEC.parent / data["path"]).resolve())
-    data["split"]["heldout"] = str((SPEC.parent / data["split"]["heldout"]).resolve())
-    data["limit"] = 600
+    spec = example_spec("evaluate", "e2e-evaluate", limit=600)
     for job in spec["jobs"]:
         if job["kind"] == "train":
             job["train"].update(steps=6, batch_size=16, checkpoint_every=None, log_every=2,

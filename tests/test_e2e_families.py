@@ -7,10 +7,9 @@ import io
 
 import numpy as np
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from support import ROOT, genforge, keys, write_spec
+from support import ROOT, example_spec, genforge, keys, write_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900),
               pytest.mark.skipif(not (ROOT.parent / "shared" / "data").exists(),
@@ -19,12 +18,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900),
 
 def tiny(name: str, experiment: str, first: str, second: str) -> dict:
     """The example spec with its data path made absolute and every step count tiny."""
-    path = ROOT / "jobspecs" / f"{name}.yaml"
-    spec = yaml.safe_load(path.read_text())
-    spec["experiment"] = experiment
-    data = spec["defaults"]["data"]
-    data["path"] = str((path.parent / data["path"]).resolve())
-    data["limit"] = 400
+    spec = example_spec(name, experiment, limit=400)
     jobs = {j["name"]: j for j in spec["jobs"]}
     jobs[first]["model"]["disc_start"] = 4  # the discriminator takes part
     jobs[first]["train"].update(steps=8, batch_size=8, checkpoint_every=4, sample_every=None,

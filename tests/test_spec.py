@@ -48,6 +48,13 @@ def ldm(name: str = "ldm", **over) -> dict:
     return train(name, family="ldm", **{"model": {"autoencoder": "ae", "channel_mult": [1]}, **over})
 
 
+def distill(name: str = "fast", teacher: str = "ddpm", family: str = "ddpm", **over) -> dict:
+    method = {"ddpm": "progressive", "ldm": "progressive", "gan": "regress",
+              "autoregressive": "kd"}.get(family, "progressive")
+    return {"name": name, "kind": "distill", "family": family, "teacher": teacher,
+            "distill": {"method": method, **over.pop("distill", {})}, **over}
+
+
 def errors(data) -> list[str]:
     with pytest.raises(SpecError) as info:
         build_plan(parse_spec(data, "s.yaml"))
@@ -120,6 +127,25 @@ def test_job_values_win_over_defaults():
     ({"experiment": "t", "jobs": [train()], "extra": 1}, "s.yaml: extra: unknown field"),
     (["a", "list"], "s.yaml: the spec must be a mapping"),
     (spec(train(), sample(sample={"steps": 5000})), "s.yaml: job 'grid': sample.steps: 5000 steps but job 'ddpm' has 1000 timesteps"),
+    # distillation
+    (spec(train(), train("gan", family="gan"), distill(teacher="gan")), "s.yaml: job 'fast': teacher: job 'gan' is family 'gan', this job is 'ddpm'"),
+    (spec(train(), sample(), distill(teacher="grid")), "s.yaml: job 'fast': teacher: job 'grid' is a 'sample' job; a teacher must be a trained model (a train or distill job)"),
+    (spec(train(), distill(distill={"student_steps": 4})), "s.yaml: job 'fast': distill.student_steps: 4 steps cannot be reached by halving the 1000 steps of the teacher (job 'ddpm'); set distill.teacher_steps to 4 times a power of two, e.g. 512"),
+    (spec(train(), distill(distill={"student_steps": 4, "teacher_steps": 48})), "s.yaml: job 'fast': distill.teacher_steps: 4 steps cannot be reached by halving the 48 steps"),
+    (spec(train(), distill(distill={"teacher_steps": 2048})), "s.yaml: job 'fast': distill.teacher_steps: 2048 but job 'ddpm' has 1000 timesteps"),
+    (spec(train(), distill(distill={"teacher_steps": 64}), distill("faster", "fast", distill={"student_steps": 4})), "s.yaml: job 'faster': distill.student_steps: 4 steps are not fewer than the 4 steps of the teacher (job 'fast')"),
+    (spec(train("gan", family="gan", model={"g_width": 32}), distill("small", "gan", "gan", distill={"student": {"g_width": 64}})), "s.yaml: job 'small': distill.student.g_width: 64 is larger than the teacher's 32 (job 'gan'); a student is meant to be smaller (set distill.allow_larger_student: true to allow it)"),
+    (spec(vq(), ar(), distill("small", "ar", "autoregressive", distill={"student": {"layers": 8}})), "s.yaml: job 'small': distill.student.layers: 8 is larger than the teacher's 4 (job 'ar')"),
+    (spec(vq(), ar(), distill("small", "ar", "autoregressive", distill={"student": {"dim": 50}})), "s.yaml: job 'small': distill.student: dim 50 is not divisible by heads 4"),
+    (spec(vq(), ar(), distill("small", "ar", "autoregressive", distill={"student": {"tokenizer": "x"}})), "s.yaml: job 'small': distill.student.tokenizer: the student keeps the teacher's tokenizer; it may change dim, layers, heads, dropout"),
+    (spec(train("gan", family="gan"), distill("small", "gan", "gan", distill={"method": "kd"})), "s.yaml: job 'small': distill.method: family 'gan' distils with 'regress', not 'kd'"),
+    (spec(train(), {"name": "fast", "kind": "distill", "family": "ddpm", "teacher": "ddpm"}), "s.yaml: job 'fast': distill: required field is missing (family 'ddpm' distils with method 'progressive')"),
+    (spec(train(), distill(distill={"prediction": "eps"})), "s.yaml: job 'fast': distill.prediction: Input should be 'v' or 'x'"),
+    (spec(vq(), distill("vd", "vq", "vqgan")), "s.yaml: job 'vd': kind: family 'vqgan' cannot run kind 'distill'"),
+    (spec(ae(), ldm(), distill("ld", "ae", "ldm", distill={"teacher_steps": 64})), "s.yaml: job 'ld': teacher: job 'ae' is the autoencoder stage of 'ldm', which cannot be distilled (use its diffusion stage)"),
+    (spec(train(), distill(train={"steps": 5}, sample={"steps": 4})), "s.yaml: job 'fast': sample: not used by kind 'distill'"),
+    (spec(train(), distill(distill={"teacher_steps": 64}), sample(src="fast", sample={"sampler": "ancestral"})), "s.yaml: job 'grid': sample.sampler: job 'fast' is distilled for 4-step DDIM; sample it with sampler: ddim"),
+    (spec(train(), distill(data={"image_size": 28}, distill={"teacher_steps": 64})), "s.yaml: job 'fast': teacher: job 'ddpm' works on 1x16x16 images, this job's data is 1x28x28"),
 ])
 def test_bad_input_is_one_clear_line(data, expected):
     lines = errors(data)
@@ -223,6 +249,15 @@ def test_checkpoint_uris_are_checked_before_anything_runs():
         evaluate("e", ["s3://b/gan"], data={"image_size": 28})), "s.yaml"))
     with pytest.raises(SpecError) as info:
         check_uri_references(bad, read_meta)
+    metas["s3://b/ddpm"] = {"family": "ddpm", "kind": "train", "image_shape": [1, 16, 16],
+                            "model": {"timesteps": 1000, "prediction": "v"}}
+    teachers = build_plan(parse_spec(spec(
+        distill("a", "s3://b/ddpm", distill={"teacher_steps": 64}),
+        distill("b", "s3://b/ddpm"), distill("c", "s3://b/gan")), "s.yaml"))
+    with pytest.raises(SpecError) as distills:
+        check_uri_references(teachers, read_meta)
+    assert [line.split(": ")[2] for line in distills.value.lines] == [
+        "distill.student_steps", "teacher"]
     assert info.value.lines == [
         "s.yaml: job 'ar': model.tokenizer: s3://b/gan is a 'gan' train job; it must be a trained 'vqgan' model",
         "s.yaml: job 'ar2': model.tokenizer: cannot read a checkpoint at s3://b/none (no complete checkpoint under s3://b/none)",
@@ -234,7 +269,7 @@ def test_checkpoint_uris_are_checked_before_anything_runs():
 
 @pytest.mark.skipif(not (ROOT.parent / "shared" / "data").exists(), reason="no ../shared/data")
 def test_example_specs_validate():
-    for name in ("quickstart", "gan", "vqgan-ar", "ldm"):
+    for name in ("quickstart", "gan", "vqgan-ar", "ldm", "evaluate", "distill-ddpm", "distill-ar"):
         plan = build_plan(load_spec(ROOT / "jobspecs" / f"{name}.yaml"))
         assert plan.jobs
     plan = build_plan(load_spec(ROOT / "jobspecs" / "vqgan-ar.yaml"))

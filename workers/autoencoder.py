@@ -160,6 +160,8 @@ def load_first_stage(worker: Worker, name: str, field: str, families: tuple[str,
     Sampling (or any restore of the worker's own checkpoint) takes its configuration from that
     checkpoint, whose tensors then fill it. Training reads the autoencoder from the job or URI in
     the task's `field` (e.g. "model.tokenizer")."""
+    if name in worker.frozen:  # already there (a student built beside its teacher)
+        return worker.frozen[name]
     if worker.loading is not None:
         meta = worker.loading.meta["frozen"][name]
         ae = build_autoencoder(meta["family"], meta["model"], meta["image_shape"][0])

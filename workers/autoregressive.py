@@ -12,6 +12,7 @@ import torch
 
 from workers.autoencoder import encode_dataset, load_first_stage
 from workers.base import JobError, Worker
+from workers.nn.distillation import kd_loss
 from workers.nn.ema import EMA
 from workers.nn.transformer import Transformer
 
@@ -56,8 +57,23 @@ class ARWorker(Worker):
         self.optimize(loss, "net")
         return {"loss": loss.detach(), "perplexity": loss.detach().exp()}
 
+    def distill_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
+                     gen: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg, cond = self.job["distill"], labels if self.num_classes else None
+        with torch.no_grad():
+            teacher_logits = self.teacher["net"].logits(batch, cond)
+        losses = kd_loss(self.modules["net"].logits(batch, cond), teacher_logits, batch,
+                         temperature=cfg["temperature"], alpha=cfg["alpha"])
+        self.optimize(losses["loss"], "net")
+        return {k: v.detach() for k, v in losses.items()}
+
+    def teacher_generate(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return self.generate(n, None, gen, net=self.teacher["net"])
+
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 progress: Callable[[int, int], None] | None = None,
+                 net: torch.nn.Module | None = None) -> torch.Tensor:
+        """Images from `net` (default: this worker's EMA model)."""
         cfg = sample_cfg or {}
         labels = None
         if self.num_classes:
@@ -66,7 +82,7 @@ class ARWorker(Worker):
                 raise JobError(f"sample.label: {label} but the model has {self.num_classes} classes")
             labels = (torch.full((n,), label, device=self.device) if label is not None else
                       torch.arange(self._sampled, self._sampled + n, device=self.device) % self.num_classes)
-        net = self.sampling_module("net")
+        net = net or self.sampling_module("net")
         was_training = net.training
         net.eval()
         t0 = time.perf_counter()

@@ -10,6 +10,15 @@ and may override `prepare_data` (what the training batches are drawn from: e.g. 
 sequences instead of images). Modules another job trained and this one only uses (a tokenizer,
 a first-stage autoencoder) go in `self.frozen`: they are saved with every checkpoint, so a
 checkpoint is all a sampling job needs, and never trained.
+
+A family that can distil (`kind: distill`) also fills in
+
+    distill_step(batch, labels, gen)    one update of the student against `self.teacher`
+    teacher_generate(n, gen)            images from the teacher, for the side-by-side timing
+
+and may override `begin_distillation` (by default the student is the family's model with the
+`distill.student` changes, built fresh). Distillation runs the same loop, checkpoints and resume
+as training.
 """
 
 from __future__ import annotations
@@ -92,6 +101,10 @@ class Worker:
         self.frozen: dict[str, nn.Module] = {}
         self.frozen_meta: dict[str, dict[str, Any]] = {}  # name -> the checkpoint meta it came from
         self.loading: Checkpoint | None = None  # the checkpoint being restored for sampling
+        self.model_cfg: dict[str, Any] = self.job.get("model", {})  # what the checkpoints hold
+        self.teacher: dict[str, nn.Module] = {}  # distillation: the teacher's sampling modules
+        self.teacher_meta: dict[str, Any] = {}  # ...and where it came from
+        self.total_steps = 0  # training (or distillation) steps of the whole job
         self.image_shape: tuple[int, int, int] = (1, 16, 16)
         self.step = 0  # the training step being run
         self.tokens_per_item = 0  # set by token models: training then logs tokens/s
@@ -112,6 +125,37 @@ class Worker:
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def distill_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
+                     gen: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"family '{self.family}' cannot distil")
+
+    def teacher_generate(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def begin_distillation(self, teacher: Checkpoint) -> None:
+        """Called with the teacher restored as this worker's own model (`load_for_sampling`):
+        keep its sampling modules as `self.teacher` and build the student in their place."""
+        from orchestrator.spec import distill_section
+
+        self.teacher = {name: self.sampling_module(name) for name in self.modules}
+        self.model_cfg = distill_section(self.family).student_model(teacher.meta["model"],
+                                                                     self.job["distill"])
+        self.build(self.model_cfg, self.image_shape)
+
+    def distill_metrics(self) -> dict[str, float]:
+        """Metrics of a finished distillation beyond the side-by-side comparison."""
+        return {}
+
+    def learning_rate(self, step: int, cfg: dict[str, Any]) -> float:
+        """The learning rate of `step`: linear warm-up, then constant."""
+        return cfg["lr"] * min(1.0, step / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
+
+    def end_step(self, step: int) -> None:
+        """Called after each step's EMA update, before the step's checkpoint and grid."""
+
+    def checkpoint_due(self, step: int, cfg: dict[str, Any]) -> bool:
+        return bool(cfg.get("checkpoint_every")) and step % cfg["checkpoint_every"] == 0
 
     def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,9 +211,9 @@ class Worker:
         return {
             "family": self.family, "kind": self.task.kind, "job": self.task.name,
             "hash": self.task.job_hash, "code_version": self.task.code_version, "step": step,
-            "model": self.job.get("model", {}), "image_shape": list(self.image_shape),
+            "model": self.model_cfg, "image_shape": list(self.image_shape),
             "data": self.job.get("data"), "data_key": self.task.data_key,
-            "frozen": self.frozen_meta,
+            "frozen": self.frozen_meta, **({"teacher": self.teacher_meta} if self.teacher_meta else {}),
         }
 
     def _encode_checkpoint(self, step: int) -> EncodedCheckpoint:
@@ -222,16 +266,58 @@ class Worker:
         self.storage.put_bytes(RESULT, json.dumps(result, indent=2).encode())
         return result
 
-    # ---- training -------------------------------------------------------------------------
+    # ---- training and distillation --------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        return self._fit(lambda: self.build(self.model_cfg, self.image_shape), self.train_step,
+                         self.final_metrics)
+
+    def distill(self) -> dict[str, Any]:
+        return self._fit(self._load_teacher, self.distill_step, self._compare_with_teacher)
+
+    def _load_teacher(self) -> None:
+        shape = self.image_shape
+        ckpt = self.load_for_sampling(self.task.refs["teacher"])
+        if tuple(ckpt.meta["image_shape"]) != shape:
+            raise JobError(f"teacher: {ckpt.uri} works on {ckpt.meta['image_shape']} images, the "
+                           f"data is {list(shape)}")
+        self.teacher_meta = {"uri": ckpt.uri, "job": ckpt.meta.get("job"),
+                             "hash": ckpt.meta.get("hash"), "step": ckpt.step}
+        self.begin_distillation(ckpt)
+        self.loading = None
+        for module in self.teacher.values():
+            module.eval().requires_grad_(False)
+        self.log.set_tags({"genforge.teacher": ckpt.uri})
+
+    def _compare_with_teacher(self) -> dict[str, float]:
+        """Parameters and sampling time per image of teacher and student, side by side on the
+        same device, batch and seed."""
+        n = self.job["train"]["sample_images"]
+
+        def seconds_per_image(generate: Callable[[int, torch.Generator], torch.Tensor]) -> float:
+            with torch.no_grad():
+                generate(n, self._generator(0))  # warm-up: one-time allocations
+                t0 = time.perf_counter()
+                generate(n, self._generator(0))
+            return (time.perf_counter() - t0) / n
+
+        student_s = seconds_per_image(lambda k, g: self.generate(k, None, g))
+        teacher_s = seconds_per_image(self.teacher_generate)
+        count = lambda modules: sum(p.numel() for m in modules.values() for p in m.parameters())  # noqa: E731
+        return {"teacher_params": count(self.teacher), "student_params": count(self.modules),
+                "teacher_s_per_image": teacher_s, "student_s_per_image": student_s,
+                "speedup": teacher_s / student_s, **self.distill_metrics()}
+
+    def _fit(self, build: Callable[[], None], step_fn: Callable[..., dict[str, torch.Tensor]],
+             final_metrics: Callable[[], dict[str, float]]) -> dict[str, Any]:
         cfg, data = self.job["train"], self.job["data"]
+        self.total_steps = cfg["steps"]
         self._progress.update(phase="loading data", total=cfg["steps"])
         x, labels = load_images(self.root, self.task.data_key, image_size=data["image_size"],
                                 channels=data["channels"], limit=data.get("limit"))
         x = x.to(self.device)
         labels = labels.to(self.device) if labels is not None else None
         self.image_shape = tuple(x.shape[1:])
-        self.build(self.job["model"], self.image_shape)
+        build()
         for module in self.frozen.values():
             module.eval().requires_grad_(False)
         x, labels = self.prepare_data(x, labels)
@@ -253,26 +339,28 @@ class Worker:
         writer = CheckpointWriter(self._encode_checkpoint, self._upload_checkpoint)
         started = time.time()
         try:
-            step = self._train_loop(x, labels, start, cfg, writer)
+            step = self._train_loop(x, labels, start, cfg, writer, step_fn)
             loop_s = time.time() - started
             writer.submit(step)
             uri = writer.wait()
         finally:
             writer.close()
         timing = {"started_unix": started, "loop_s": loop_s, "steps_run": step - start}
-        if step < cfg["steps"]:  # asked to stop: the checkpoint is saved, the job is not done
+        if step < self.total_steps:  # asked to stop: the checkpoint is saved, the job is not done
             return {"status": "stopped", "step": step, "checkpoint": uri}
         self._progress.update(phase="sampling")
-        final = self.final_metrics()
+        final = final_metrics()
         if final:
             self.log.log_metrics(final, step)
         self._log_grid(step, cfg["sample_images"])
-        return self._finish({"status": "finished", "kind": "train", "step": step,
+        return self._finish({"status": "finished", "kind": self.task.kind, "step": step,
                              "checkpoint": uri, "timing": timing, "metrics": final})
 
     def _train_loop(self, x: torch.Tensor, labels: torch.Tensor | None, start: int,
-                    cfg: dict[str, Any], writer: CheckpointWriter) -> int:
-        steps, bs = cfg["steps"], cfg["batch_size"]
+                    cfg: dict[str, Any], writer: CheckpointWriter,
+                    step_fn: Callable[..., dict[str, torch.Tensor]]) -> int:
+        steps, bs = self.total_steps, cfg["batch_size"]
+        self._progress["total"] = steps
         gen = torch.Generator(device=self.device)
         for module in self.modules.values():
             module.train()
@@ -283,14 +371,15 @@ class Worker:
             # Seeded per step: a resumed job draws exactly the batches it would have drawn.
             gen.manual_seed(cfg["seed"] * 1_000_003 + step)
             idx = torch.randint(len(x), (min(bs, len(x)),), generator=gen, device=self.device)
-            lr = cfg["lr"] * min(1.0, step / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
+            lr = self.learning_rate(step, cfg)
             for opt in self.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = lr
             self.step = step
-            losses = self.train_step(x[idx], labels[idx] if labels is not None else None, gen)
+            losses = step_fn(x[idx], labels[idx] if labels is not None else None, gen)
             for name, ema in self.emas.items():
                 ema.update(self.modules[name])
+            self.end_step(step)
             window_steps += 1
             self._progress["step"] = step
 
@@ -310,7 +399,7 @@ class Worker:
                 window_start, window_steps = time.perf_counter(), 0
             if self._stop.is_set():
                 return step
-            if cfg.get("checkpoint_every") and step % cfg["checkpoint_every"] == 0 and step < steps:
+            if step < steps and self.checkpoint_due(step, cfg):
                 writer.submit(step)
             if cfg.get("sample_every") and step % cfg["sample_every"] == 0 and step < steps:
                 self._log_grid(step, cfg["sample_images"])
@@ -327,7 +416,8 @@ class Worker:
             raise JobError(f"{ckpt.uri} holds a '{family}' model, not '{self.family}'")
         self.image_shape = tuple(ckpt.meta["image_shape"])
         self.loading = ckpt
-        self.build(ckpt.meta["model"], self.image_shape)
+        self.model_cfg = ckpt.meta["model"]
+        self.build(self.model_cfg, self.image_shape)
         self._restore(ckpt, weights_only=True)
         for module in [*self.modules.values(), *(e.module for e in self.emas.values()),
                        *self.frozen.values()]:

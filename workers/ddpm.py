@@ -1,14 +1,27 @@
-"""DDPM (Ho et al. 2020): an ε-prediction U-Net, trained with Algorithm 1, sampled with the
-ancestral sampler (Algorithm 2) or DDIM, from the EMA weights."""
+"""DDPM (Ho et al. 2020): a U-Net predicting ε (or v, or x_0), trained with Algorithm 1, sampled
+with the ancestral sampler (Algorithm 2) or DDIM, from the EMA weights.
+
+Distillation is progressive (Salimans & Ho 2022; `workers/diffusion/progressive.py`): the
+student starts as the teacher's EMA weights and, round by round, learns to match two DDIM steps
+of the round's teacher with one; at the end of a round it becomes the next round's teacher. A
+distilled checkpoint records `prediction` and `distilled_steps` in its model section, and
+samples with that many DDIM steps on the "trailing" grid it was distilled on.
+"""
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
+from orchestrator.checkpoints import Checkpoint
+from orchestrator.spec import distill_rounds
 from workers.base import Worker
 from workers.diffusion.losses import ddpm_loss
+from workers.diffusion.parameterization import eps_model
+from workers.diffusion.progressive import progressive_loss, round_of
 from workers.diffusion.samplers import make_sampler, sample
 from workers.diffusion.schedules import make_schedule
 from workers.nn.ema import EMA
@@ -19,6 +32,7 @@ PREVIEW_STEPS = 50  # DDIM steps for the grids logged during training
 
 class DDPMWorker(Worker):
     family = "ddpm"
+    clip_x0 = True  # pixels live in [-1, 1]; latents (ldm) do not
 
     def build(self, model_cfg: dict[str, Any], image_shape: tuple[int, int, int]) -> None:
         self.build_diffusion(model_cfg, image_shape)
@@ -42,30 +56,140 @@ class DDPMWorker(Worker):
         ).to(self.device)
         decay = self.job.get("train", {}).get("ema_decay", 0.999)
         self.emas = {"net": EMA(net, decay=decay)}
+        self.set_sampling(model_cfg.get("prediction", "eps"), model_cfg.get("distilled_steps"))
+
+    def set_sampling(self, prediction: str, distilled_steps: int | None) -> None:
+        """What the network predicts, and how it samples when a job does not say: a distilled
+        model with its own steps on the trailing grid, else every timestep (previews: 50)."""
+        self.prediction = prediction
+        self.distilled_steps = distilled_steps
+        self.spacing = "trailing" if distilled_steps else "linspace"
 
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
         self.optimizers = {"net": torch.optim.Adam(self.modules["net"].parameters(), lr=train_cfg["lr"])}
 
     def train_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
                    gen: torch.Generator) -> dict[str, torch.Tensor]:
-        loss = ddpm_loss(self.modules["net"], self.schedule, batch, generator=gen)
+        loss = ddpm_loss(self.modules["net"], self.schedule, batch, generator=gen,
+                         prediction=self.prediction)
         self.optimize(loss, "net")
         return {"loss": loss.detach()}
 
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         if sample_cfg is None:
-            name, steps, eta = "ddim", min(PREVIEW_STEPS, self.schedule.timesteps), 0.0
+            name, eta, spacing = "ddim", 0.0, self.spacing
+            steps = self.distilled_steps or min(PREVIEW_STEPS, self.schedule.timesteps)
         else:
-            name, steps, eta = sample_cfg["sampler"], sample_cfg["steps"], sample_cfg["eta"]
-            steps = steps or self.schedule.timesteps
-        kwargs = {"eta": eta} if name == "ddim" else {}
-        sampler = make_sampler(name, self.schedule, **kwargs)
-        net = self.sampling_module("net")
+            name, steps, eta = sample_cfg["sampler"], sample_cfg.get("steps"), sample_cfg["eta"]
+            steps = steps or self.distilled_steps or self.schedule.timesteps
+            spacing = sample_cfg.get("spacing") or self.spacing
+        return self.decode(self.diffuse(self.sampling_module("net"), self.prediction, n,
+                                        name, steps, eta, spacing, gen, progress))
+
+    def diffuse(self, net: nn.Module, prediction: str, n: int, sampler: str, steps: int,
+                eta: float, spacing: str, gen: torch.Generator,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Run a reverse process with `net` from pure noise."""
+        kwargs = {"eta": eta} if sampler == "ddim" else {}
+        chain = make_sampler(sampler, self.schedule, clip_x0=self.clip_x0, **kwargs)
         was_training = net.training
         net.eval()
         try:
-            return sample(net, sampler, (n, *self.sample_shape), num_steps=steps, generator=gen,
-                          device=self.device, progress=progress)
+            return sample(eps_model(net, self.schedule, prediction), chain,
+                          (n, *self.sample_shape), num_steps=steps, spacing=spacing,
+                          generator=gen, device=self.device, progress=progress)
         finally:
             net.train(was_training)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from what the diffusion runs over (pixels here)."""
+        return x
+
+    # ---- progressive distillation -------------------------------------------------------
+    def begin_distillation(self, teacher: Checkpoint) -> None:
+        cfg = self.job["distill"]
+        teacher_model = teacher.meta["model"]
+        self.teacher_prediction = teacher_model.get("prediction", "eps")
+        self.start_steps = (cfg["teacher_steps"] or teacher_model.get("distilled_steps")
+                            or teacher_model["timesteps"])
+        self.rounds = distill_rounds(self.start_steps, cfg["student_steps"])
+        self.steps_per_round = self.job["train"]["steps"]
+        self.total_steps = self.rounds * self.steps_per_round
+        original = copy.deepcopy(self.sampling_module("net")).eval().requires_grad_(False)
+        self.teacher = {"net": original}
+        student = self.modules["net"]
+        student.load_state_dict(original.state_dict())
+        self.emas = {"net": EMA(student, decay=self.job["train"]["ema_decay"])}
+        # The teacher of the running round, saved with every checkpoint so that a resumed
+        # round goes on against the same teacher.
+        self.frozen["round_teacher"] = copy.deepcopy(original)
+        self.frozen_meta["round_teacher"] = {"role": "the teacher of the round being trained"}
+        self._round = -1
+        self.log.set_tags({"genforge.distill.rounds": str(self.rounds),
+                           "genforge.distill.teacher_steps": str(self.start_steps)})
+
+    def _round_steps(self, r: int) -> tuple[int, int]:
+        """(teacher steps, student steps) of round `r`."""
+        return self.start_steps // 2**r, self.start_steps // 2 ** (r + 1)
+
+    def _enter_round(self, r: int) -> None:
+        self._round = r
+        student_steps = self._round_steps(r)[1]
+        prediction = self.job["distill"]["prediction"]
+        self.model_cfg = {**self.model_cfg, "prediction": prediction,
+                          "distilled_steps": student_steps}
+        self.set_sampling(prediction, student_steps)
+        self._round_loss = [torch.zeros(()), 0]
+
+    def learning_rate(self, step: int, cfg: dict[str, Any]) -> float:
+        if self.task.kind != "distill":
+            return super().learning_rate(step, cfg)
+        # each round: warm-up, then linear decay to zero (Salimans & Ho)
+        local = step - round_of(step, self.steps_per_round) * self.steps_per_round
+        return super().learning_rate(local, cfg) * (1 - (local - 1) / self.steps_per_round)
+
+    def distill_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
+                     gen: torch.Generator) -> dict[str, torch.Tensor]:
+        r = round_of(self.step, self.steps_per_round)
+        if r != self._round:
+            self._enter_round(r)
+        teacher_steps, student_steps = self._round_steps(r)
+        loss = progressive_loss(
+            self.modules["net"], self.prediction, self.frozen["round_teacher"],
+            self.teacher_prediction if r == 0 else self.prediction, self.schedule, batch,
+            teacher_steps, clip=self.clip_x0, generator=gen)
+        self.optimize(loss, "net")
+        self._round_loss[0] += loss.detach().cpu()
+        self._round_loss[1] += 1
+        return {"loss": loss.detach(), "round": torch.tensor(r + 1.0),
+                "student_steps": torch.tensor(float(student_steps))}
+
+    def end_step(self, step: int) -> None:
+        if self.task.kind != "distill" or step % self.steps_per_round:
+            return
+        total, count = self._round_loss
+        self.log.log_metrics({"round_loss": float(total) / max(count, 1),
+                              "round_student_steps": self._round_steps(self._round)[1]},
+                             self._round + 1)
+        if step == self.total_steps:
+            return
+        # Round over: its student (EMA weights) is the next round's teacher and student.
+        averaged = self.emas["net"].module.state_dict()
+        self.frozen["round_teacher"].load_state_dict(averaged)
+        self.modules["net"].load_state_dict(averaged)
+        self.emas["net"] = EMA(self.modules["net"], decay=self.job["train"]["ema_decay"])
+        self._log_grid(step, self.job["train"]["sample_images"])
+        self.modules["net"].train()
+
+    def checkpoint_due(self, step: int, cfg: dict[str, Any]) -> bool:
+        round_end = self.task.kind == "distill" and step % self.steps_per_round == 0
+        return round_end or super().checkpoint_due(step, cfg)
+
+    def teacher_generate(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return self.decode(self.diffuse(self.teacher["net"], self.teacher_prediction, n, "ddim",
+                                        self.start_steps, 0.0, "trailing", gen))
+
+    def distill_metrics(self) -> dict[str, float]:
+        return {"teacher_sampling_steps": self.start_steps,
+                "student_sampling_steps": self.distilled_steps}

@@ -8,9 +8,11 @@ from typing import Any, Callable
 
 import torch
 
+from orchestrator.checkpoints import Checkpoint
 from workers.base import Worker
 from workers.nn.adversarial import discriminator_loss, generator_loss
 from workers.nn.dcgan import Discriminator, Generator
+from workers.nn.distillation import regression_loss
 from workers.nn.ema import EMA
 
 
@@ -53,9 +55,35 @@ class GANWorker(Worker):
             "d_fake": torch.sigmoid(fake_logits).mean().detach(),
         }
 
+    def begin_distillation(self, teacher: Checkpoint) -> None:
+        super().begin_distillation(teacher)
+        # The student is a generator only; the teacher's discriminator stays as a frozen critic.
+        self.critic = self.teacher.pop("d")
+        del self.modules["d"]
+
+    def distill_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
+                     gen: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg = self.job["distill"]
+        z = self._z(len(batch), gen)
+        with torch.no_grad():
+            target = self.teacher["g"](z)
+        fake = self.modules["g"](z)
+        regress = regression_loss(fake, target, cfg["loss"])
+        losses = {"regress": regress}
+        if cfg["adversarial_weight"]:
+            losses["adversarial"] = generator_loss(self.critic(fake), self.cfg["loss"])
+        loss = regress + cfg["adversarial_weight"] * losses.get("adversarial", 0.0)
+        self.optimize(loss, "g")
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def teacher_generate(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return self.generate(n, None, gen, g=self.teacher["g"])
+
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        g = self.sampling_module("g")
+                 progress: Callable[[int, int], None] | None = None,
+                 g: torch.nn.Module | None = None) -> torch.Tensor:
+        """Images from generator `g` (default: this worker's EMA generator)."""
+        g = g or self.sampling_module("g")
         was_training = g.training
         g.eval()
         try:

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,9 +28,12 @@ class KLAutoencoderWorker(AutoencoderWorker):
 
 class LDMWorker(DDPMWorker):
     family = "ldm"
+    clip_x0 = False  # latents are not bounded: x_0 predictions are not clipped to [-1, 1]
 
     @classmethod
     def for_task(cls, task: Task) -> type[Worker]:
+        if task.kind == "distill":
+            return cls  # the diffusion stage (validated)
         if task.kind == "train":
             stage = task.job["model"].get("stage", "diffusion")
         else:
@@ -51,7 +54,5 @@ class LDMWorker(DDPMWorker):
         self.log.set_tags({"genforge.latent_scale": f"{float(self.ae.latent_scale):.6g}"})
         return latents * self.ae.latent_scale, labels
 
-    def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        z = super().generate(n, sample_cfg, gen, progress)
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.ae.decode_latents(z / self.ae.latent_scale).clamp(-1, 1)

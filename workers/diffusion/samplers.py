@@ -1,6 +1,6 @@
 """Reverse-process samplers behind one interface (diffusers habit):
 
-    sampler.set_timesteps(n)                      # descending ints in [0, T-1]
+    sampler.set_timesteps(n[, spacing])           # descending ints in [0, T-1]
     x = sampler.step(eps, t, t_prev, x, generator=g)
 
 ``t_prev`` is the next (smaller) timestep of the chosen subsequence, or None at the
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from typing import Callable, Literal
+
+Spacing = Literal["linspace", "trailing"]
 
 import torch
 from torch import Tensor
@@ -31,13 +33,12 @@ class Sampler:
         # Python floats: the per-step coefficients are scalars and must not sync with an accelerator.
         self._alphas_cumprod: list[float] = schedule.alphas_cumprod.double().cpu().tolist()
 
-    def set_timesteps(self, num_steps: int) -> None:
-        """Evenly spaced timesteps from T-1 down to 0, so sampling always starts at pure noise."""
-        T = self.schedule.timesteps
-        if not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-        # Spacing (T-1)/(n-1) >= 1, so rounding never produces duplicates.
-        self.timesteps = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long().tolist()
+    def set_timesteps(self, num_steps: int, spacing: Spacing = "linspace") -> None:
+        """Descending timesteps that start at T-1, so sampling always starts at pure noise:
+        "linspace" spaces them evenly down to 0; "trailing" ends at T/n - 1 instead, which makes
+        the grid of n steps every other timestep of the grid of 2n (what progressive
+        distillation halves)."""
+        self.timesteps = timestep_grid(self.schedule.timesteps, num_steps, spacing)
 
     def alpha_bar(self, t: int | None) -> float:
         return 1.0 if t is None else self._alphas_cumprod[t]
@@ -49,6 +50,18 @@ class Sampler:
 
     def step(self, eps: Tensor, t: int, t_prev: int | None, x_t: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
+
+
+def timestep_grid(T: int, num_steps: int, spacing: Spacing = "linspace") -> list[int]:
+    """The `num_steps` timesteps of a sampler over a schedule of T, descending from T-1."""
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    if spacing == "trailing":
+        return [round(T - i * T / num_steps) - 1 for i in range(num_steps)]
+    if spacing != "linspace":
+        raise ValueError(f"spacing must be 'linspace' or 'trailing', got {spacing!r}")
+    # Spacing (T-1)/(n-1) >= 1, so rounding never produces duplicates.
+    return torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long().tolist()
 
 
 class AncestralSampler(Sampler):
@@ -124,12 +137,13 @@ def sample(
     shape: tuple[int, ...],
     *,
     num_steps: int,
+    spacing: Spacing = "linspace",
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Run the reverse process from x_T ~ N(0, I); ``progress(i, n)`` after step i of n (1-based)."""
-    sampler.set_timesteps(num_steps)
+    sampler.set_timesteps(num_steps, spacing)
     timesteps = sampler.timesteps
     x = torch.randn(shape, generator=generator, device=device)
     for i, t in enumerate(timesteps):

@@ -93,11 +93,16 @@ class Transformer(nn.Module):
             new_cache.append(kv)
         return self.head(self.ln(x)), new_cache
 
+    def logits(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
+        """(B, L, vocab) next-token logits of a (B, L) batch of token sequences (teacher
+        forcing): position i predicts tokens[:, i]."""
+        start = self.start_tokens(len(tokens), labels if self.num_classes else None, tokens.device)
+        return self(torch.cat([start, tokens[:, :-1]], dim=1))[0]
+
     def loss(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
         """Next-token cross-entropy over a (B, L) batch of token sequences."""
-        start = self.start_tokens(len(tokens), labels if self.num_classes else None, tokens.device)
-        logits, _ = self(torch.cat([start, tokens[:, :-1]], dim=1))
-        return F.cross_entropy(logits.reshape(-1, self.vocab_size), tokens.reshape(-1))
+        return F.cross_entropy(self.logits(tokens, labels).reshape(-1, self.vocab_size),
+                               tokens.reshape(-1))
 
     @torch.no_grad()
     def generate(self, n: int, *, labels: Tensor | None = None, temperature: float = 1.0,

@@ -1,0 +1,288 @@
+"""Distillation: the progressive-distillation math, the KD loss, and distill jobs of every
+method run in-process (orchestrator/inprocess.py) on file:// storage."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator.checkpoints import load_checkpoint, resolve_checkpoint_uri
+from orchestrator.inprocess import run_jobs
+from orchestrator.storage import open_storage
+from workers.diffusion.parameterization import PREDICTIONS, alpha_sigma, to_eps, to_x0, training_target
+from workers.diffusion.progressive import (
+    END, progressive_loss, student_grid_points, student_step, two_step_target)
+from workers.diffusion.samplers import DDIMSampler, sample, timestep_grid
+from workers.diffusion.schedules import make_schedule
+from workers.nn.distillation import kd_loss
+from workers.nn.unet import UNet
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- diffusion pieces -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_parameterizations_convert_exactly(prediction):
+    s = make_schedule("cosine", 100)
+    x0, eps = torch.randn(6, 1, 4, 4, generator=gen(0)), torch.randn(6, 1, 4, 4, generator=gen(1))
+    t = torch.tensor([0, 10, 50, 90, 98, 99])
+    alpha, sigma = alpha_sigma(s, t, x0)
+    x_t = alpha * x0 + sigma * eps
+    out = training_target(prediction, x0, eps, alpha, sigma)
+    assert torch.allclose(to_x0(prediction, out, x_t, alpha, sigma), x0, atol=1e-3)
+    assert torch.allclose(to_eps(prediction, out, x_t, alpha, sigma), eps, atol=1e-3)
+
+
+@pytest.mark.parametrize("T, n", [(1000, 64), (1000, 8), (100, 4), (1000, 2)])
+def test_trailing_grids_halve_into_each_other(T, n):
+    grid = timestep_grid(T, n, "trailing")
+    assert grid[0] == T - 1 and len(set(grid)) == n and grid == sorted(grid, reverse=True)
+    assert grid[0::2] == timestep_grid(T, n // 2, "trailing")
+
+
+def test_two_step_target_puts_the_student_on_the_teachers_point():
+    """A student whose x_0 prediction is x̃ lands in one DDIM step exactly where the teacher's two
+    steps land, at every point of the grid, the last (to the clean image) included."""
+    s = make_schedule("cosine", 100)
+    teacher = UNet(in_channels=1, image_size=8, channels=8, channel_mult=(1,)).eval()
+    z = torch.randn(8, 1, 8, 8, generator=gen(0))
+    t, t1, t2 = student_grid_points(s, 8, 8, gen(1), torch.device("cpu"))
+    t2 = torch.cat([t2[:-1], torch.tensor([END])])
+    t[-1], t1[-1] = 24, 12  # trailing grid of 8 over 100 steps: ..., 24, 12 -> end
+    target, z2 = two_step_target(teacher, "eps", s, z, t, t1, t2, clip=False)
+    oracle = lambda z_t, tt: target  # noqa: E731 - predicts x_0 = x̃
+    landed = student_step(oracle, "x", s, z, t, t2, clip=False)
+    assert torch.allclose(landed, z2, atol=1e-4)
+
+
+def test_one_round_lowers_the_students_one_step_error():
+    """One progressive-distillation round on a tiny model: the student's single DDIM step gets
+    closer to its teacher's two steps than it was when it started as the teacher."""
+    torch.manual_seed(0)
+    s = make_schedule("cosine", 100)
+    teacher = UNet(in_channels=1, image_size=8, channels=8, channel_mult=(1,)).eval()
+    teacher.requires_grad_(False)
+    student = UNet(in_channels=1, image_size=8, channels=8, channel_mult=(1,))
+    student.load_state_dict(teacher.state_dict())
+    from sklearn.datasets import load_digits
+
+    data = torch.from_numpy(load_digits().images[:256]).float()[:, None] / 8.0 - 1.0
+
+    def one_step_error() -> float:
+        g = gen(123)
+        t, t1, t2 = student_grid_points(s, 8, 256, g, torch.device("cpu"))
+        alpha, sigma = alpha_sigma(s, t, data)
+        z = alpha * data + sigma * torch.randn(data.shape, generator=g)
+        _, z2 = two_step_target(teacher, "v", s, z, t, t1, t2, clip=True)
+        with torch.no_grad():
+            return float((student_step(student, "v", s, z, t, t2, clip=True) - z2).square().mean())
+
+    before = one_step_error()
+    opt = torch.optim.Adam(student.parameters(), lr=2e-3)
+    g = gen(7)
+    for _ in range(150):
+        batch = data[torch.randint(len(data), (32,), generator=g)]
+        loss = progressive_loss(student, "v", teacher, "v", s, batch, 8, clip=True, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = one_step_error()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_sample_takes_the_trailing_grid():
+    s = make_schedule("linear", 100)
+    seen = []
+    sample(lambda x, t: seen.append(int(t[0])) or torch.zeros_like(x), DDIMSampler(s), (2, 1, 4, 4),
+           num_steps=4, spacing="trailing")
+    assert seen == [99, 74, 49, 24]
+
+
+# ---- knowledge distillation ----------------------------------------------------------------
+
+def test_kd_loss_is_the_closed_form_kl_and_cross_entropy():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]])  # teacher, two positions
+    q = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])  # student
+    targets = torch.tensor([0, 2])
+    kl = lambda a, b: float((a * (a / b).log()).sum(-1).mean())  # noqa: E731
+    soften = lambda d, T: (d.log() / T).softmax(-1)  # noqa: E731
+    ce = float(-(q[[0, 1], targets]).log().mean())
+
+    plain = kd_loss(q.log(), p.log(), targets, temperature=1.0, alpha=0.0)
+    assert math.isclose(float(plain["loss"]), kl(p, q), rel_tol=1e-5)
+    hot = kd_loss(q.log(), p.log(), targets, temperature=2.0, alpha=0.0)
+    assert math.isclose(float(hot["kl"]), kl(soften(p, 2), soften(q, 2)), rel_tol=1e-5)
+    assert math.isclose(float(hot["loss"]), 4 * kl(soften(p, 2), soften(q, 2)), rel_tol=1e-5)
+    mixed = kd_loss(q.log(), p.log(), targets, temperature=2.0, alpha=0.3)
+    assert math.isclose(float(mixed["ce"]), ce, rel_tol=1e-5)
+    assert math.isclose(float(mixed["loss"]), 0.3 * ce + 0.7 * 4 * kl(soften(p, 2), soften(q, 2)),
+                        rel_tol=1e-5)
+    same = kd_loss(p.log(), p.log(), targets, temperature=3.0, alpha=0.0)
+    assert float(same["loss"]) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- distill jobs in-process ---------------------------------------------------------------
+
+TRAIN = {"batch_size": 16, "log_every": 2, "sample_images": 4, "lr": 1e-3}
+AE = {"channels": 8, "channel_mult": [1, 2], "disc_weight": 0}
+
+
+def distill_spec() -> dict:
+    return {
+        "experiment": "distill", "defaults": {"data": {"dataset": "digits", "image_size": 16,
+                                                       "limit": 400}, "train": TRAIN},
+        "jobs": [
+            {"name": "ddpm", "kind": "train", "family": "ddpm", "train": {"steps": 6},
+             "model": {"channels": 8, "channel_mult": [1, 2], "timesteps": 64, "prediction": "v"}},
+            {"name": "fast", "kind": "distill", "family": "ddpm", "teacher": "ddpm",
+             "distill": {"method": "progressive", "teacher_steps": 8, "student_steps": 2},
+             "train": {"steps": 4}},
+            {"name": "fast-grid", "kind": "sample", "family": "ddpm", "from": "fast",
+             "sample": {"num_images": 3}},
+            {"name": "gan", "kind": "train", "family": "gan", "train": {"steps": 4},
+             "model": {"z_dim": 16, "g_width": 16, "d_width": 8}},
+            {"name": "small-gan", "kind": "distill", "family": "gan", "teacher": "gan",
+             "distill": {"method": "regress", "student": {"g_width": 4}, "loss": "l2",
+                         "adversarial_weight": 0.1}, "train": {"steps": 30}},
+            {"name": "vq", "kind": "train", "family": "vqgan", "train": {"steps": 4},
+             "model": {**AE, "latent_channels": 8, "codebook_size": 16}},
+            {"name": "ar", "kind": "train", "family": "autoregressive", "train": {"steps": 4},
+             "model": {"tokenizer": "vq", "dim": 32, "layers": 2, "heads": 2,
+                       "class_conditional": True}},
+            {"name": "small-ar", "kind": "distill", "family": "autoregressive", "teacher": "ar",
+             "distill": {"method": "kd", "student": {"dim": 16, "layers": 1}, "temperature": 2.0,
+                         "alpha": 0.5}, "train": {"steps": 20}},
+            {"name": "small-ar-grid", "kind": "sample", "family": "autoregressive",
+             "from": "small-ar", "sample": {"num_images": 3}},
+        ]}
+
+
+TEACHERS = {"fast": "ddpm", "small-gan": "gan", "small-ar": "ar"}
+
+
+def digest(store, prefix: str) -> dict[str, str]:
+    return {k: hashlib.sha256(store.get_bytes(k)).hexdigest() for k in store.list(prefix)}
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    spec = distill_spec()
+    teachers = run_jobs(tmp, spec, only=["ddpm", "gan", "vq", "ar"])
+    store = open_storage(f"file://{tmp / 'store'}")
+    before = {t: digest(store, f"distill/{t}/") for t in TEACHERS.values()}
+    results = run_jobs(tmp, spec, only=["fast", "fast-grid", "small-gan", "small-ar",
+                                        "small-ar-grid"])
+    after = {t: digest(store, f"distill/{t}/") for t in TEACHERS.values()}
+    return tmp, teachers, results, before, after
+
+
+def load(result: dict):
+    return load_checkpoint(*resolve_checkpoint_uri(result["checkpoint"].rsplit("/checkpoints/", 1)[0]))
+
+
+@pytest.mark.parametrize("student", list(TEACHERS))
+def test_distill_leaves_the_teacher_untouched_and_reports_both(distilled, student):
+    tmp, teachers, results, before, after = distilled
+    teacher = TEACHERS[student]
+    assert before[teacher] == after[teacher] and before[teacher]  # byte for byte
+    result = results[student]
+    assert result["status"] == "finished" and result["kind"] == "distill"
+    m = result["metrics"]
+    assert m["teacher_s_per_image"] > 0 and m["student_s_per_image"] > 0
+    assert m["speedup"] == pytest.approx(m["teacher_s_per_image"] / m["student_s_per_image"])
+    ckpt, teacher_ckpt = load(result), load(teachers[teacher])
+    assert ckpt.meta["kind"] == "distill" and ckpt.meta["family"] == teacher_ckpt.meta["family"]
+    assert ckpt.meta["teacher"]["uri"] == teacher_ckpt.uri
+    run = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(results["_runs"][student])
+    assert run.data.tags["genforge.teacher"].startswith("file://")
+    assert run.data.metrics["student_params"] == m["student_params"]
+
+
+def test_smaller_students_have_fewer_parameters(distilled):
+    _, _, results, _, _ = distilled
+    for student in ("small-gan", "small-ar"):
+        m = results[student]["metrics"]
+        assert m["student_params"] < m["teacher_params"] / 2
+    m = results["fast"]["metrics"]
+    assert m["student_params"] == m["teacher_params"]  # same network, fewer steps
+    assert (m["teacher_sampling_steps"], m["student_sampling_steps"]) == (8, 2)
+
+
+def test_progressive_rounds_are_checkpointed_and_the_student_samples_in_its_steps(distilled):
+    tmp, _, results, _, _ = distilled
+    result = results["fast"]
+    assert result["step"] == 8  # 8 -> 4 -> 2: two rounds of 4 steps
+    store = open_storage(result["checkpoint"].rsplit("/checkpoints/", 1)[0])
+    steps = sorted({k.split("/")[1] for k in store.list("checkpoints/step-")})
+    assert steps == ["step-000004", "step-000008"]
+    ckpt = load(result)
+    assert ckpt.meta["model"]["prediction"] == "v" and ckpt.meta["model"]["distilled_steps"] == 2
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    rounds = client.get_metric_history(results["_runs"]["fast"], "round_student_steps")
+    assert sorted((m.step, m.value) for m in rounds) == [(1, 4.0), (2, 2.0)]
+    assert len(client.get_metric_history(results["_runs"]["fast"], "round_loss")) == 2
+    assert results["fast-grid"]["num_images"] == 3
+
+
+def test_students_learn_their_teachers(distilled):
+    tmp, _, results, _, _ = distilled
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    for student, key in (("small-gan", "regress"), ("small-ar", "kl")):
+        history = sorted(client.get_metric_history(results["_runs"][student], key),
+                         key=lambda m: m.step)
+        assert history[-1].value < 0.8 * history[0].value, (student, [m.value for m in history])
+    assert results["small-ar-grid"]["metrics"]["tokens_per_s"] > 0
+
+
+def test_a_resumed_distillation_continues_from_the_last_finished_round(tmp_path, distilled):
+    """Stopped at the end of round 1, a second attempt resumes there and ends with exactly the
+    weights of the uninterrupted run."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_spec
+    from orchestrator.task import Task
+    from workers.ddpm import DDPMWorker
+
+    src, _, results, _, _ = distilled
+    spec = distill_spec()
+    plan = build_plan(parse_spec(spec, source=str(src / "spec.yaml")))
+    p = plan.by_name["fast"]
+    teacher_uri = open_storage(f"file://{src / 'store'}").uri(
+        f"distill/ddpm/{plan.by_name['ddpm'].hash}")
+    root = f"file://{tmp_path / 'store'}"
+    from orchestrator.datasets import stage
+
+    key = stage(p.job.data, open_storage(root))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("resume")
+    run_id = client.create_run(exp).info.run_id
+
+    def task(attempt: int) -> Task:
+        return Task(job=p.job.resolved(), job_hash=p.hash, experiment="resume", storage_root=root,
+                    prefix="resume/fast/x", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    run_id=run_id, code_version="test", data_key=key,
+                    refs={"teacher": teacher_uri}, attempt=attempt)
+
+    class StopAfterRoundOne(DDPMWorker):
+        def end_step(self, step):
+            super().end_step(step)
+            if step == 4:
+                self.request_stop()
+
+    stopped = StopAfterRoundOne(task(1)).run()
+    assert stopped["status"] == "stopped" and stopped["step"] == 4
+    resumed = DDPMWorker(task(2)).run()
+    assert resumed["status"] == "finished" and resumed["timing"]["steps_run"] == 4
+    tags = client.get_run(run_id).data.tags
+    assert tags["genforge.resumed_at_step"] == "5"
+    a, b = load(resumed), load(results["fast"])
+    for name in ("net/", "ema.net/"):
+        keys = [k for k in a.tensors if k.startswith(name)]
+        assert keys and all(torch.allclose(a.tensors[k], b.tensors[k], atol=1e-6) for k in keys)
