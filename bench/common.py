@@ -78,6 +78,17 @@ def take_result(root: Storage, experiment: str) -> dict:
     return result
 
 
+def machine(threads: int) -> dict:
+    """What a benchmark ran on, for its report."""
+    import platform
+
+    import torch
+
+    return {"cpu_threads": threads, "torch": torch.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "platform": platform.platform()}
+
+
 def write_report(path: str, report: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2))

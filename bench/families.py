@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, write_report  # noqa: E402
+from common import ROOT, machine, write_report  # noqa: E402
 from orchestrator.inprocess import run_jobs  # noqa: E402
 
 # spec -> (train job, sample job) pairs measured; the sample job reads the train job
@@ -96,9 +94,7 @@ def main() -> None:
                 print(f"  {row}", file=sys.stderr)
 
     report = {"benchmark": "families", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": {"cpu_threads": args.threads, "torch": torch.__version__,
-                          "device": "cuda" if torch.cuda.is_available() else "cpu",
-                          "platform": platform.platform()},
+              "machine": machine(args.threads),
               "train_steps": args.train_steps, "rows": rows}
     write_report(args.out, report)
     print(f"{'spec':<11}{'job':<16}{'train steps/s':>14}{'images/s':>10}{'sample img/s':>14}")

@@ -39,7 +39,8 @@ def _sampler(info: dict[str, Any]) -> str:
         return "(sample job)" if info.get("source_kind") == "sample" else "-"
     family = info.get("family")
     if family in ("ddpm", "ldm") and s.get("sampler"):
-        return f"{s['sampler']} {s.get('steps') or 'all'} steps"
+        spacing = " trailing" if s.get("spacing") == "trailing" else ""
+        return f"{s['sampler']} {s.get('steps') or 'all'} steps{spacing}"
     if family == "autoregressive":
         parts = [f"T={s.get('temperature', 1.0):g}"]
         parts += [f"top-k {s['top_k']}"] if s.get("top_k") else []

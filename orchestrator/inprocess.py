@@ -13,15 +13,16 @@ from mlflow.tracking import MlflowClient
 from orchestrator.datasets import stage
 from orchestrator.plan import build_plan, is_uri
 from orchestrator.spec import parse_spec
-from orchestrator.storage import open_storage
+from orchestrator.storage import S3Credentials, open_storage
 from orchestrator.task import Task
 from workers import worker_class
 
 
-def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None
-             ) -> dict[str, dict[str, Any]]:
+def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None,
+             s3: S3Credentials | None = None) -> dict[str, dict[str, Any]]:
     """Run every job (or those in `only`, whose upstream jobs must have run in the same
-    `workdir`); returns job name -> result, plus "_runs" -> job name -> MLflow run id."""
+    `workdir`); returns job name -> result, plus "_runs" -> job name -> MLflow run id. `s3`
+    reads checkpoint URIs of an S3 server that the spec names."""
     plan = build_plan(parse_spec(spec, source=str(workdir / "spec.yaml")))
     root_uri = f"file://{workdir / 'store'}"
     root = open_storage(root_uri)
@@ -44,7 +45,7 @@ def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None
         task = Task(job=p.job.resolved(), job_hash=p.hash, experiment=plan.spec.experiment,
                     storage_root=root_uri, prefix=prefix[p.name], tracking_uri=tracking,
                     run_id=run_id, code_version=plan.code_version,
-                    sources=tuple(uri for _, uri in uris), data_key=data_key, refs=refs)
+                    sources=tuple(uri for _, uri in uris), data_key=data_key, refs=refs, s3=s3)
         results[p.name] = worker_class(task.family or task.kind).for_task(task)(task).run()
         client.set_terminated(run_id, "FINISHED")
         results["_runs"][p.name] = run_id

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.checkpoints import load_checkpoint, resolve_checkpoint_uri
 from orchestrator.inprocess import run_jobs
 from orchestrator.storage import open_storage
-from workers.diffusion.parameterization import PREDICTIONS, alpha_sigma, to_eps, to_x0, training_target
+from workers.diffusion.parameterization import PREDICTIONS, alpha_sigma, to_x0_eps, training_target
 from workers.diffusion.progressive import (
     END, progressive_loss, student_grid_points, student_step, two_step_target)
 from workers.diffusion.samplers import DDIMSampler, sample, timestep_grid
@@ -36,8 +36,8 @@ def test_parameterizations_convert_exactly(prediction):
     alpha, sigma = alpha_sigma(s, t, x0)
     x_t = alpha * x0 + sigma * eps
     out = training_target(prediction, x0, eps, alpha, sigma)
-    assert torch.allclose(to_x0(prediction, out, x_t, alpha, sigma), x0, atol=1e-3)
-    assert torch.allclose(to_eps(prediction, out, x_t, alpha, sigma), eps, atol=1e-3)
+    x0_back, eps_back = to_x0_eps(prediction, out, x_t, alpha, sigma)
+    assert torch.allclose(x0_back, x0, atol=1e-3) and torch.allclose(eps_back, eps, atol=1e-3)
 
 
 @pytest.mark.parametrize("T, n", [(1000, 64), (1000, 8), (100, 4), (1000, 2)])
@@ -146,6 +146,8 @@ def distill_spec() -> dict:
              "train": {"steps": 4}},
             {"name": "fast-grid", "kind": "sample", "family": "ddpm", "from": "fast",
              "sample": {"num_images": 3}},
+            {"name": "slow-grid", "kind": "sample", "family": "ddpm", "from": "ddpm",
+             "sample": {"num_images": 3}},  # no steps: every one of the teacher's 64
             {"name": "gan", "kind": "train", "family": "gan", "train": {"steps": 4},
              "model": {"z_dim": 16, "g_width": 16, "d_width": 8}},
             {"name": "small-gan", "kind": "distill", "family": "gan", "teacher": "gan",
@@ -153,12 +155,12 @@ def distill_spec() -> dict:
                          "adversarial_weight": 0.1}, "train": {"steps": 30}},
             {"name": "vq", "kind": "train", "family": "vqgan", "train": {"steps": 4},
              "model": {**AE, "latent_channels": 8, "codebook_size": 16}},
-            {"name": "ar", "kind": "train", "family": "autoregressive", "train": {"steps": 4},
+            {"name": "ar", "kind": "train", "family": "autoregressive", "train": {"steps": 20},
              "model": {"tokenizer": "vq", "dim": 32, "layers": 2, "heads": 2,
                        "class_conditional": True}},
             {"name": "small-ar", "kind": "distill", "family": "autoregressive", "teacher": "ar",
              "distill": {"method": "kd", "student": {"dim": 16, "layers": 1}, "temperature": 2.0,
-                         "alpha": 0.5}, "train": {"steps": 20}},
+                         "alpha": 0.5}, "train": {"steps": 30}},
             {"name": "small-ar-grid", "kind": "sample", "family": "autoregressive",
              "from": "small-ar", "sample": {"num_images": 3}},
         ]}
@@ -178,8 +180,8 @@ def distilled(tmp_path_factory):
     teachers = run_jobs(tmp, spec, only=["ddpm", "gan", "vq", "ar"])
     store = open_storage(f"file://{tmp / 'store'}")
     before = {t: digest(store, f"distill/{t}/") for t in TEACHERS.values()}
-    results = run_jobs(tmp, spec, only=["fast", "fast-grid", "small-gan", "small-ar",
-                                        "small-ar-grid"])
+    results = run_jobs(tmp, spec, only=["fast", "fast-grid", "slow-grid", "small-gan",
+                                        "small-ar", "small-ar-grid"])
     after = {t: digest(store, f"distill/{t}/") for t in TEACHERS.values()}
     return tmp, teachers, results, before, after
 
@@ -230,6 +232,11 @@ def test_progressive_rounds_are_checkpointed_and_the_student_samples_in_its_step
     assert sorted((m.step, m.value) for m in rounds) == [(1, 4.0), (2, 2.0)]
     assert len(client.get_metric_history(results["_runs"]["fast"], "round_loss")) == 2
     assert results["fast-grid"]["num_images"] == 3
+    # sampling without `steps` takes the student's 2 steps on its grid, and the teacher's 64
+    assert results["fast-grid"]["sampler"] == {"sampler": "ddim", "steps": 2, "eta": 0.0,
+                                               "spacing": "trailing", "use_ema": True}
+    assert results["slow-grid"]["sampler"]["steps"] == 64
+    assert results["slow-grid"]["sampler"]["spacing"] == "linspace"
 
 
 def test_students_learn_their_teachers(distilled):
@@ -238,7 +245,8 @@ def test_students_learn_their_teachers(distilled):
     for student, key in (("small-gan", "regress"), ("small-ar", "kl")):
         history = sorted(client.get_metric_history(results["_runs"][student], key),
                          key=lambda m: m.step)
-        assert history[-1].value < 0.8 * history[0].value, (student, [m.value for m in history])
+        first, last = history[0].value, sum(m.value for m in history[-3:]) / 3
+        assert last < 0.7 * first, (student, [m.value for m in history])
     assert results["small-ar-grid"]["metrics"]["tokens_per_s"] > 0
 
 

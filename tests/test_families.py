@@ -206,6 +206,11 @@ def chain_spec(**ar_model) -> dict:
              "model": {"autoencoder": "ae", "channels": 8, "channel_mult": [1, 2], "timesteps": 20}},
             {"name": "ldm-s", "kind": "sample", "family": "ldm", "from": "ldm",
              "sample": {"num_images": 3, "steps": 5}},
+            {"name": "ldm-fast", "kind": "distill", "family": "ldm", "teacher": "ldm",
+             "train": {"steps": 2},
+             "distill": {"method": "progressive", "teacher_steps": 4, "student_steps": 1}},
+            {"name": "ldm-fast-s", "kind": "sample", "family": "ldm", "from": "ldm-fast",
+             "sample": {"num_images": 3}},
         ]}
 
 
@@ -270,3 +275,19 @@ def test_latent_diffusion_scales_latents_and_decodes_samples(chain):
     images = outputs(results["ldm-s"])
     assert images.shape == (3, 16, 16, 1) and images.dtype == np.uint8
     assert outputs(results["ldm-s"]).std() > 0
+
+
+def test_latent_diffusion_distils_in_latent_space(chain):
+    """Progressive distillation of the LDM: the student keeps the teacher's frozen autoencoder
+    and latent scale, and samples images in its one step."""
+    tmp, results = chain
+    teacher = load_checkpoint(*resolve_checkpoint_uri(results["ldm"]["checkpoint"]))
+    student = load_checkpoint(*resolve_checkpoint_uri(results["ldm-fast"]["checkpoint"]))
+    assert results["ldm-fast"]["step"] == 4  # 4 -> 2 -> 1: two rounds of 2 steps
+    assert student.meta["model"]["distilled_steps"] == 1
+    for name, tensor in teacher.tensors.items():
+        if name.startswith("frozen.autoencoder/"):
+            assert torch.equal(student.tensors[name], tensor), name
+    assert results["ldm-fast"]["metrics"]["student_sampling_steps"] == 1
+    images = outputs(results["ldm-fast-s"])
+    assert images.shape == (3, 16, 16, 1) and images.std() > 0

@@ -170,6 +170,11 @@ class Worker:
         """Metrics of a sampling job beyond its time per image (e.g. tokens/s)."""
         return {}
 
+    def sampler_settings(self, sample_cfg: dict[str, Any]) -> dict[str, Any]:
+        """The sampler settings that matter for this family, as `generate` applies them."""
+        return {k: sample_cfg[k] for k in ("sampler", "steps", "eta", "temperature", "top_k",
+                                           "top_p", "use_ema") if k in sample_cfg}
+
     @classmethod
     def for_task(cls, task: Task) -> type[Worker]:
         """The class that runs `task` (a family with stages picks one here)."""
@@ -458,4 +463,5 @@ class Worker:
         return self._finish({"status": "finished", "kind": "sample", "num_images": n,
                              "outputs": [self.storage.uri("outputs/images.npz"),
                                          self.storage.uri("outputs/grid.png")],
-                             "source": ckpt.uri, "s_per_image": seconds / n, "metrics": stats})
+                             "source": ckpt.uri, "s_per_image": seconds / n, "metrics": stats,
+                             "sampler": self.sampler_settings(cfg)})

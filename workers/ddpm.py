@@ -75,17 +75,23 @@ class DDPMWorker(Worker):
         self.optimize(loss, "net")
         return {"loss": loss.detach()}
 
+    def sampler_settings(self, sample_cfg: dict[str, Any] | None) -> dict[str, Any]:
+        """Sampler, steps, η and spacing of a sample job's settings (None: the previews')."""
+        if sample_cfg is None:
+            steps = self.distilled_steps or min(PREVIEW_STEPS, self.schedule.timesteps)
+            return {"sampler": "ddim", "steps": steps, "eta": 0.0, "spacing": self.spacing}
+        return {"sampler": sample_cfg["sampler"], "eta": sample_cfg["eta"],
+                "steps": (sample_cfg.get("steps") or self.distilled_steps
+                          or self.schedule.timesteps),
+                "spacing": sample_cfg.get("spacing") or self.spacing,
+                "use_ema": sample_cfg.get("use_ema", True)}
+
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        if sample_cfg is None:
-            name, eta, spacing = "ddim", 0.0, self.spacing
-            steps = self.distilled_steps or min(PREVIEW_STEPS, self.schedule.timesteps)
-        else:
-            name, steps, eta = sample_cfg["sampler"], sample_cfg.get("steps"), sample_cfg["eta"]
-            steps = steps or self.distilled_steps or self.schedule.timesteps
-            spacing = sample_cfg.get("spacing") or self.spacing
+        s = self.sampler_settings(sample_cfg)
         return self.decode(self.diffuse(self.sampling_module("net"), self.prediction, n,
-                                        name, steps, eta, spacing, gen, progress))
+                                        s["sampler"], s["steps"], s["eta"], s["spacing"], gen,
+                                        progress))
 
     def diffuse(self, net: nn.Module, prediction: str, n: int, sampler: str, steps: int,
                 eta: float, spacing: str, gen: torch.Generator,

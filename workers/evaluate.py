@@ -124,8 +124,7 @@ class EvaluateWorker(Worker):
                 self._progress["step"] = self._progress.get("step", 0) + count
         seconds = time.perf_counter() - t0
         params = sum(p.numel() for m in worker.modules.values() for p in m.parameters())
-        sampler = {k: sample_cfg[k] for k in ("sampler", "steps", "eta", "temperature", "top_k",
-                                              "top_p", "use_ema") if k in sample_cfg}
+        sampler = worker.sampler_settings(sample_cfg)
         return torch.cat(parts), {"family": family, "source_kind": ckpt.meta.get("kind", "train"),
                                   "checkpoint": ckpt.uri, "step": ckpt.step, "params": params,
                                   "s_per_image": seconds / n, "sampler": sampler}

@@ -42,23 +42,15 @@ def training_target(prediction: Prediction, x0: Tensor, noise: Tensor, alpha: Te
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
-def to_x0(prediction: Prediction, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def to_x0_eps(prediction: Prediction, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
+              ) -> tuple[Tensor, Tensor]:
+    """(x_0, ε) implied by the network output `out` at x_t."""
     if prediction == "eps":
-        return (x_t - sigma * out) / alpha
+        return (x_t - sigma * out) / alpha, out
     if prediction == "x":
-        return out
+        return out, (x_t - alpha * out) / sigma
     if prediction == "v":
-        return alpha * x_t - sigma * out
-    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-
-
-def to_eps(prediction: Prediction, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    if prediction == "eps":
-        return out
-    if prediction == "x":
-        return (x_t - alpha * out) / sigma
-    if prediction == "v":
-        return sigma * x_t + alpha * out
+        return alpha * x_t - sigma * out, sigma * x_t + alpha * out
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
@@ -70,6 +62,6 @@ def eps_model(net: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedule,
 
     def predict_eps(x_t: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = alpha_sigma(schedule, t, x_t)
-        return to_eps(prediction, net(x_t, t), x_t, alpha, sigma)
+        return to_x0_eps(prediction, net(x_t, t), x_t, alpha, sigma)[1]
 
     return predict_eps

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workers.diffusion.parameterization import Prediction, to_x0
+from workers.diffusion.parameterization import Prediction, to_x0_eps
 from workers.diffusion.samplers import timestep_grid
 from workers.diffusion.schedules import NoiseSchedule
 
@@ -40,7 +40,7 @@ def _ddim_step(net: Net, prediction: Prediction, schedule: NoiseSchedule, z: Ten
                t_next: Tensor, clip: bool) -> Tensor:
     """One deterministic DDIM step z_t -> z_t_next (as DDIMSampler with η = 0, batched over t)."""
     alpha, sigma = _coefficients(schedule, t, z)
-    x0 = to_x0(prediction, net(z, t), z, alpha, sigma)
+    x0 = to_x0_eps(prediction, net(z, t), z, alpha, sigma)[0]
     if clip:
         x0 = x0.clamp(-1, 1)
     eps = (z - alpha * x0) / sigma
