@@ -1,4 +1,4 @@
-"""genforge: up | down | env | validate | run | compare."""
+"""genforge: up | down | env | validate | run | submit | jobs | logs | cancel | compare."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from orchestrator import stack
 from orchestrator.spec import SpecError, load_spec
+from orchestrator.submit import SubmitError
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
 
@@ -55,25 +57,45 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+class CliExit(Exception):
+    """Stop the command with this exit code and one-line message."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _services(spec: str, *, start_stack: bool, missing: str):
+    """The service settings, checked reachable (storage, tracking) before anything starts."""
+    from orchestrator import settings as settings_mod
+    from orchestrator.driver import ServiceError, check_services
+
+    settings = settings_mod.resolve(start_stack=start_stack,
+                                    echo=lambda m: print(m, file=sys.stderr))
+    if settings is None:
+        raise CliExit(EXIT_INVALID, f"no services configured; {missing}, or run 'genforge up'")
+    try:
+        check_services(settings)
+    except ServiceError as exc:
+        raise CliExit(EXIT_INVALID, f"{spec}: {exc}") from None
+    return settings
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # Ctrl-C (SIGINT) cancels the pipeline even where it arrives ignored: a shell starts
     # background jobs of scripts with SIGINT ignored, and Python then keeps it that way.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from orchestrator import settings as settings_mod
-    from orchestrator.driver import Driver, ServiceError, check_services
+    signal.signal(signal.SIGTERM, _terminate)  # a scheduler's stop: the same graceful cancel
+    from orchestrator.driver import Driver, ServiceError
     from orchestrator.plan import build_plan
 
     plan = build_plan(load_spec(args.spec))
-    settings = settings_mod.resolve(start_stack=True, echo=lambda m: print(m, file=sys.stderr))
-    if settings is None:
-        _err("no services configured; set RAY_ADDRESS, MLFLOW_TRACKING_URI and "
-             "GENFORGE_STORAGE, or run 'genforge up'")
-        return EXIT_INVALID
-    try:
-        check_services(settings)
-    except ServiceError as exc:
-        _err(f"{args.spec}: {exc}")
-        return EXIT_INVALID
+    settings = _services(args.spec, start_stack=True,
+                         missing="set RAY_ADDRESS, MLFLOW_TRACKING_URI and GENFORGE_STORAGE")
     force: bool | set[str] = False
     if args.force is not None:
         force = True if args.force == [] else set(args.force)
@@ -91,6 +113,109 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ServiceError as exc:
         _err(f"{args.spec}: {exc}")
         return EXIT_FAILED
+
+
+def _job_server(args: argparse.Namespace) -> str | None:
+    """The Ray job server: --address, else the environment (as `ray job` reads it), else the
+    local stack's dashboard."""
+    if args.address:
+        return args.address
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(name, "").startswith(("http://", "https://")):
+            return os.environ[name]
+    state = stack.status()
+    return state.dashboard_url if state else None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator import submit
+    from orchestrator.driver import Driver
+    from orchestrator.plan import build_plan
+
+    plan = build_plan(load_spec(args.spec))
+    settings = _services(args.spec, start_stack=False,
+                         missing="set MLFLOW_TRACKING_URI, GENFORGE_STORAGE and the AWS_* "
+                                 "variables of the storage the cluster uses")
+    driver = Driver(plan, settings)
+    driver.stage_data()  # from here: the cluster reads the data from storage
+    driver.check_references()
+    address = _job_server(args)
+    try:
+        submission = submit.submit(plan, driver.data_keys, settings, address)
+    except submit.SubmitError as exc:
+        _err(f"{args.spec}: {exc}")
+        return EXIT_FAILED
+    print(submission)
+    print(f"follow it with: genforge logs {submission} --follow", file=sys.stderr)
+    if not args.wait:
+        return 0
+    status = submit.wait(address, submission, timeout=float("inf"))
+    print(f"{submission}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def _pipeline_runs(submission: str, experiment: str):
+    """The MLflow runs of a submission (pipeline run first), if the tracking server is known."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import settings as settings_mod
+
+    settings = settings_mod.resolve()
+    if settings is None:
+        return []
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`genforge.submission` = '{submission}'")
+    return sorted(runs, key=lambda r: "genforge.job" in r.data.tags)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    rows = []
+    for job in submit.submissions(_job_server(args)):
+        experiment = job.metadata[submit.METADATA_KEY]
+        runs = _pipeline_runs(job.submission_id, experiment)
+        progress = runs[0].data.tags.get("genforge.progress", "-") if runs else "-"
+        started = time.strftime("%Y-%m-%d %H:%M:%S",
+                                time.localtime((job.start_time or 0) / 1000))
+        rows.append((job.submission_id, str(job.status.value), experiment, started, progress))
+    print(f"{'submission':<36} {'status':<10} {'experiment':<18} {'started':<20} progress")
+    for row in rows:
+        print(f"{row[0]:<36} {row[1]:<10} {row[2]:<18.18} {row[3]:<20} {row[4]}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    for chunk in submit.logs(_job_server(args), args.submission, args.follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import settings as settings_mod
+    from orchestrator import submit
+
+    address = _job_server(args)
+    job = submit.info(address, args.submission)
+    status = submit.cancel(address, args.submission)
+    # runs the driver had no time to close: cancelled all the same
+    leftover = [r for r in _pipeline_runs(args.submission, job.metadata[submit.METADATA_KEY])
+                if r.info.status == "RUNNING"]
+    if leftover:
+        client = MlflowClient(settings_mod.resolve().tracking_uri)
+        for run in leftover:
+            client.set_terminated(run.info.run_id, "KILLED")
+    print(f"{args.submission}: {status}")
+    return 0 if status in submit.TERMINAL else EXIT_FAILED
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -144,6 +269,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="rerun cached jobs (all, or the named ones)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("submit", help="run a spec's driver on a Ray cluster as a Ray job")
+    p.add_argument("spec")
+    p.add_argument("--address", help="the Ray job server, e.g. http://HEAD:8265 "
+                                     "(default: RAY_API_SERVER_ADDRESS, or the local stack's)")
+    p.add_argument("--wait", action="store_true", help="wait for the submission to end")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("jobs", help="list submissions with their state and progress")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_jobs)
+    p = sub.add_parser("logs", help="a submission's driver output")
+    p.add_argument("submission")
+    p.add_argument("--follow", action="store_true", help="stream until the submission ends")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("cancel", help="stop a submission: its jobs stop, their runs are KILLED")
+    p.add_argument("submission")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("compare", help="a table of every evaluated model of an experiment")
     p.add_argument("experiment")
     p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
@@ -160,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     except stack.StackError as exc:
         _err(str(exc))
         return EXIT_FAILED
+    except SubmitError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except CliExit as exc:
+        _err(str(exc))
+        return exc.code
     except KeyboardInterrupt:
         return 130
 

@@ -8,6 +8,7 @@ second, never from their output.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from orchestrator.plan import Plan, PlannedJob, check_uri_references, is_uri
 from orchestrator.settings import Settings
 from orchestrator.spec import SpecError, model_needs_labels
 from orchestrator.storage import NotFound, StorageError, open_storage
+from orchestrator.submit import SUBMISSION_ENV
 from orchestrator.task import Task
 from orchestrator.tracking import Tracker, flatten
 
@@ -46,6 +48,7 @@ class JobState:
     restarts: int = 0
     retries: int = 0
     started: float = 0.0
+    alive: bool = False  # its actor answered: it has its resources (else it is queued)
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -67,6 +70,10 @@ class Driver:
         self.jobs = {p.name: JobState(p) for p in plan.jobs}
         self.data_keys: dict[str, str] = {}
         self._positions: list[int] = []
+        # a Ray job submitted by `genforge submit`: every run says which submission made it
+        submission = os.environ.get(SUBMISSION_ENV)
+        self.submission_tags = {"genforge.submission": submission} if submission else {}
+        self._progress_tag = ""
 
     # ---- setup ------------------------------------------------------------------------------
     def prefix(self, planned: PlannedJob) -> str:
@@ -154,7 +161,7 @@ class Driver:
         state.actor = actor_cls.remote(task)
         state.ref = state.actor.run.remote()
         state.progress_ref = None
-        state.status, state.started = "running", time.monotonic()
+        state.status, state.started, state.alive = "running", time.monotonic(), False
         if state.bar is None:
             position = next(i for i in range(len(self.jobs) + 1) if i not in self._positions)
             self._positions.append(position)
@@ -172,9 +179,11 @@ class Driver:
         if unfinished:
             run = unfinished[0]
             self.tracker.reopen(run.info.run_id)
-            self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run})
+            self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run,
+                                                    **self.submission_tags})
             return run.info.run_id, int(run.data.tags.get("genforge.attempt", "0"))
         tags = {
+            **self.submission_tags,
             "genforge.job": p.name, "genforge.family": p.job.family or "-", "genforge.kind": p.job.kind,
             "genforge.hash": p.hash, "genforge.code_version": self.plan.code_version,
             "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
@@ -200,6 +209,7 @@ class Driver:
             except Exception:  # the actor is gone; its run() ref says why
                 prog = {}
             state.progress_ref = None
+            state.alive = True
             if prog.get("total"):
                 state.bar.total = prog["total"]
                 state.bar.n = prog.get("step", 0)
@@ -208,6 +218,28 @@ class Driver:
                 post += f" loss={prog['loss']:.4f}"
             state.bar.set_postfix_str(post, refresh=False)
             state.bar.refresh()
+
+    def progress_summary(self) -> str:
+        """One line: how many jobs are done, running, queued for resources and waiting."""
+        counts: dict[str, int] = {}
+        for state in self.jobs.values():
+            status = "queued" if state.status == "running" and not state.alive else state.status
+            counts[status] = counts.get(status, 0) + 1
+        done = counts.get("finished", 0) + counts.get("cached", 0)
+        parts = [f"{done}/{len(self.jobs)} done"]
+        parts += [f"{counts[k]} {k}" for k in ("running", "queued", "pending", "failed",
+                                               "skipped", "killed") if counts.get(k)]
+        return ", ".join(parts)
+
+    def _publish_progress(self) -> None:
+        """The summary as the pipeline run's `genforge.progress` tag, when it changes."""
+        summary = self.progress_summary()
+        if summary != self._progress_tag:
+            self._progress_tag = summary
+            self.tracker.set_tags(self.parent_run, {"genforge.progress": summary})
+            for state in self.jobs.values():
+                if state.bar is not None and state.status == "running" and not state.alive:
+                    state.bar.set_postfix_str("queued for resources")
 
     def _finish(self, state: JobState, status: str, error: str | None = None) -> None:
         state.status, state.error = status, error
@@ -308,7 +340,8 @@ class Driver:
         self.experiment_id = self.tracker.experiment_id(self.experiment)
         self.parent_run = self.tracker.start_run(
             self.experiment_id, f"{self.experiment} pipeline",
-            {"genforge.spec": self.plan.spec.source, "genforge.code_version": self.plan.code_version},
+            {"genforge.spec": self.plan.spec.source, "genforge.code_version": self.plan.code_version,
+             **self.submission_tags},
         )
         try:
             self._loop()
@@ -316,8 +349,10 @@ class Driver:
             self.echo("interrupted: stopping jobs, keeping what was saved")
             self._stop([s for s in self.jobs.values() if s.status == "running"], "killed",
                        "cancelled")
+            self._publish_progress()
             self.tracker.finish(self.parent_run, "KILLED")
             return 130
+        self._publish_progress()
         failed = [s for s in self.jobs.values() if s.status in ("failed", "skipped", "killed")]
         self.tracker.finish(self.parent_run, "FAILED" if failed else "FINISHED")
         self._report()
@@ -346,6 +381,7 @@ class Driver:
                 self._collect(running[ref])
             self._check_timeouts()
             self._poll_progress()
+            self._publish_progress()
 
     def _report(self) -> None:
         for state in self.jobs.values():

@@ -260,7 +260,10 @@ def _start_ray(state: StackState, home: Path) -> int:
         f"--dashboard-agent-listen-port={p['ray_agent']}",
         f"--num-cpus={num_cpus}", f"--num-gpus={_num_gpus(state)}", "--disable-usage-stats",
     ]
-    pid = _spawn("ray", cmd, home, {"RAY_USAGE_STATS_ENABLED": "0"})
+    # A Ray job's entrypoint (`genforge submit`) runs `python` from the PATH: on the local
+    # stack that is this interpreter, with genforge's dependencies.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    pid = _spawn("ray", cmd, home, {"RAY_USAGE_STATS_ENABLED": "0", "PATH": path})
     _wait("ray", lambda: _port_open(p["ray"]) and
           _http_status(f"{state.dashboard_url}/api/version") == 200, pid, home, timeout=90)
     return pid

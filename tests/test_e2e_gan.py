@@ -4,7 +4,6 @@ the same driver, tracked in MLflow and stored in S3."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -30,7 +30,6 @@ from orchestrator.checkpoints import (
 from orchestrator.datasets import heldout_key
 from orchestrator.spec import EvaluateSpec
 from orchestrator.storage import open_storage
-from workers import images as imageio
 from workers import worker_class
 from workers.base import JobError, Worker
 from workers.data import load_images
