@@ -13,6 +13,11 @@ class JobActor:
         from workers import worker_class
 
         self.worker = worker_class(task.family or task.kind).for_task(task)(task)
+        # Where the job ran, per attempt: a job resumed after its node left shows both nodes.
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        self.worker.log.set_tags({"genforge.node": node, f"genforge.node.{task.attempt}": node})
 
     def run(self) -> dict[str, Any]:
         return self.worker.run()
