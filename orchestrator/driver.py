@@ -175,7 +175,8 @@ class Driver:
     def _open_run(self, p: PlannedJob) -> tuple[str, int]:
         """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
         metric history in one run); and the number of attempts the run has seen."""
-        unfinished = self.tracker.find_runs(self.experiment_id, p.hash, ("RUNNING", "FAILED", "KILLED"))
+        unfinished = self.tracker.find_runs(self.experiment_id, p.name, p.hash,
+                                            ("RUNNING", "FAILED", "KILLED"))
         if unfinished:
             run = unfinished[0]
             self.tracker.reopen(run.info.run_id)

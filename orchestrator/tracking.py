@@ -71,11 +71,13 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def find_runs(self, experiment_id: str, job_hash: str, statuses: tuple[str, ...]) -> list:
-        """Child runs of any pipeline run with this job hash, newest first."""
+    def find_runs(self, experiment_id: str, job: str, job_hash: str,
+                  statuses: tuple[str, ...]) -> list:
+        """Child runs of any pipeline run of job `job` with this hash, newest first. (Two jobs
+        of a spec that differ only in name have the same hash, but not the same runs.)"""
         runs = self.client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`genforge.hash` = '{job_hash}'",
+            filter_string=f"tags.`genforge.hash` = '{job_hash}' and tags.`genforge.job` = '{job}'",
             order_by=["attributes.start_time DESC"],
             max_results=50,
         )

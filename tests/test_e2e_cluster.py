@@ -50,12 +50,14 @@ def runs(local_stack, experiment: str) -> dict:
 def test_jobs_spread_over_the_nodes(tmp_path, cluster, local_stack, stack_env):
     c, nodes = cluster
     env = {**stack_env, "RAY_ADDRESS": c.address}
-    path = write_spec(tmp_path / "two.yaml", spec("e2e-two-nodes", train("a", 40, seed=1), train("b", 40, seed=2)))
+    path = write_spec(tmp_path / "two.yaml", spec("e2e-two-nodes", train("a", 40), train("b", 40)))
     out = genforge(["run", str(path)], env)
     assert out.returncode == 0, out.stderr[-3000:]
     found = runs(local_stack, "e2e-two-nodes")
     used = {found[name].data.tags["genforge.node"] for name in ("a", "b")}
-    # each job needs the one GPU of a node, and they overlap in time: one per worker node
+    # each job needs the one GPU of a node, and they overlap in time: one per worker node;
+    # the two jobs differ only in name, so one hash, but each has its own run
+    assert found["a"].info.run_id != found["b"].info.run_id
     assert used == {n.node_id for n in nodes}
 
 
