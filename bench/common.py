@@ -89,6 +89,12 @@ def machine(threads: int) -> dict:
             "platform": platform.platform()}
 
 
+def report(name: str, threads: int, **fields) -> dict:
+    """A benchmark's JSON report: its name, when, the machine, and its own fields."""
+    return {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "machine": machine(threads), **fields}
+
+
 def write_report(path: str, report: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2))

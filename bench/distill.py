@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, machine, write_report  # noqa: E402
+from common import ROOT, report, write_report  # noqa: E402
 from orchestrator.inprocess import run_jobs  # noqa: E402
 from orchestrator.settings import resolve  # noqa: E402
 from orchestrator.storage import open_storage  # noqa: E402
@@ -105,10 +104,7 @@ def main() -> None:
     reference = rows[0]["s_per_image"]
     for row in rows:
         row["speedup_vs_ancestral_1000"] = reference / row["s_per_image"]
-    report = {"benchmark": "distill", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": machine(args.threads),
-              "images": args.images, "rows": rows}
-    write_report(args.out, report)
+    write_report(args.out, report("distill", args.threads, images=args.images, rows=rows))
     print(f"{'sampler':<28}{'images/s':>10}{'vs ancestral 1000':>19}")
     for r in rows:
         print(f"{r['sampler']:<28}{r['images_per_s']:>10.2f}{r['speedup_vs_ancestral_1000']:>18.1f}x")

@@ -16,14 +16,13 @@ import argparse
 import copy
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, machine, write_report  # noqa: E402
+from common import ROOT, report, write_report  # noqa: E402
 from orchestrator.inprocess import run_jobs  # noqa: E402
 
 # spec -> (train job, sample job) pairs measured; the sample job reads the train job
@@ -93,10 +92,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"  {row}", file=sys.stderr)
 
-    report = {"benchmark": "families", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": machine(args.threads),
-              "train_steps": args.train_steps, "rows": rows}
-    write_report(args.out, report)
+    write_report(args.out, report("families", args.threads, train_steps=args.train_steps,
+                                  rows=rows))
     print(f"{'spec':<11}{'job':<16}{'train steps/s':>14}{'images/s':>10}{'sample img/s':>14}")
     for r in rows:
         print(f"{r['spec']:<11}{r['job']:<16}{r['train_steps_per_s']:>14.2f}"
