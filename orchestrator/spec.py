@@ -229,6 +229,12 @@ class ModelSection(Strict):
     STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ()  # what `distill.student` may change
     SIZE_FIELDS: ClassVar[tuple[str, ...]] = ()  # ...of which, larger than the teacher's, grow it
 
+    @classmethod
+    def of(cls, model: dict[str, Any]) -> ModelSection:
+        """The section validated from a model dict that may hold more than its fields (a
+        checkpoint's model records e.g. `distilled_steps`)."""
+        return cls.model_validate({k: v for k, v in model.items() if k in cls.model_fields})
+
     def check_data(self, data: DataSpec) -> str | None:
         """A problem of this model with that data, found before anything runs."""
         return None
@@ -249,7 +255,7 @@ class ModelSection(Strict):
         """Whether `distill` can make a student of the teacher `up` (whose model is known)."""
         model = cls.student_model(up.model, distill)
         try:
-            cls.model_validate({k: v for k, v in model.items() if k in cls.model_fields})
+            cls.of(model)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(map(str, ("distill.student", *err["loc"])))
@@ -501,9 +507,7 @@ def model_needs_labels(job: Job, jobs: dict[str, Job]) -> bool:
     model = job.model if job.kind == "train" else Upstream.of_job(job, jobs).model
     if not model or job.family not in FAMILIES:
         return False
-    section = model_section(job.family, model)
-    return section.model_validate({k: v for k, v in model.items()
-                                   if k in section.model_fields}).needs_labels()
+    return model_section(job.family, model).of(model).needs_labels()
 
 
 # The sections each kind reads; `defaults` fill only these, a job may set only these.

@@ -152,6 +152,6 @@ def wait(address: str | None, submission: str, timeout: float) -> str:
 
 
 def cancel(address: str | None, submission: str) -> str:
-    info(address, submission)
+    """Stop a submission; its status once terminal (or when the wait runs out)."""
     client(address).stop_job(submission)
     return wait(address, submission, STOP_WAIT_S + 30)

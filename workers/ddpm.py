@@ -146,7 +146,7 @@ class DDPMWorker(Worker):
         self.model_cfg = {**self.model_cfg, "prediction": prediction,
                           "distilled_steps": student_steps}
         self.set_sampling(prediction, student_steps)
-        self._round_loss = [torch.zeros(()), 0]
+        self._round_loss = [torch.zeros((), device=self.device), 0]  # summed on the device
 
     def learning_rate(self, step: int, cfg: dict[str, Any]) -> float:
         if self.task.kind != "distill":
@@ -166,7 +166,7 @@ class DDPMWorker(Worker):
             self.teacher_prediction if r == 0 else self.prediction, self.schedule, batch,
             teacher_steps, clip=self.clip_x0, generator=gen)
         self.optimize(loss, "net")
-        self._round_loss[0] += loss.detach().cpu()
+        self._round_loss[0] += loss.detach()  # no host sync in the step; read at round end
         self._round_loss[1] += 1
         return {"loss": loss.detach(), "round": torch.tensor(r + 1.0),
                 "student_steps": torch.tensor(float(student_steps))}
