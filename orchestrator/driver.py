@@ -20,7 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from tqdm import tqdm
 
 from orchestrator import datasets
-from orchestrator.actor import JobActor
+from orchestrator.actor import JobActor, WorkersLost
 from orchestrator.checkpoints import CheckpointError, read_manifest, resolve_checkpoint_uri
 from orchestrator.plan import Plan, PlannedJob, check_uri_references, is_uri
 from orchestrator.settings import Settings
@@ -153,8 +153,11 @@ class Driver:
             attempt=state.attempt, s3=self.settings.s3,
         )
         r = p.job.resources
+        # a data-parallel job's actor only coordinates: Ray Train reserves its workers
+        parallel = r.workers > 1
         actor_cls = ray.remote(JobActor).options(
-            num_cpus=r.cpus, num_gpus=r.gpus, max_concurrency=3, max_restarts=0,
+            num_cpus=0 if parallel else r.cpus, num_gpus=0 if parallel else r.gpus,
+            max_concurrency=4, max_restarts=0,
             name=f"genforge:{self.experiment}:{p.name}:{state.run_id[:8]}:{state.attempt}",
             namespace="genforge",
         )
@@ -210,7 +213,7 @@ class Driver:
             except Exception:  # the actor is gone; its run() ref says why
                 prog = {}
             state.progress_ref = None
-            state.alive = True
+            state.alive = prog.get("phase") != "queued"
             if prog.get("total"):
                 state.bar.total = prog["total"]
                 state.bar.n = prog.get("step", 0)
@@ -288,7 +291,8 @@ class Driver:
         message = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
         # Storage that stayed away past botocore's retries is an infrastructure fault: the job
         # resumes from its last complete checkpoint, on the restart budget.
-        infrastructure = isinstance(cause, StorageError) and not isinstance(cause, (NotFound, CheckpointError))
+        infrastructure = (isinstance(cause, WorkersLost) or isinstance(cause, StorageError)
+                          and not isinstance(cause, (NotFound, CheckpointError)))
         if infrastructure and state.restarts < state.planned.job.resources.max_restarts:
             state.restarts += 1
             self.echo(f"job '{state.name}': {message}; resuming from its last checkpoint "

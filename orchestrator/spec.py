@@ -75,6 +75,12 @@ class Resources(Strict):
     max_restarts: int = Field(3, ge=0, le=100)  # infrastructure failures: resume from checkpoint
     max_retries: int = Field(0, ge=0, le=100)  # errors in the job itself
     timeout_s: float | None = Field(None, gt=0)
+    # data-parallel training: `workers` Ray Train workers, each with `cpus` CPUs and
+    # `gpus_per_worker` GPUs, share each step's batch
+    workers: int = Field(1, ge=1, le=1024)
+    gpus_per_worker: float = Field(0, ge=0, le=64)
+    # when the cluster is full, jobs of higher priority start first (then the earlier)
+    priority: int = Field(0, ge=-1000, le=1000)
 
 
 class TrainSpec(Strict):
@@ -725,12 +731,29 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
             problems += [f"{_loc(('model', *e['loc']))}: {_describe(e)}" for e in exc.errors()]
         except ValueError as exc:
             problems.append(str(exc))
+    problems += _check_parallel(job)
     if job.kind == "distill" and job.family in FAMILIES and job.kind in kinds:
         job, found = _check_distill(job)
         problems += found
     if job.kind in ("sample", "evaluate") and not job.sources:
         problems.append("from: required field is missing")
     return (None, problems) if problems else (job, [])
+
+
+def _check_parallel(job: Job) -> list[str]:
+    r = job.resources
+    if r.workers == 1:
+        return ["resources.gpus_per_worker: only data-parallel jobs (resources.workers > 1) have "
+                "workers; use resources.gpus"] if r.gpus_per_worker else []
+    if job.kind != "train":
+        return [f"resources.workers: only train jobs run data-parallel, not kind '{job.kind}'"]
+    if r.gpus:
+        return ["resources.gpus: a data-parallel job asks for GPUs per worker "
+                "(resources.gpus_per_worker)"]
+    if job.train.batch_size % r.workers:
+        return [f"train.batch_size: {job.train.batch_size} does not split evenly over "
+                f"{r.workers} workers"]
+    return []
 
 
 def _check_distill(job: Job) -> tuple[Job, list[str]]:

@@ -263,7 +263,11 @@ def _start_ray(state: StackState, home: Path) -> int:
     # A Ray job's entrypoint (`genforge submit`) runs `python` from the PATH: on the local
     # stack that is this interpreter, with genforge's dependencies.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    pid = _spawn("ray", cmd, home, {"RAY_USAGE_STATS_ENABLED": "0", "PATH": path})
+    # Ray >= 2.5x turns token authentication on for `ray start` whenever ~/.ray/auth_token
+    # exists (any local `ray.init()` writes one): the stack says what it wants, whatever the
+    # machine's history.
+    pid = _spawn("ray", cmd, home, {"RAY_USAGE_STATS_ENABLED": "0", "PATH": path,
+                                    "RAY_AUTH_MODE": "disabled"})
     _wait("ray", lambda: _port_open(p["ray"]) and
           _http_status(f"{state.dashboard_url}/api/version") == 200, pid, home, timeout=90)
     return pid

@@ -190,3 +190,27 @@ class RunLogger:
         self._thread.join(timeout=180)
         if self._error is not None:
             raise RuntimeError(f"logging to MLflow failed: {self._error}") from self._error
+
+
+class NullLogger:
+    """A `RunLogger` that logs nothing: the ranks of a data-parallel job other than rank 0."""
+
+    dropped: list[str] = []
+
+    def last_logged_step(self, key: str) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, image, key: str, step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def flush_metrics(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass

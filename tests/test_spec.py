@@ -146,6 +146,12 @@ def test_job_values_win_over_defaults():
     (spec(train(), distill(train={"steps": 5}, sample={"steps": 4})), "s.yaml: job 'fast': sample: not used by kind 'distill'"),
     (spec(train(), distill(distill={"teacher_steps": 64}), sample(src="fast", sample={"sampler": "ancestral"})), "s.yaml: job 'grid': sample.sampler: job 'fast' is distilled for 4-step DDIM; sample it with sampler: ddim"),
     (spec(train(), distill(data={"image_size": 28}, distill={"teacher_steps": 64})), "s.yaml: job 'fast': teacher: job 'ddpm' works on 1x16x16 images, this job's data is 1x28x28"),
+    (spec(train(resources={"workers": 3}, train={"batch_size": 32})), "s.yaml: job 'ddpm': train.batch_size: 32 does not split evenly over 3 workers"),
+    (spec(train(resources={"workers": 2, "gpus": 1})), "s.yaml: job 'ddpm': resources.gpus: a data-parallel job asks for GPUs per worker (resources.gpus_per_worker)"),
+    (spec(train(resources={"gpus_per_worker": 1})), "s.yaml: job 'ddpm': resources.gpus_per_worker: only data-parallel jobs (resources.workers > 1) have workers; use resources.gpus"),
+    (spec(train(), sample(resources={"workers": 2})), "s.yaml: job 'grid': resources.workers: only train jobs run data-parallel, not kind 'sample'"),
+    (spec(train(resources={"workers": 0})), "s.yaml: job 'ddpm': resources.workers: Input should be greater than or equal to 1"),
+    (spec(train(resources={"priority": "high"})), "s.yaml: job 'ddpm': resources.priority: Input should be a valid integer"),
 ])
 def test_bad_input_is_one_clear_line(data, expected):
     lines = errors(data)

@@ -46,10 +46,11 @@ from orchestrator.checkpoints import (
 )
 from orchestrator.storage import open_storage
 from orchestrator.task import Task
-from orchestrator.tracking import RunLogger
+from orchestrator.tracking import NullLogger, RunLogger
 from workers import images as imageio
 from workers.data import load_images
 from workers.nn.ema import EMA
+from workers.parallel import Collective, module_state
 
 RESULT = "result.json"  # written last: the job's output is complete
 
@@ -87,14 +88,17 @@ class CheckpointWriter:
 class Worker:
     family: ClassVar[str]
 
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, collective: Collective | None = None):
         self.task = task
+        # data-parallel training: this worker is one rank of the job; rank 0 writes everything
+        self.collective = collective
+        self.rank0 = collective is None or collective.rank == 0
         self.job = task.job
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.set_num_threads(max(1, int(self.job["resources"]["cpus"])))
         self.root = open_storage(task.storage_root, task.s3)
         self.storage = self.root.child(task.prefix)
-        self.log = RunLogger(task.tracking_uri, task.run_id)
+        self.log = RunLogger(task.tracking_uri, task.run_id) if self.rank0 else NullLogger()
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.emas: dict[str, EMA] = {}
@@ -200,6 +204,8 @@ class Worker:
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.collective is not None:
+            self.collective.average_gradients(self.modules[name])
         clip = grad_clip if grad_clip is not None else self.job.get("train", {}).get("grad_clip")
         if clip:
             nn.utils.clip_grad_norm_(self.modules[name].parameters(), clip)
@@ -337,6 +343,9 @@ class Worker:
                                "genforge.resumed_at_step": str(start + 1)})
         except NotFound:
             pass
+        if self.collective is not None:  # fresh weights are random: every rank starts from rank 0's
+            self.collective.broadcast(module_state([*self.modules.values(),
+                                                    *(e.module for e in self.emas.values())]))
         # Steps between the checkpoint and the death of an earlier attempt were logged then;
         # they are trained again (same per-step seeds) but not logged twice.
         self._logged_until = self.log.last_logged_step("steps_per_s") if self.task.attempt > 1 else 0
@@ -346,11 +355,14 @@ class Worker:
         try:
             step = self._train_loop(x, labels, start, cfg, writer, step_fn)
             loop_s = time.time() - started
-            writer.submit(step)
+            if self.rank0:
+                writer.submit(step)
             uri = writer.wait()
         finally:
             writer.close()
         timing = {"started_unix": started, "loop_s": loop_s, "steps_run": step - start}
+        if not self.rank0:
+            return {"status": "finished" if step == self.total_steps else "stopped", "step": step}
         if step < self.total_steps:  # asked to stop: the checkpoint is saved, the job is not done
             return {"status": "stopped", "step": step, "checkpoint": uri}
         self._progress.update(phase="sampling")
@@ -365,6 +377,7 @@ class Worker:
                     cfg: dict[str, Any], writer: CheckpointWriter,
                     step_fn: Callable[..., dict[str, torch.Tensor]]) -> int:
         steps, bs = self.total_steps, cfg["batch_size"]
+        rank, world = (self.collective.rank, self.collective.world) if self.collective else (0, 1)
         self._progress["total"] = steps
         gen = torch.Generator(device=self.device)
         for module in self.modules.values():
@@ -376,12 +389,18 @@ class Worker:
             # Seeded per step: a resumed job draws exactly the batches it would have drawn.
             gen.manual_seed(cfg["seed"] * 1_000_003 + step)
             idx = torch.randint(len(x), (min(bs, len(x)),), generator=gen, device=self.device)
+            if world > 1:  # this rank's slice of the global batch, and its own noise
+                idx = idx.chunk(world)[rank]
+                gen.manual_seed((cfg["seed"] * 1_000_003 + step) * 1024 + rank)
             lr = self.learning_rate(step, cfg)
             for opt in self.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = lr
             self.step = step
             losses = step_fn(x[idx], labels[idx] if labels is not None else None, gen)
+            if self.collective is not None:  # buffers (BatchNorm statistics) follow rank 0's
+                self.collective.broadcast([b for m in self.modules.values() for b in m.buffers()
+                                           if b.is_floating_point()])
             for name, ema in self.emas.items():
                 ema.update(self.modules[name])
             self.end_step(step)
@@ -390,20 +409,24 @@ class Worker:
 
             if step % cfg["log_every"] == 0 or step == steps:
                 values = {k: float(v) for k, v in losses.items()}
+                if self.collective is not None:  # the loss of the global batch
+                    values = self.collective.mean(values)
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
                     raise JobError(f"{', '.join(bad)} is not finite ({values[bad[0]]}) at step {step}")
                 elapsed = time.perf_counter() - window_start
                 values.update(lr=lr, steps_per_s=window_steps / elapsed,
-                              images_per_s=window_steps * len(idx) / elapsed)
+                              images_per_s=window_steps * len(idx) * world / elapsed)
                 if self.tokens_per_item:
                     values["tokens_per_s"] = values["images_per_s"] * self.tokens_per_item
                 if step > self._logged_until:
                     self.log.log_metrics(values, step)
                 self._progress["loss"] = values.get("loss", next(iter(values.values())))
                 window_start, window_steps = time.perf_counter(), 0
-            if self._stop.is_set():
+            if self._stop_agreed():
                 return step
+            if not self.rank0:
+                continue
             if step < steps and self.checkpoint_due(step, cfg):
                 writer.submit(step)
             if cfg.get("sample_every") and step % cfg["sample_every"] == 0 and step < steps:
@@ -411,6 +434,11 @@ class Worker:
                 for module in self.modules.values():
                     module.train()
         return step
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop after this step; the ranks of a data-parallel job agree."""
+        stop = self._stop.is_set()
+        return self.collective.any(stop) if self.collective is not None else stop
 
     # ---- sampling jobs --------------------------------------------------------------------
     def load_for_sampling(self, uri: str) -> Checkpoint:
