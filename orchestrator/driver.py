@@ -1,8 +1,9 @@
 """The Ray driver: stage data, look up the cache, launch one actor per job, watch, retry.
 
-A job starts as soon as every job it reads has finished (Ray queues the actor until its
-resources are free). Progress comes from the actors' `progress()` method, polled a few times a
-second, never from their output.
+A job is ready as soon as every job it reads has finished, and starts when the cluster has
+room for it: `orchestrator/admission.py` decides, by priority, across all pipelines. Progress
+comes from the actors' `progress()` method, polled a few times a second, never from their
+output.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from tqdm import tqdm
 
-from orchestrator import datasets
+from orchestrator import admission, datasets
 from orchestrator.actor import JobActor, WorkersLost
 from orchestrator.checkpoints import CheckpointError, read_manifest, resolve_checkpoint_uri
 from orchestrator.plan import Plan, PlannedJob, check_uri_references, is_uri
@@ -38,7 +39,9 @@ RESULT = "result.json"
 @dataclass
 class JobState:
     planned: PlannedJob
-    status: str = "pending"  # pending | running | finished | cached | failed | skipped | killed
+    # pending | queued (ready, waiting for room) | running | finished | cached | failed |
+    # skipped | killed
+    status: str = "pending"
     run_id: str | None = None
     actor: Any = None
     ref: Any = None
@@ -213,7 +216,9 @@ class Driver:
             except Exception:  # the actor is gone; its run() ref says why
                 prog = {}
             state.progress_ref = None
-            state.alive = prog.get("phase") != "queued"
+            if not state.alive and prog.get("phase") != "queued":
+                state.alive = True  # it holds its resources: admission's books can let go
+                self.admission.started.remote([self._ticket(state)])
             if prog.get("total"):
                 state.bar.total = prog["total"]
                 state.bar.n = prog.get("step", 0)
@@ -227,6 +232,7 @@ class Driver:
         """One line: how many jobs are done, running, queued for resources and waiting."""
         counts: dict[str, int] = {}
         for state in self.jobs.values():
+            # queued: waiting for admission, or launched and waiting for Ray's resources
             status = "queued" if state.status == "running" and not state.alive else state.status
             counts[status] = counts.get(status, 0) + 1
         done = counts.get("finished", 0) + counts.get("cached", 0)
@@ -255,6 +261,7 @@ class Driver:
         if state.actor is not None:
             ray.kill(state.actor, no_restart=True)
             state.actor = None
+            self.admission.started.remote([self._ticket(state)])  # what it held is Ray's again
         if state.bar is not None:
             state.bar.set_postfix_str(status if not error else f"{status}: {error[:60]}")
             state.bar.close()
@@ -342,6 +349,7 @@ class Driver:
         except (ConnectionError, RuntimeError) as exc:
             raise ServiceError(f"cannot connect to Ray at {self.settings.ray_address}: "
                                f"{str(exc).splitlines()[0]}") from None
+        self.admission = admission.connect()
         self.experiment_id = self.tracker.experiment_id(self.experiment)
         self.parent_run = self.tracker.start_run(
             self.experiment_id, f"{self.experiment} pipeline",
@@ -354,6 +362,10 @@ class Driver:
             self.echo("interrupted: stopping jobs, keeping what was saved")
             self._stop([s for s in self.jobs.values() if s.status == "running"], "killed",
                        "cancelled")
+            queued = [s for s in self.jobs.values() if s.status == "queued"]
+            self.admission.started.remote([self._ticket(s) for s in queued])  # withdrawn
+            for state in queued:
+                self._finish(state, "killed", "cancelled while queued")
             self._publish_progress()
             self.tracker.finish(self.parent_run, "KILLED")
             return 130
@@ -362,6 +374,21 @@ class Driver:
         self.tracker.finish(self.parent_run, "FAILED" if failed else "FINISHED")
         self._report()
         return 1 if failed else 0
+
+    def _ticket(self, state: JobState) -> str:
+        return f"{self.parent_run}/{state.name}"
+
+    def _admit(self) -> None:
+        """Start the ready jobs that admission lets start (priority first, across pipelines)."""
+        queued = [s for s in self.jobs.values() if s.status == "queued"]
+        if not queued:
+            return
+        asks = [(self._ticket(s), s.planned.job.resources.priority,
+                 admission.request(s.planned.job.resources)) for s in queued]
+        granted = set(ray.get(self.admission.ask.remote(asks)))
+        for state in queued:
+            if self._ticket(state) in granted:
+                self._launch(state)
 
     def _loop(self) -> None:
         while True:
@@ -375,11 +402,16 @@ class Driver:
                         state.status, state.result = "cached", cached
                         self.echo(f"job '{state.name}': cached ({state.planned.hash})")
                     else:
-                        self._launch(state)
+                        state.status = "queued"
+            self._admit()
             running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
             if not running:
                 if any(s.status == "pending" for s in self.jobs.values()):
                     continue  # a job just became ready through a cache hit
+                if any(s.status == "queued" for s in self.jobs.values()):
+                    self._publish_progress()
+                    time.sleep(POLL_S)  # the cluster is full of other pipelines' jobs
+                    continue
                 return
             done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
             for ref in done:

@@ -709,6 +709,7 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
     except ValidationError as exc:
         return None, problems + [f"{_loc(e['loc'])}: {_describe(e)}" for e in exc.errors()]
 
+    problems += _check_parallel(job)
     if job.kind == "evaluate":
         return _check_evaluate(job, problems)
     if job.family is None:
@@ -731,7 +732,6 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
             problems += [f"{_loc(('model', *e['loc']))}: {_describe(e)}" for e in exc.errors()]
         except ValueError as exc:
             problems.append(str(exc))
-    problems += _check_parallel(job)
     if job.kind == "distill" and job.family in FAMILIES and job.kind in kinds:
         job, found = _check_distill(job)
         problems += found
@@ -750,7 +750,7 @@ def _check_parallel(job: Job) -> list[str]:
     if r.gpus:
         return ["resources.gpus: a data-parallel job asks for GPUs per worker "
                 "(resources.gpus_per_worker)"]
-    if job.train.batch_size % r.workers:
+    if job.train is not None and job.train.batch_size % r.workers:
         return [f"train.batch_size: {job.train.batch_size} does not split evenly over "
                 f"{r.workers} workers"]
     return []

@@ -150,6 +150,7 @@ def test_job_values_win_over_defaults():
     (spec(train(resources={"workers": 2, "gpus": 1})), "s.yaml: job 'ddpm': resources.gpus: a data-parallel job asks for GPUs per worker (resources.gpus_per_worker)"),
     (spec(train(resources={"gpus_per_worker": 1})), "s.yaml: job 'ddpm': resources.gpus_per_worker: only data-parallel jobs (resources.workers > 1) have workers; use resources.gpus"),
     (spec(train(), sample(resources={"workers": 2})), "s.yaml: job 'grid': resources.workers: only train jobs run data-parallel, not kind 'sample'"),
+    (spec(train(), evaluate(resources={"workers": 2})), "s.yaml: job 'score': resources.workers: only train jobs run data-parallel, not kind 'evaluate'"),
     (spec(train(resources={"workers": 0})), "s.yaml: job 'ddpm': resources.workers: Input should be greater than or equal to 1"),
     (spec(train(resources={"priority": "high"})), "s.yaml: job 'ddpm': resources.priority: Input should be a valid integer"),
 ])

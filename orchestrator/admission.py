@@ -1,0 +1,107 @@
+"""Admission: which ready jobs may start now, across every pipeline on the cluster.
+
+Ray starts pending actors in no order of importance, so a driver does not hand it a job whose
+resources are not free. Each driver asks one detached, named actor, `genforge:admission`, about
+its ready jobs once per loop. The actor grants jobs while Ray's view of the free resources holds
+them, highest `resources.priority` first, then the earliest asked; a job that does not fit
+stops the grants behind it, so a large important job is not starved by small later ones. A job
+that asks for more than the whole cluster has is granted at once (Ray keeps it pending, and an
+autoscaler may add the node it needs).
+
+A grant holds its resources in the actor's books until the job has them in Ray's (the driver
+says so with `started`), or until it expires; a request no driver has repeated for a while is
+dropped, so a driver that died leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import ray
+
+NAME = "genforge:admission"
+FORGET_S = 30.0  # a request not repeated for this long is dropped
+GRANT_HOLD_S = 120.0  # a grant whose job never said `started` is released after this
+SETTLE_S = 2.0  # after `started`, until Ray's resource view surely shows the job
+
+
+def request(resources: Any) -> dict[str, float]:
+    """The Ray resources a job's `resources` section takes while it runs."""
+    if resources.workers > 1:
+        return {"CPU": resources.cpus * resources.workers,
+                "GPU": resources.gpus_per_worker * resources.workers}
+    return {"CPU": resources.cpus, "GPU": resources.gpus}
+
+
+def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
+    return all(free.get(k, 0.0) >= v - 1e-9 for k, v in need.items() if v > 0)
+
+
+class Admission:
+    def __init__(self) -> None:
+        self._order = itertools.count()
+        # ticket -> [priority, order, resources, last asked]
+        self._waiting: dict[str, list[Any]] = {}
+        # ticket -> [resources, hold-until]
+        self._granted: dict[str, list[Any]] = {}
+
+    def ask(self, requests: list[tuple[str, int, dict[str, float]]]) -> list[str]:
+        """(ticket, priority, resources) of a driver's ready jobs; returns the tickets that may
+        start now."""
+        now = time.monotonic()
+        for ticket, priority, need in requests:
+            if ticket in self._granted:
+                continue
+            entry = self._waiting.setdefault(ticket, [priority, next(self._order), need, now])
+            entry[3] = now
+        self._expire(now)
+        self._grant(now)
+        return [ticket for ticket, _, _ in requests if ticket in self._granted]
+
+    def started(self, tickets: list[str]) -> None:
+        """The jobs hold their resources in Ray now (or never will: withdrawn)."""
+        until = time.monotonic() + SETTLE_S
+        for ticket in tickets:
+            if ticket in self._granted:
+                self._granted[ticket][1] = min(self._granted[ticket][1], until)
+            self._waiting.pop(ticket, None)
+
+    def queue(self) -> list[dict[str, Any]]:
+        """What waits, in the order it would be granted."""
+        return [{"ticket": t, "priority": e[0], "resources": e[2]}
+                for t, e in sorted(self._waiting.items(), key=lambda kv: (-kv[1][0], kv[1][1]))]
+
+    def _expire(self, now: float) -> None:
+        for ticket in [t for t, e in self._waiting.items() if now - e[3] > FORGET_S]:
+            del self._waiting[ticket]
+        for ticket in [t for t, g in self._granted.items() if now > g[1]]:
+            del self._granted[ticket]
+
+    def _grant(self, now: float) -> None:
+        if not self._waiting:
+            return
+        total = ray.cluster_resources()
+        free = dict(ray.available_resources())
+        for need, _ in self._granted.values():  # granted, not yet in Ray's view
+            for k, v in need.items():
+                free[k] = free.get(k, 0.0) - v
+        for ticket, (priority, _, need, _) in sorted(self._waiting.items(),
+                                                     key=lambda kv: (-kv[1][0], kv[1][1])):
+            feasible = _fits(need, total)
+            if feasible and not _fits(need, free):
+                break  # strict priority: nothing jumps a job that waits for room
+            del self._waiting[ticket]
+            self._granted[ticket] = [need, now + GRANT_HOLD_S]
+            if feasible:
+                for k, v in need.items():
+                    free[k] = free.get(k, 0.0) - v
+
+
+def connect() -> Any:
+    """The cluster's admission actor, created by the first driver that needs it."""
+    return ray.remote(Admission).options(
+        name=NAME, namespace="genforge", lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_restarts=-1,
+    ).remote()

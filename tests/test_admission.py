@@ -1,0 +1,82 @@
+"""Admission's books against a stated view of the cluster: priority first, then the earliest;
+nothing jumps a job that waits; grants hold their resources until Ray shows them."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator import admission
+from orchestrator.admission import Admission
+from orchestrator.spec import Resources
+
+
+@pytest.fixture()
+def cluster(monkeypatch):
+    view = {"total": {"CPU": 4.0, "GPU": 2.0}, "free": {"CPU": 4.0, "GPU": 2.0}, "now": 0.0}
+    monkeypatch.setattr(admission.ray, "cluster_resources", lambda: dict(view["total"]))
+    monkeypatch.setattr(admission.ray, "available_resources", lambda: dict(view["free"]))
+    monkeypatch.setattr(admission.time, "monotonic", lambda: view["now"])
+    return view
+
+
+def gpus(n: float) -> dict[str, float]:
+    return {"CPU": 1.0, "GPU": n}
+
+
+def test_higher_priority_first_then_the_earliest(cluster):
+    a = Admission()
+    cluster["free"]["GPU"] = 0.0  # full
+    assert a.ask([("low", 0, gpus(1))]) == []
+    assert a.ask([("high", 5, gpus(1)), ("low2", 0, gpus(1))]) == []
+    assert [q["ticket"] for q in a.queue()] == ["high", "low", "low2"]
+    cluster["free"]["GPU"] = 1.0  # one GPU comes free
+    assert a.ask([("low", 0, gpus(1))]) == []
+    assert a.ask([("high", 5, gpus(1))]) == ["high"]
+    # Ray's view has not caught up: the grant still holds the GPU in admission's books
+    assert a.ask([("low", 0, gpus(1)), ("low2", 0, gpus(1))]) == []
+    cluster["free"]["GPU"] = 2.0
+    assert a.ask([("low", 0, gpus(1)), ("low2", 0, gpus(1))]) == ["low"]
+
+
+def test_a_job_that_waits_for_room_is_not_jumped(cluster):
+    a = Admission()
+    cluster["free"]["GPU"] = 1.0
+    assert a.ask([("big", 3, gpus(2)), ("small", 0, gpus(0.25))]) == []
+    cluster["free"]["GPU"] = 2.0
+    assert a.ask([("big", 3, gpus(2)), ("small", 0, gpus(0.25))]) == ["big"]
+
+
+def test_fractional_requests_pack(cluster):
+    a = Admission()
+    asks = [(f"s{i}", 0, {"CPU": 0.25, "GPU": 0.25}) for i in range(10)]
+    assert len(a.ask(asks)) == 8  # 2 GPUs hold 8 quarter-GPU jobs
+
+
+def test_more_than_the_cluster_has_is_left_to_ray(cluster):
+    a = Admission()
+    cluster["free"]["GPU"] = 1.0
+    assert a.ask([("huge", 9, gpus(8)), ("one", 0, gpus(1))]) == ["huge", "one"]
+
+
+def test_books_settle_and_forget(cluster):
+    a = Admission()
+    assert a.ask([("a", 0, gpus(2))]) == ["a"]
+    cluster["free"]["GPU"] = 0.0  # Ray now shows it...
+    a.started(["a"])
+    cluster["now"] += admission.SETTLE_S + 1
+    cluster["free"]["GPU"] = 2.0  # ...and it finished
+    assert a.ask([("b", 0, gpus(2))]) == ["b"]
+    cluster["free"]["GPU"] = 0.0
+    assert a.ask([("c", 0, gpus(1))]) == []
+    cluster["now"] += admission.FORGET_S + 1  # c's driver went away: c is forgotten
+    assert a.ask([("d", -1, gpus(1))]) == []
+    assert [q["ticket"] for q in a.queue()] == ["d"]
+    cluster["now"] += admission.GRANT_HOLD_S  # b never said it started: its grant lapses
+    cluster["free"]["GPU"] = 2.0
+    assert a.ask([("d", -1, gpus(1))]) == ["d"]
+
+
+def test_requests_of_a_data_parallel_job_count_every_worker():
+    r = Resources(workers=4, cpus=2, gpus_per_worker=0.5)
+    assert admission.request(r) == {"CPU": 8, "GPU": 2.0}
+    assert admission.request(Resources(cpus=1, gpus=0.25)) == {"CPU": 1, "GPU": 0.25}
