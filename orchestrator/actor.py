@@ -1,8 +1,13 @@
-"""The Ray actor that runs one job. It imports the family's worker inside the actor process,
-so the driver never imports torch or the models."""
+"""The Ray actor that runs jobs, one at a time. It imports the family's worker inside the actor
+process, so the driver never imports torch or the models.
+
+An actor whose job finished may be handed the driver's next job of the same resources (see
+`Driver._admit`): the process, its imports and its CUDA context are reused, which is most of
+the cost of a short job."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from orchestrator.task import Task
@@ -14,29 +19,46 @@ class WorkersLost(Exception):
 
 
 class JobActor:
-    def __init__(self, task: Task):
+    def __init__(self) -> None:
+        self.worker: Any = None
+        self._lock = threading.Lock()
+        self._stop = False  # asked to stop before the worker existed
+
+    def run(self, task: Task) -> dict[str, Any]:
+        import ray
+
         if task.job["resources"].get("workers", 1) > 1:
             from workers.parallel import DataParallelJob
 
-            self.worker = DataParallelJob(task)
+            worker = DataParallelJob(task)
         else:
             from workers import worker_class
 
-            self.worker = worker_class(task.family or task.kind).for_task(task)(task)
+            worker = worker_class(task.family or task.kind).for_task(task)(task)
         # Where the job ran, per attempt: a job resumed after its node left shows both nodes.
-        import ray
-
         node = ray.get_runtime_context().get_node_id()
-        self.worker.log.set_tags({"genforge.node": node, f"genforge.node.{task.attempt}": node})
-
-    def run(self) -> dict[str, Any]:
-        return self.worker.run()
+        worker.log.set_tags({"genforge.node": node, f"genforge.node.{task.attempt}": node})
+        with self._lock:
+            self.worker = worker
+            if self._stop:
+                worker.request_stop()
+        try:
+            return worker.run()
+        finally:
+            with self._lock:
+                self.worker, self._stop = None, False
+            del worker
+            _release_memory()
 
     def progress(self) -> dict[str, Any]:
-        return self.worker.progress()
+        worker = self.worker
+        return worker.progress() if worker is not None else {"phase": "starting"}
 
     def stop(self) -> None:
-        self.worker.request_stop()
+        with self._lock:
+            self._stop = True
+            if self.worker is not None:
+                self.worker.request_stop()
 
     def report(self, progress: dict[str, Any], result: dict[str, Any] | None = None) -> bool:
         """Rank 0 of a data-parallel job reports here; returns whether to stop."""
@@ -46,3 +68,14 @@ class JobActor:
         import os
 
         return os.getpid()
+
+
+def _release_memory() -> None:
+    """What a finished job held goes back before the next job of this actor."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -47,18 +47,25 @@ class Admission:
         # ticket -> [resources, hold-until]
         self._granted: dict[str, list[Any]] = {}
 
-    def ask(self, requests: list[tuple[str, int, dict[str, float]]]) -> list[str]:
-        """(ticket, priority, resources) of a driver's ready jobs; returns the tickets that may
-        start now."""
+    def ask(self, requests: list[tuple[str, int, dict[str, float]]],
+            takes: list[tuple[str, int]] = ()) -> list[str]:
+        """(ticket, priority, resources) of a driver's ready jobs, and (ticket, priority) of
+        those that would take over an idle actor of the driver, whose resources are held
+        already; returns the tickets that may start now. A take-over is refused while a job
+        of higher priority waits: the driver frees the actor for it instead."""
         now = time.monotonic()
+        self._expire(now)
+        top = max((e[0] for e in self._waiting.values()), default=None)
+        taken = [t for t, priority in takes if top is None or priority >= top]
+        for ticket in taken:
+            self._waiting.pop(ticket, None)
         for ticket, priority, need in requests:
             if ticket in self._granted:
                 continue
             entry = self._waiting.setdefault(ticket, [priority, next(self._order), need, now])
             entry[3] = now
-        self._expire(now)
         self._grant(now)
-        return [ticket for ticket, _, _ in requests if ticket in self._granted]
+        return taken + [ticket for ticket, _, _ in requests if ticket in self._granted]
 
     def started(self, tickets: list[str]) -> None:
         """The jobs hold their resources in Ray now (or never will: withdrawn)."""

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError,
+                            RayActorError, RayTaskError)
 from tqdm import tqdm
 
 from orchestrator import admission, datasets
@@ -77,6 +78,7 @@ class Driver:
         submission = os.environ.get(SUBMISSION_ENV)
         self.submission_tags = {"genforge.submission": submission} if submission else {}
         self._progress_tag = ""
+        self._idle: list[tuple[tuple[float, float], Any]] = []  # finished jobs' actors, for reuse
 
     # ---- setup ------------------------------------------------------------------------------
     def prefix(self, planned: PlannedJob) -> str:
@@ -140,7 +142,9 @@ class Driver:
     def _sources(self, planned: PlannedJob) -> tuple[str, ...]:
         return tuple(self._uri(ref) for ref in planned.job.sources)
 
-    def _launch(self, state: JobState) -> None:
+    def _launch(self, state: JobState, actor: Any = None) -> None:
+        """Start the job's next attempt, on `actor` (an idle one of the same resources) or on a
+        new one."""
         p = state.planned
         if state.run_id is None:
             state.run_id, state.attempt = self._open_run(p)
@@ -155,17 +159,18 @@ class Driver:
             refs={field: self._uri(ref) for field, ref in p.job.references},
             attempt=state.attempt, s3=self.settings.s3,
         )
-        r = p.job.resources
-        # a data-parallel job's actor only coordinates: Ray Train reserves its workers
-        parallel = r.workers > 1
-        actor_cls = ray.remote(JobActor).options(
-            num_cpus=0 if parallel else r.cpus, num_gpus=0 if parallel else r.gpus,
-            max_concurrency=4, max_restarts=0,
-            name=f"genforge:{self.experiment}:{p.name}:{state.run_id[:8]}:{state.attempt}",
-            namespace="genforge",
-        )
-        state.actor = actor_cls.remote(task)
-        state.ref = state.actor.run.remote()
+        if actor is None:
+            r = p.job.resources
+            # a data-parallel job's actor only coordinates: Ray Train reserves its workers
+            parallel = r.workers > 1
+            actor = ray.remote(JobActor).options(
+                num_cpus=0 if parallel else r.cpus, num_gpus=0 if parallel else r.gpus,
+                max_concurrency=4, max_restarts=0,
+                name=f"genforge:{self.experiment}:{p.name}:{state.run_id[:8]}:{state.attempt}",
+                namespace="genforge",
+            ).remote()
+        state.actor = actor
+        state.ref = actor.run.remote(task)
         state.progress_ref = None
         state.status, state.started, state.alive = "running", time.monotonic(), False
         if state.bar is None:
@@ -216,7 +221,7 @@ class Driver:
             except Exception:  # the actor is gone; its run() ref says why
                 prog = {}
             state.progress_ref = None
-            if not state.alive and prog.get("phase") != "queued":
+            if not state.alive and prog.get("phase") not in ("queued", "starting"):
                 state.alive = True  # it holds its resources: admission's books can let go
                 self.admission.started.remote([self._ticket(state)])
             if prog.get("total"):
@@ -251,7 +256,10 @@ class Driver:
                 if state.bar is not None and state.status == "running" and not state.alive:
                     state.bar.set_postfix_str("queued for resources")
 
-    def _finish(self, state: JobState, status: str, error: str | None = None) -> None:
+    def _finish(self, state: JobState, status: str, error: str | None = None,
+                keep_actor: bool = False) -> None:
+        """Record the job's end; its actor is killed, or kept idle for the next job of the same
+        resources (`keep_actor`)."""
         state.status, state.error = status, error
         mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
         if state.run_id:
@@ -259,9 +267,12 @@ class Driver:
                 self.tracker.set_tags(state.run_id, {"genforge.error": error[:4000]})
             self.tracker.finish(state.run_id, mlflow_status)
         if state.actor is not None:
-            ray.kill(state.actor, no_restart=True)
+            if keep_actor:
+                self._idle.append((self._shape(state), state.actor))
+            else:
+                ray.kill(state.actor, no_restart=True)
             state.actor = None
-            self.admission.started.remote([self._ticket(state)])  # what it held is Ray's again
+            self.admission.started.remote([self._ticket(state)])  # what it holds is in Ray's view
         if state.bar is not None:
             state.bar.set_postfix_str(status if not error else f"{status}: {error[:60]}")
             state.bar.close()
@@ -291,7 +302,7 @@ class Driver:
         state.result = result
         if result.get("status") == "stopped":
             return self._finish(state, "killed", f"stopped at step {result['step']}")
-        self._finish(state, "finished")
+        self._finish(state, "finished", keep_actor=True)
 
     def _job_error(self, state: JobState, exc: RayTaskError) -> None:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
@@ -304,11 +315,11 @@ class Driver:
             state.restarts += 1
             self.echo(f"job '{state.name}': {message}; resuming from its last checkpoint "
                       f"(restart {state.restarts})")
-            return self._launch(state)
+            return self._launch(state, state.actor)  # its actor is alive
         if state.retries < state.planned.job.resources.max_retries:
             state.retries += 1
             self.echo(f"job '{state.name}': {message}; retrying ({state.retries})")
-            return self._launch(state)
+            return self._launch(state, state.actor)  # its actor is alive
         self._finish(state, "failed", message)
 
     def _check_timeouts(self) -> None:
@@ -378,17 +389,43 @@ class Driver:
     def _ticket(self, state: JobState) -> str:
         return f"{self.parent_run}/{state.name}"
 
+    @staticmethod
+    def _shape(state: JobState) -> tuple[float, float]:
+        """The resources of the job's actor (none for a data-parallel job's coordinator)."""
+        r = state.planned.job.resources
+        return (0.0, 0.0) if r.workers > 1 else (r.cpus, r.gpus)
+
     def _admit(self) -> None:
-        """Start the ready jobs that admission lets start (priority first, across pipelines)."""
-        queued = [s for s in self.jobs.values() if s.status == "queued"]
-        if not queued:
-            return
-        asks = [(self._ticket(s), s.planned.job.resources.priority,
-                 admission.request(s.planned.job.resources)) for s in queued]
-        granted = set(ray.get(self.admission.ask.remote(asks)))
+        """Start the ready jobs that admission lets start (priority first, across pipelines).
+        A job of the same resources as an idle actor takes it over, unless a job of higher
+        priority waits for room; idle actors left over are killed, freeing their resources."""
+        queued = sorted((s for s in self.jobs.values() if s.status == "queued"),
+                        key=lambda s: -s.planned.job.resources.priority)
+        handover: dict[str, Any] = {}
         for state in queued:
-            if self._ticket(state) in granted:
-                self._launch(state)
+            idle = next((i for i, (shape, _) in enumerate(self._idle)
+                         if shape == self._shape(state)), None)
+            if idle is not None:
+                handover[self._ticket(state)] = self._idle.pop(idle)[1]
+        granted: set[str] = set()
+        if queued:
+            asks = [(self._ticket(s), s.planned.job.resources.priority,
+                     admission.request(s.planned.job.resources))
+                    for s in queued if self._ticket(s) not in handover]
+            takes = [(self._ticket(s), s.planned.job.resources.priority)
+                     for s in queued if self._ticket(s) in handover]
+            try:
+                granted = set(ray.get(self.admission.ask.remote(asks, takes), timeout=30))
+            except (RayActorError, ActorUnavailableError, GetTimeoutError):
+                # its node left: Ray restarts it elsewhere, and every driver asks again
+                self.admission = admission.connect()
+        for state in queued:
+            ticket = self._ticket(state)
+            if ticket in granted:
+                self._launch(state, handover.pop(ticket, None))
+        for actor in [*handover.values(), *(actor for _, actor in self._idle)]:
+            ray.kill(actor, no_restart=True)
+        self._idle.clear()
 
     def _loop(self) -> None:
         while True:

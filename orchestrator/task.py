@@ -16,7 +16,7 @@ class Task:
     storage_root: str  # e.g. s3://bucket/genforge
     prefix: str  # the job's key prefix under storage_root: <experiment>/<job>/<hash>
     tracking_uri: str
-    run_id: str
+    run_id: str | None  # None: the job logs nothing to MLflow
     code_version: str
     sources: tuple[str, ...] = ()  # checkpoint URIs of what the job reads (job prefixes or steps)
     data_key: str | None = None  # staged data set, relative to storage_root

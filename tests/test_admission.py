@@ -80,3 +80,12 @@ def test_requests_of_a_data_parallel_job_count_every_worker():
     r = Resources(workers=4, cpus=2, gpus_per_worker=0.5)
     assert admission.request(r) == {"CPU": 8, "GPU": 2.0}
     assert admission.request(Resources(cpus=1, gpus=0.25)) == {"CPU": 1, "GPU": 0.25}
+
+
+def test_an_idle_actor_is_taken_over_unless_a_higher_priority_job_waits(cluster):
+    a = Admission()
+    cluster["free"]["GPU"] = 0.0  # the idle actor's GPU is among those in use
+    assert a.ask([], [("next", 0)]) == ["next"]
+    assert a.ask([("urgent", 5, gpus(1))]) == []  # another pipeline's job waits for room
+    assert a.ask([], [("next2", 0)]) == []  # so the idle actor is freed for it instead
+    assert a.ask([], [("urgent2", 5)]) == ["urgent2"]  # equal priority may take over

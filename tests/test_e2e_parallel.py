@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from support import genforge, genforge_background, keys, write_spec
+from support import ROOT, genforge, genforge_background, keys, write_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -45,11 +46,15 @@ def losses(tracking_uri: str, run) -> np.ndarray:
 
 
 def test_two_workers_follow_the_one_worker_loss_curve(tmp_path, local_stack, stack_env, s3_client):
-    sample = {"name": "sample", "kind": "sample", "family": "ddpm", "from": "two",
-              "sample": {"num_images": 6, "steps": 10}}
-    path = write_spec(tmp_path / "dp.yaml", spec("e2e-dp", train("one", 1, 150),
-                                                 train("two", 2, 150), sample))
-    out = genforge(["run", str(path)], stack_env)
+    # jobspecs/data-parallel.yaml in tiny form, beside the same job on one worker
+    example = yaml.safe_load((ROOT / "jobspecs" / "data-parallel.yaml").read_text())
+    dp, sample = example["jobs"]
+    dp.update(model=DDPM, train=train("two", 2, 150)["train"])
+    one = {**dp, "name": "one", "resources": {"workers": 1}}
+    sample.update({"from": "two", "sample": {"num_images": 6, "steps": 10}})
+    example.update(experiment="e2e-dp", jobs=[one, {**dp, "name": "two"}, sample])
+    example["defaults"]["data"]["image_size"] = 8
+    out = genforge(["run", str(write_spec(tmp_path / "dp.yaml", example))], stack_env)
     assert out.returncode == 0, out.stderr[-3000:]
     found = runs(local_stack.tracking_uri, "e2e-dp")
     one, two = losses(local_stack.tracking_uri, found["one"]), losses(local_stack.tracking_uri, found["two"])
@@ -69,13 +74,13 @@ def test_two_workers_follow_the_one_worker_loss_curve(tmp_path, local_stack, sta
                    for k in listed), job
         assert any(k.startswith(f"genforge/e2e-dp/{job}/") and k.endswith("/result.json")
                    for k in listed), job
-    npz = next(k for k in listed if k.startswith("genforge/e2e-dp/sample/") and k.endswith("images.npz"))
+    npz = next(k for k in listed if k.startswith("genforge/e2e-dp/grid/") and k.endswith("images.npz"))
     body = s3_client.get_object(Bucket=local_stack.bucket, Key=npz)["Body"].read()
     import io
 
     images = np.load(io.BytesIO(body))["images"]
     assert images.shape == (6, 8, 8, 1) and images.std() > 0
-    assert found["sample"].info.status == "FINISHED"
+    assert found["grid"].info.status == "FINISHED"
 
 
 def test_a_gan_trains_on_two_workers(tmp_path, local_stack, stack_env):

@@ -276,7 +276,8 @@ def test_checkpoint_uris_are_checked_before_anything_runs():
 
 @pytest.mark.skipif(not (ROOT.parent / "shared" / "data").exists(), reason="no ../shared/data")
 def test_example_specs_validate():
-    for name in ("quickstart", "gan", "vqgan-ar", "ldm", "evaluate", "distill-ddpm", "distill-ar"):
+    for name in ("quickstart", "gan", "vqgan-ar", "ldm", "evaluate", "distill-ddpm", "distill-ar",
+                 "data-parallel"):
         plan = build_plan(load_spec(ROOT / "jobspecs" / f"{name}.yaml"))
         assert plan.jobs
     plan = build_plan(load_spec(ROOT / "jobspecs" / "vqgan-ar.yaml"))

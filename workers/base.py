@@ -98,7 +98,8 @@ class Worker:
         torch.set_num_threads(max(1, int(self.job["resources"]["cpus"])))
         self.root = open_storage(task.storage_root, task.s3)
         self.storage = self.root.child(task.prefix)
-        self.log = RunLogger(task.tracking_uri, task.run_id) if self.rank0 else NullLogger()
+        # a task without a run (a benchmark's plain Ray task) and ranks but 0 log nothing
+        self.log = RunLogger(task.tracking_uri, task.run_id) if self.rank0 and task.run_id else NullLogger()
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.emas: dict[str, EMA] = {}

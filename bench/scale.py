@@ -1,0 +1,192 @@
+"""Scheduling many short jobs through genforge against the same work as plain Ray tasks, and
+the data-parallel speedup of one training job on 1 and 2 workers.
+
+Part 1: one small DDPM is trained, then `--jobs` sampling jobs read its checkpoint, each with
+`--cpus` CPUs (so several run at once), through `genforge run` (one pipeline, every job its own
+actor, MLflow run and outputs), and as plain Ray tasks that run the same worker code on the
+same checkpoint with the same resources, writing the same outputs, without MLflow. Reported:
+wall time and jobs/s of each, the ratio (target >= 0.9), the time per job, the driver's peak
+memory and its overhead per job.
+
+Part 2: the same DDPM training job with `resources.workers` 1 and 2 (one CPU each, the same
+global batch), interleaved: training images/s of each and the speedup.
+
+    python bench/scale.py [--jobs 200] [--out bench/results/scale.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (ROOT, finish, launch, private_stack, report,  # noqa: E402
+                    train_spec, write_report)
+
+from orchestrator.storage import S3Credentials  # noqa: E402
+from orchestrator.task import Task  # noqa: E402
+
+MODEL = {"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "timesteps": 100}
+
+
+def sample_job(i: int, source: str, args) -> dict:
+    return {"name": f"s{i:04d}", "kind": "sample", "family": "ddpm", "from": source,
+            "sample": {"num_images": args.images, "steps": args.steps, "seed": i,
+                       "batch_size": args.images},
+            "resources": {"cpus": args.cpus, "gpus": 0, "max_restarts": 0}}
+
+
+def peak_rss_mb(pid: int, stop: threading.Event, out: list[float]) -> None:
+    """The process's peak resident memory (Linux VmHWM), read until it exits."""
+    while not stop.wait(0.5):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out.append(int(line.split()[1]) / 1024)
+        except OSError:
+            return
+
+
+def through_genforge(home: Path, experiment: str, jobs: list[dict]) -> dict:
+    spec = {"experiment": experiment, "jobs": jobs}
+    started, proc = launch(home, spec)
+    stop, rss = threading.Event(), []
+    watcher = threading.Thread(target=peak_rss_mb, args=(proc.pid, stop, rss), daemon=True)
+    watcher.start()
+    finish(proc)
+    wall = time.time() - started
+    stop.set()
+    return {"wall_s": wall, "driver_peak_rss_mb": max(rss, default=0.0)}
+
+
+@ray.remote
+def plain_sample(task: Task) -> float:
+    from workers import worker_class
+
+    t0 = time.perf_counter()
+    worker_class("ddpm")(task).sample()
+    return time.perf_counter() - t0
+
+
+def through_ray(state, creds: S3Credentials, experiment: str, jobs: list[dict],
+                source: str, cpus: float) -> dict:
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec({"experiment": experiment, "jobs": jobs})
+    tasks = [Task(job=j.resolved(), job_hash=f"{i:016d}", experiment=experiment,
+                  storage_root=state.storage, prefix=f"{experiment}/{j.name}/plain",
+                  tracking_uri=state.tracking_uri, run_id=None, code_version="bench",
+                  refs={"from": source}, s3=creds) for i, j in enumerate(spec.jobs)]
+    t0 = time.time()
+    seconds = ray.get([plain_sample.options(num_cpus=cpus).remote(t) for t in tasks])
+    return {"wall_s": time.time() - t0, "mean_task_s": sum(seconds) / len(seconds)}
+
+
+def job_seconds(tracking_uri: str, experiment: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`genforge.kind` = 'sample'",
+                              max_results=5000)
+    return [(r.info.end_time - r.info.start_time) / 1000 for r in runs]
+
+
+def train_result(root, experiment: str) -> dict:
+    key = next(k for k in root.list(f"{experiment}/") if k.endswith("result.json"))
+    return json.loads(root.get_bytes(key))
+
+
+def data_parallel(home: Path, root, args) -> dict:
+    speeds: dict[int, list[float]] = {1: [], 2: []}
+    for round_ in range(args.dp_rounds):
+        for workers in (1, 2):
+            experiment = f"bench-dp-{workers}-{round_}"
+            spec = train_spec(experiment, steps=args.dp_steps, batch_size=args.dp_batch,
+                              threads=1, checkpoint_every=None, workers=workers)
+            spec["jobs"][0]["model"] = MODEL
+            _, proc = launch(home, spec)
+            finish(proc)
+            timing = train_result(root, experiment)["timing"]
+            speeds[workers].append(timing["steps_run"] * args.dp_batch / timing["loop_s"])
+            print(f"data-parallel, {workers} worker(s): {speeds[workers][-1]:.1f} images/s",
+                  file=sys.stderr)
+    mean = {k: sum(v) / len(v) for k, v in speeds.items()}
+    return {"global_batch": args.dp_batch, "steps": args.dp_steps, "cpus_per_worker": 1,
+            "images_per_s_1_worker": speeds[1], "images_per_s_2_workers": speeds[2],
+            "speedup": mean[2] / mean[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling job")
+    parser.add_argument("--cpus", type=float, default=0.5, help="CPUs per sampling job")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dp-steps", type=int, default=150)
+    parser.add_argument("--dp-batch", type=int, default=64)
+    parser.add_argument("--dp-rounds", type=int, default=2)
+    parser.add_argument("--skip-dp", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
+    args = parser.parse_args()
+
+    with private_stack(args.threads) as (home, state, root):
+        from orchestrator import stack
+
+        c = stack.credentials(home)
+        creds = S3Credentials(state.s3_endpoint, c["access_key"], c["secret_key"])
+        spec = train_spec("bench-scale-model", steps=30, batch_size=32, threads=args.threads,
+                          checkpoint_every=None)
+        spec["jobs"][0]["model"] = MODEL
+        _, proc = launch(home, spec)
+        finish(proc)
+        source = train_result(root, "bench-scale-model")["checkpoint"]
+        print(f"checkpoint: {source}", file=sys.stderr)
+
+        ray.init(address=state.ray_address, logging_level="ERROR", log_to_driver=False)
+        # warm-up: the plain tasks' worker processes exist before they are timed, as they
+        # would on a cluster that has run anything
+        through_ray(state, creds, "bench-scale-warm", [sample_job(i, source, args) for i in range(4)],
+                    source, args.cpus)
+        one = through_genforge(home, "bench-scale-one", [sample_job(0, source, args)])
+        jobs = [sample_job(i, source, args) for i in range(args.jobs)]
+        plain = through_ray(state, creds, "bench-scale-ray", jobs, source, args.cpus)
+        print(f"plain Ray tasks: {plain}", file=sys.stderr)
+        forge = through_genforge(home, "bench-scale-genforge", jobs)
+        per_job = job_seconds(state.tracking_uri, "bench-scale-genforge")
+        forge["mean_job_s"] = sum(per_job) / len(per_job)
+        print(f"genforge: {forge}", file=sys.stderr)
+        ray.shutdown()
+        dp = None if args.skip_dp else data_parallel(home, root, args)
+
+    concurrency = int(args.threads / args.cpus)
+    out = report(
+        "scale", args.threads, config=vars(args),
+        many_short_jobs={
+            "jobs": args.jobs, "concurrent": concurrency,
+            "plain_ray": {**plain, "jobs_per_s": args.jobs / plain["wall_s"]},
+            "genforge": {**forge, "jobs_per_s": args.jobs / forge["wall_s"]},
+            "throughput_ratio": plain["wall_s"] / forge["wall_s"], "target_ratio": 0.9,
+            # driver wall time a job adds over the plain task, at this concurrency
+            "overhead_per_job_s": (forge["wall_s"] - plain["wall_s"]) / args.jobs,
+            "driver_rss_per_job_kb": 1024 * (forge["driver_peak_rss_mb"] - one["driver_peak_rss_mb"])
+            / max(1, args.jobs - 1),
+            "driver_peak_rss_mb_one_job": one["driver_peak_rss_mb"],
+        },
+        data_parallel=dp,
+    )
+    write_report(args.out, out)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
