@@ -24,9 +24,10 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where used: the driver reads manifests without torch
+    import torch
 
 from .storage import (
     NotFound,
@@ -124,6 +125,8 @@ def _ckpt_key(name: str, filename: str | None = None) -> str:
 
 def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detach, move to CPU, make contiguous, and un-share storages (safetensors refuses aliasing)."""
+    import torch
+
     if not isinstance(tensors, dict):
         raise CheckpointError(f"tensors must be a dict[str, Tensor], got {type(tensors).__name__}")
     out: dict[str, torch.Tensor] = {}
@@ -193,6 +196,7 @@ def encode_checkpoint(
     between two steps (the tensors are then free to change) and upload in the background.
     ``state`` must be loadable with ``torch.load(weights_only=True)`` (tensors, dicts, lists,
     tuples, numbers, strings, None); this is checked here, before anything is uploaded."""
+    import torch
     from safetensors.torch import save_file
 
     name = checkpoint_name(step)
@@ -355,6 +359,7 @@ def _read_verified(storage: Storage, name: str, *, want: tuple[str, ...] | None 
 
 
 def _deserialize(storage: Storage, name: str, manifest: dict, blobs: dict[str, bytes], map_location) -> Checkpoint:
+    import torch
     from safetensors.torch import load as st_load
 
     uri = storage.uri(_ckpt_key(name))

@@ -209,7 +209,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     status = submit.cancel(address, args.submission)
     # runs the driver had no time to close: cancelled all the same
     leftover = [r for r in _pipeline_runs(args.submission, job.metadata[submit.METADATA_KEY])
-                if r.info.status == "RUNNING"]
+                if r.info.status in ("RUNNING", "SCHEDULED")]
     if leftover:
         client = MlflowClient(settings_mod.resolve().tracking_uri)
         for run in leftover:

@@ -8,10 +8,12 @@ output.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +35,7 @@ from orchestrator.task import Task
 from orchestrator.tracking import Tracker, flatten
 
 STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint
+PUBLISH_S = 2.0  # the pipeline's progress tag changes at most this often while it runs
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
 RESULT = "result.json"
 
@@ -47,6 +50,8 @@ class JobState:
     actor: Any = None
     ref: Any = None
     progress_ref: Any = None
+    run_opened: Future | None = None  # (run id, attempts so far), opened while it is queued
+    tracking: Future | None = None  # the last tracking request about its run
     bar: tqdm | None = None
     attempt: int = 0
     restarts: int = 0
@@ -77,8 +82,12 @@ class Driver:
         # a Ray job submitted by `genforge submit`: every run says which submission made it
         submission = os.environ.get(SUBMISSION_ENV)
         self.submission_tags = {"genforge.submission": submission} if submission else {}
-        self._progress_tag = ""
+        self._progress_tag, self._published = "", 0.0
         self._idle: list[tuple[tuple[float, float], Any]] = []  # finished jobs' actors, for reuse
+        # Requests to the tracking server about job runs leave the loop: each takes tens of ms,
+        # and a pipeline of many short jobs would wait on them, one after another.
+        self._tracking = ThreadPoolExecutor(4, thread_name_prefix="tracking")
+        self._tracking_done: list[Future] = []
 
     # ---- setup ------------------------------------------------------------------------------
     def prefix(self, planned: PlannedJob) -> str:
@@ -119,6 +128,7 @@ class Driver:
 
     def check_references(self) -> None:
         """Every checkpoint URI the spec reads exists and fits; a SpecError otherwise."""
+        @functools.lru_cache(maxsize=None)  # many jobs may read one checkpoint
         def read_meta(uri: str) -> dict[str, Any]:
             return read_manifest(*resolve_checkpoint_uri(uri, self.settings.s3)).get("meta", {})
 
@@ -147,9 +157,11 @@ class Driver:
         new one."""
         p = state.planned
         if state.run_id is None:
-            state.run_id, state.attempt = self._open_run(p)
+            state.run_id, state.attempt = self._opened_run(state)
         state.attempt += 1
-        self.tracker.set_tags(state.run_id, {"genforge.attempt": str(state.attempt)})
+        self._track(state, self.tracker.set_status, state.run_id, "RUNNING")
+        self._track(state, self.tracker.set_tags, state.run_id,
+                    {"genforge.attempt": str(state.attempt), "genforge.launched": f"{time.time():.3f}"})
         data_key = self.data_keys.get(p.job.data.model_dump_json()) if p.job.data else None
         task = Task(
             job=p.job.resolved(), job_hash=p.hash, experiment=self.experiment,
@@ -183,14 +195,40 @@ class Driver:
         self.echo(f"job '{p.name}': started (attempt {state.attempt}, run {state.run_id})")
         state.bar.set_postfix_str(f"attempt {state.attempt}" if state.attempt > 1 else "starting")
 
+    def _track(self, state: JobState, fn: Callable[..., Any], *args: Any) -> None:
+        """Send a request about the job's run from the tracking threads, after the ones before
+        it (a run must not be marked RUNNING after it was marked FINISHED)."""
+        before = state.tracking
+
+        def call() -> None:
+            if before is not None:
+                before.result()
+            fn(*args)
+
+        state.tracking = self._tracking.submit(call)
+        self._tracking_done.append(state.tracking)
+
+    def _opened_run(self, state: JobState) -> tuple[str, int]:
+        if state.run_opened is None:
+            state.run_opened = self._tracking.submit(self._open_run, state.planned)
+        return state.run_opened.result()
+
+    def _drain_tracking(self) -> None:
+        """Wait for every request about job runs; say which failed (the run may show a wrong
+        state; the job's own outcome stands)."""
+        self._tracking.shutdown(wait=True)
+        failed = [f.exception() for f in self._tracking_done if f.exception() is not None]
+        if failed:
+            self.echo(f"tracking: {len(failed)} requests about job runs failed, the first: "
+                      f"{str(failed[0]).splitlines()[0][:300]}")
+
     def _open_run(self, p: PlannedJob) -> tuple[str, int]:
         """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
-        metric history in one run); and the number of attempts the run has seen."""
-        unfinished = self.tracker.find_runs(self.experiment_id, p.name, p.hash,
-                                            ("RUNNING", "FAILED", "KILLED"))
-        if unfinished:
-            run = unfinished[0]
-            self.tracker.reopen(run.info.run_id)
+        metric history in one run); and the number of attempts the run has seen. It says
+        SCHEDULED until its job is launched."""
+        run = self._unfinished.pop((p.name, p.hash), None)
+        if run is not None:
+            self.tracker.set_status(run.info.run_id, "SCHEDULED")
             self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run,
                                                     **self.submission_tags})
             return run.info.run_id, int(run.data.tags.get("genforge.attempt", "0"))
@@ -201,7 +239,9 @@ class Driver:
             "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
         }
         params = flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
-        return self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run), 0
+        run_id = self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run)
+        self.tracker.set_status(run_id, "SCHEDULED")
+        return run_id, 0
 
     # ---- watching ---------------------------------------------------------------------------
     def _poll_progress(self) -> None:
@@ -246,11 +286,13 @@ class Driver:
                                                "skipped", "killed") if counts.get(k)]
         return ", ".join(parts)
 
-    def _publish_progress(self) -> None:
-        """The summary as the pipeline run's `genforge.progress` tag, when it changes."""
+    def _publish_progress(self, now: bool = True) -> None:
+        """The summary as the pipeline run's `genforge.progress` tag, when it changes (in the
+        loop at most every PUBLISH_S: each is a request to the tracking server)."""
         summary = self.progress_summary()
-        if summary != self._progress_tag:
-            self._progress_tag = summary
+        due = now or time.monotonic() - self._published >= PUBLISH_S
+        if summary != self._progress_tag and due:
+            self._progress_tag, self._published = summary, time.monotonic()
             self.tracker.set_tags(self.parent_run, {"genforge.progress": summary})
             for state in self.jobs.values():
                 if state.bar is not None and state.status == "running" and not state.alive:
@@ -262,10 +304,13 @@ class Driver:
         resources (`keep_actor`)."""
         state.status, state.error = status, error
         mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
+        if state.run_id is None and state.run_opened is not None:  # cancelled while queued
+            state.run_id = state.run_opened.result()[0]
         if state.run_id:
             if error:
-                self.tracker.set_tags(state.run_id, {"genforge.error": error[:4000]})
-            self.tracker.finish(state.run_id, mlflow_status)
+                self._track(state, self.tracker.set_tags, state.run_id,
+                            {"genforge.error": error[:4000]})
+            self._track(state, self.tracker.finish, state.run_id, mlflow_status)
         if state.actor is not None:
             if keep_actor:
                 self._idle.append((self._shape(state), state.actor))
@@ -362,6 +407,7 @@ class Driver:
                                f"{str(exc).splitlines()[0]}") from None
         self.admission = admission.connect()
         self.experiment_id = self.tracker.experiment_id(self.experiment)
+        self._unfinished = self.tracker.unfinished_runs(self.experiment_id)
         self.parent_run = self.tracker.start_run(
             self.experiment_id, f"{self.experiment} pipeline",
             {"genforge.spec": self.plan.spec.source, "genforge.code_version": self.plan.code_version,
@@ -377,9 +423,11 @@ class Driver:
             self.admission.started.remote([self._ticket(s) for s in queued])  # withdrawn
             for state in queued:
                 self._finish(state, "killed", "cancelled while queued")
+            self._drain_tracking()
             self._publish_progress()
             self.tracker.finish(self.parent_run, "KILLED")
             return 130
+        self._drain_tracking()
         self._publish_progress()
         failed = [s for s in self.jobs.values() if s.status in ("failed", "skipped", "killed")]
         self.tracker.finish(self.parent_run, "FAILED" if failed else "FINISHED")
@@ -440,22 +488,25 @@ class Driver:
                         self.echo(f"job '{state.name}': cached ({state.planned.hash})")
                     else:
                         state.status = "queued"
+                        state.run_opened = self._tracking.submit(self._open_run, state.planned)
             self._admit()
             running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
             if not running:
                 if any(s.status == "pending" for s in self.jobs.values()):
                     continue  # a job just became ready through a cache hit
                 if any(s.status == "queued" for s in self.jobs.values()):
-                    self._publish_progress()
+                    self._publish_progress(now=False)
                     time.sleep(POLL_S)  # the cluster is full of other pipelines' jobs
                     continue
                 return
-            done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            done, rest = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            if done and rest:  # and every other job that has ended meanwhile
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in done:
                 self._collect(running[ref])
             self._check_timeouts()
             self._poll_progress()
-            self._publish_progress()
+            self._publish_progress(now=False)
 
     def _report(self) -> None:
         for state in self.jobs.values():

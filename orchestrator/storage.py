@@ -511,6 +511,17 @@ class _S3Conn:
         return self._client
 
     def _make_client(self):
+        # A boto3 client takes ~0.2 s to build (it loads the service model): one per
+        # endpoint, credentials and settings in a process, shared (clients are thread-safe).
+        c = self.credentials
+        key = (c.endpoint_url, c.access_key_id, c.secret_access_key, c.region, self.max_attempts,
+               self.connect_timeout, self.read_timeout)
+        with _CLIENTS_LOCK:
+            if key not in _CLIENTS:
+                _CLIENTS[key] = self._new_client()
+            return _CLIENTS[key]
+
+    def _new_client(self):
         import boto3
         from botocore.config import Config
 
@@ -545,6 +556,10 @@ class _S3Conn:
             multipart_chunksize=self.multipart_chunksize,
             max_concurrency=self.max_concurrency,
         )
+
+
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
 
 
 class S3Storage(Storage):

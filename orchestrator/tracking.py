@@ -71,20 +71,27 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def find_runs(self, experiment_id: str, job: str, job_hash: str,
-                  statuses: tuple[str, ...]) -> list:
-        """Child runs of any pipeline run of job `job` with this hash, newest first. (Two jobs
-        of a spec that differ only in name have the same hash, but not the same runs.)"""
-        runs = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`genforge.hash` = '{job_hash}' and tags.`genforge.job` = '{job}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=50,
-        )
-        return [r for r in runs if r.info.status in statuses]
+    def unfinished_runs(self, experiment_id: str) -> dict[tuple[str, str], Any]:
+        """The newest unfinished (RUNNING, SCHEDULED, FAILED or KILLED) job run of each (job
+        name, hash):
+        a job that runs again resumes in it. (Two jobs of a spec that differ only in name have
+        the same hash, but not the same runs.) One search for the whole pipeline."""
+        found: dict[tuple[str, str], Any] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id], filter_string="attributes.status != 'FINISHED'",
+                order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+            for run in page:
+                tags = run.data.tags
+                if run.info.status != "FINISHED" and "genforge.job" in tags:
+                    found.setdefault((tags["genforge.job"], tags.get("genforge.hash", "")), run)
+            token = page.token
+            if not token:
+                return found
 
-    def reopen(self, run_id: str) -> None:
-        self.client.update_run(run_id, status="RUNNING")
+    def set_status(self, run_id: str, status: str) -> None:
+        self.client.update_run(run_id, status=status)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -93,13 +100,15 @@ class Tracker:
 
 class RunLogger:
     """Worker-side logger for one run. `log_metrics` and `log_image` return at once; a
-    background thread sends metrics in batches every `flush_s` seconds and uploads images."""
+    background thread sends metrics and tags in batches every `flush_s` seconds and uploads
+    images."""
 
     def __init__(self, tracking_uri: str, run_id: str, *, flush_s: float = 5.0):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.flush_s = flush_s
         self._metrics: list[Metric] = []
+        self._tags: dict[str, str] = {}  # sent with the metrics: one request for both
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -124,8 +133,8 @@ class RunLogger:
         self._jobs.put((lambda: self.client.log_image(self.run_id, image, key=key, step=step), 0))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._jobs.put((lambda: self.client.log_batch(
-            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]), 0))
+        with self._lock:
+            self._tags.update((k, str(v)) for k, v in tags.items())
 
     def flush_metrics(self) -> bool:
         """Send the buffered metrics now (from any thread); False if the server is away, in
@@ -139,12 +148,16 @@ class RunLogger:
     def _flush_metrics(self) -> None:
         with self._lock:
             pending, self._metrics = self._metrics, []
-        for i in range(0, len(pending), BATCH_LIMIT):
+            tags, self._tags = self._tags, {}
+        for i in range(0, max(len(pending), 1 if tags else 0), BATCH_LIMIT):
             try:
-                self.client.log_batch(self.run_id, metrics=pending[i:i + BATCH_LIMIT])
+                self.client.log_batch(self.run_id, metrics=pending[i:i + BATCH_LIMIT],
+                                      tags=[RunTag(k, v) for k, v in tags.items()])
+                tags = {}
             except Exception:
                 with self._lock:  # kept, in order, for the next flush
                     self._metrics[:0] = pending[i:]
+                    self._tags = {**tags, **self._tags}
                 raise
 
     def _drain_jobs(self) -> None:

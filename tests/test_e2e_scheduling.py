@@ -72,7 +72,10 @@ def test_a_high_priority_pipeline_starts_before_an_earlier_low_one(tmp_path, loc
             run = wait_for(lambda: pipeline_run(client, exp) and
                            client.get_run(pipeline_run(client, exp).info.run_id).data.tags.get("genforge.progress"))
             assert run == "0/1 done, 1 queued", run
-        assert not job_runs(client, "e2e-prio-low") and not job_runs(client, "e2e-prio-high")
+        # their runs wait, SCHEDULED, with no launch yet
+        for name in ("low", "high"):
+            run = job_runs(client, f"e2e-prio-{name}")[name]
+            assert run.info.status == "SCHEDULED" and "genforge.launched" not in run.data.tags
         procs["fill"].send_signal(signal.SIGINT)  # the GPUs come free
         assert procs["fill"].wait(timeout=120) == 130
         for name in ("low", "high"):
@@ -83,10 +86,12 @@ def test_a_high_priority_pipeline_starts_before_an_earlier_low_one(tmp_path, loc
     fill = job_runs(client, "e2e-prio-fill")["fill"]
     high = job_runs(client, "e2e-prio-high")["high"]
     low = job_runs(client, "e2e-prio-low")["low"]
-    # a job's run is opened when it is launched: high after fill ended, low after high ended
+    # high was launched after fill ended, low after high ended
+    launched = {name: 1000 * float(run.data.tags["genforge.launched"])
+                for name, run in (("high", high), ("low", low))}
     assert fill.info.status == "KILLED"
-    assert fill.info.end_time <= high.info.start_time + 1000
-    assert high.info.end_time <= low.info.start_time + 1000
+    assert fill.info.end_time <= launched["high"] + 1000
+    assert high.info.end_time <= launched["low"] + 1000
     assert "queued" not in client.get_run(pipeline_run(client, "e2e-prio-low").info.run_id).data.tags["genforge.progress"]
 
 
@@ -98,8 +103,8 @@ def test_quarter_gpu_sampling_jobs_pack_four_to_a_gpu(tmp_path, local_stack, sta
     out = genforge(["run", str(path)], stack_env)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = job_runs(MlflowClient(local_stack.tracking_uri), "e2e-pack")
-    spans = [(runs[f"s{i}"].info.start_time, runs[f"s{i}"].info.end_time) for i in range(8)]
-    # they ran side by side, more at once than two whole GPUs would hold (a run is opened when
-    # its job is launched, one after another, and closed when it ends)
+    spans = [(1000 * float(runs[f"s{i}"].data.tags["genforge.launched"]), runs[f"s{i}"].info.end_time)
+             for i in range(8)]
+    # they ran side by side, more at once than two whole GPUs would hold
     most = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert most >= 5, spans
