@@ -141,7 +141,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     driver.check_references()
     address = _job_server(args)
     try:
-        submission = submit.submit(plan, driver.data_keys, settings, address)
+        submission = submit.submit(plan, driver.data_keys, settings, address,
+                                   send_credentials=args.send_credentials)
     except submit.SubmitError as exc:
         _err(f"{args.spec}: {exc}")
         return EXIT_FAILED
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="the Ray job server, e.g. http://HEAD:8265 "
                                      "(default: RAY_API_SERVER_ADDRESS, or the local stack's)")
     p.add_argument("--wait", action="store_true", help="wait for the submission to end")
+    p.add_argument("--send-credentials", action="store_true",
+                   help="send this shell's S3 key pair with the job, for a cluster whose nodes "
+                        "have none (Ray writes it into its logs on every node)")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("jobs", help="list submissions with their state and progress")
     p.add_argument("--address")

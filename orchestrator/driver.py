@@ -35,6 +35,7 @@ from orchestrator.task import Task
 from orchestrator.tracking import Tracker, flatten
 
 STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint
+PREOPEN = 16  # job runs opened ahead of their launch
 PUBLISH_S = 2.0  # the pipeline's progress tag changes at most this often while it runs
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
 RESULT = "result.json"
@@ -449,6 +450,11 @@ class Driver:
         priority waits for room; idle actors left over are killed, freeing their resources."""
         queued = sorted((s for s in self.jobs.values() if s.status == "queued"),
                         key=lambda s: -s.planned.job.resources.priority)
+        # the runs of the jobs next in line are opened in the background, so they are there
+        # when the jobs start; not all at once (a pipeline of thousands would flood the server)
+        opened = sum(1 for s in queued if s.run_opened is not None)
+        for state in [s for s in queued if s.run_opened is None][:max(0, PREOPEN - opened)]:
+            state.run_opened = self._tracking.submit(self._open_run, state.planned)
         handover: dict[str, Any] = {}
         for state in queued:
             idle = next((i for i, (shape, _) in enumerate(self._idle)
@@ -488,7 +494,6 @@ class Driver:
                         self.echo(f"job '{state.name}': cached ({state.planned.hash})")
                     else:
                         state.status = "queued"
-                        state.run_opened = self._tracking.submit(self._open_run, state.planned)
             self._admit()
             running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
             if not running:

@@ -6,6 +6,8 @@ Every problem found is reported as one line naming the file, the job and the fie
 
 from __future__ import annotations
 
+import collections.abc
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,8 +26,17 @@ class SpecError(Exception):
     """A spec that cannot run; ``lines`` holds one message per problem."""
 
     def __init__(self, lines: list[str]):
+        # user text (keys, names) inside a message stays on its line, and within bounds
+        lines = [_printable(line)[:MAX_LINE] for line in lines]
         super().__init__("\n".join(lines))
         self.lines = lines
+
+
+MAX_LINE = 1000
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Strict(BaseModel):
@@ -596,6 +607,10 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, collections.abc.Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, not a {type(key).__name__}",
+                key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -615,7 +630,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + ("from" if part == "from_" else str(part))
+            text = "from" if part == "from_" else str(part)
+            if not re.fullmatch(r"[\w.-]{1,64}", text):  # a key the user made up, shown as such
+                text = repr(part)[:66]
+            out += ("." if out else "") + text
     return out or "(top level)"
 
 
@@ -644,13 +662,38 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _job_label(raw: Any, index: int) -> str:
     name = raw.get("name") if isinstance(raw, dict) else None
-    return f"job '{name}'" if isinstance(name, str) and name else f"jobs[{index}]"
+    if isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable() and "'" not in name:
+        return f"job '{name}'"
+    return f"jobs[{index}]"
+
+
+MAX_VALUES = 100_000  # values in a spec, aliases counted each time they are used
+MAX_DEPTH = 32
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse YAML that expands past MAX_VALUES values (an alias bomb: a few lines whose
+    aliases nest into billions of values) or nests past MAX_DEPTH, before anything walks it."""
+    budget, todo = MAX_VALUES, [(data, 0)]
+    while todo:
+        node, depth = todo.pop()
+        budget -= 1
+        if budget < 0:
+            raise SpecError([f"{source}: the spec expands to more than {MAX_VALUES} values "
+                             f"(YAML aliases inside aliases?)"])
+        if depth > MAX_DEPTH:
+            raise SpecError([f"{source}: the spec is nested more than {MAX_DEPTH} levels deep"])
+        if isinstance(node, dict):
+            todo.extend((v, depth + 1) for v in (*node.keys(), *node.values()))
+        elif isinstance(node, (list, tuple)):
+            todo.extend((v, depth + 1) for v in node)
 
 
 def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     """Validate already-loaded YAML data; raises SpecError with one line per problem."""
     if not isinstance(data, dict):
         raise SpecError([f"{source}: the spec must be a mapping with 'experiment' and 'jobs'"])
+    _check_size(data, source)
     errors: list[str] = []
     top = {k: v for k, v in data.items() if k != "jobs"}
     try:

@@ -266,8 +266,13 @@ def _start_ray(state: StackState, home: Path) -> int:
     # Ray >= 2.5x turns token authentication on for `ray start` whenever ~/.ray/auth_token
     # exists (any local `ray.init()` writes one): the stack says what it wants, whatever the
     # machine's history.
+    # The nodes hold the S3 credentials, as a cluster's nodes hold theirs (an instance role, or
+    # the environment of `ray start`): a job submitted to the stack needs to carry none.
+    creds = credentials(home)
     pid = _spawn("ray", cmd, home, {"RAY_USAGE_STATS_ENABLED": "0", "PATH": path,
-                                    "RAY_AUTH_MODE": "disabled"})
+                                    "RAY_AUTH_MODE": "disabled",
+                                    "AWS_ACCESS_KEY_ID": creds["access_key"],
+                                    "AWS_SECRET_ACCESS_KEY": creds["secret_key"]})
     _wait("ray", lambda: _port_open(p["ray"]) and
           _http_status(f"{state.dashboard_url}/api/version") == 200, pid, home, timeout=90)
     return pid

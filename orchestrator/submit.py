@@ -4,8 +4,10 @@
 cannot read this machine's files) and rewrites the spec to read the staged copies. The driver
 then runs on the cluster as a Ray job: the entrypoint is `genforge run` on that spec, the
 project's code travels as `py_modules`, and the service settings (tracking URI, storage,
-S3 endpoint and credentials) as environment variables of the job's runtime environment, never
-in the spec. Every submission carries the metadata `genforge: <experiment>`, which is how
+S3 endpoint) as environment variables of the job's runtime environment, never in the spec.
+The S3 key pair is the cluster's own (its nodes' environment or instance role; the local stack
+starts Ray with its key pair): Ray logs runtime environments, so it is sent with the job only
+when asked (`--send-credentials`). Every submission carries the metadata `genforge: <experiment>`, which is how
 `jobs` tells them from other Ray jobs, and `GENFORGE_SUBMISSION`, which the driver puts on
 every MLflow run it opens, which is how `jobs` finds a submission's progress and `cancel` its
 runs.
@@ -74,16 +76,21 @@ def staged_spec(plan: Plan, data_keys: dict[str, str], settings: Settings) -> di
     return {"experiment": plan.spec.experiment, "jobs": jobs}
 
 
-def service_env(settings: Settings) -> dict[str, str]:
+def service_env(settings: Settings, credentials: bool) -> dict[str, str]:
+    """The settings the driver needs; the S3 key pair only with `credentials`."""
     s3 = settings.s3
     env = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "GENFORGE_STORAGE": settings.storage,
-           "AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key_id,
-           "AWS_SECRET_ACCESS_KEY": s3.secret_access_key}
+           "AWS_ENDPOINT_URL": s3.endpoint_url}
+    if credentials:
+        env.update(AWS_ACCESS_KEY_ID=s3.access_key_id, AWS_SECRET_ACCESS_KEY=s3.secret_access_key)
     return {k: v for k, v in env.items() if v}
 
 
-def submit(plan: Plan, data_keys: dict[str, str], settings: Settings, address: str | None) -> str:
-    """Submit the spec's driver as a Ray job; returns the submission id."""
+def submit(plan: Plan, data_keys: dict[str, str], settings: Settings, address: str | None,
+           send_credentials: bool = False) -> str:
+    """Submit the spec's driver as a Ray job; returns the submission id. The S3 key pair goes
+    with it only with `send_credentials`: Ray writes a job's runtime environment, its
+    variables included, into the runtime-env agent's log on every node it runs on."""
     jobs = client(address)
     submission = f"genforge-{plan.spec.experiment.lower()[:40]}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="genforge-submit-") as tmp:
@@ -93,7 +100,7 @@ def submit(plan: Plan, data_keys: dict[str, str], settings: Settings, address: s
         runtime_env = {
             "working_dir": tmp,
             "py_modules": [str(ROOT / "orchestrator"), str(ROOT / "workers")],
-            "env_vars": {**service_env(settings), SUBMISSION_ENV: submission,
+            "env_vars": {**service_env(settings, send_credentials), SUBMISSION_ENV: submission,
                          "RAY_JOB_STOP_SIGNAL": "SIGINT",
                          "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S),
                          "PYTHONUNBUFFERED": "1"},

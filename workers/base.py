@@ -245,12 +245,20 @@ class Worker:
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
 
+        def load(module: nn.Module, prefix: str) -> None:
+            try:
+                module.load_state_dict(part(prefix))
+            except RuntimeError as exc:  # torch lists every mismatch over many lines
+                lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+                raise JobError(f"{ckpt.uri}: its weights do not fit the model its manifest "
+                               f"describes ({lines[0] if lines else exc})"[:500]) from None
+
         for name, module in self.modules.items():
-            module.load_state_dict(part(f"{name}/"))
+            load(module, f"{name}/")
         for name, module in self.frozen.items():
-            module.load_state_dict(part(f"frozen.{name}/"))
+            load(module, f"frozen.{name}/")
         for name, ema in self.emas.items():
-            ema.module.load_state_dict(part(f"ema.{name}/"))
+            load(ema.module, f"ema.{name}/")
             ema.num_updates = int(ckpt.state.get("ema_updates", {}).get(name, 0))
         if not weights_only:
             for name, opt in self.optimizers.items():
