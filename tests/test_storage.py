@@ -132,6 +132,28 @@ def test_s3_storage_rejects_escaping_keys_without_network(key):
         st.child(key)
 
 
+def test_escaping_keys_are_refused_by_both_storages(storage, seaweed_s3):
+    """Against the real S3 server and a file:// root: nothing lands outside the prefix."""
+    bucket = S3Storage(seaweed_s3.bucket, "", seaweed_s3.credentials)
+    before = set(bucket.list(""))
+    for key in BAD_KEYS:
+        with pytest.raises(StorageError):
+            storage.put_bytes(key, b"escaped")
+        with pytest.raises(StorageError):
+            storage.get_bytes(key)
+    for prefix in ("../x", "/abs", "a/../../b", "%2e%2e/x"):
+        with pytest.raises(StorageError):
+            storage.child(prefix)
+    storage.put_bytes("inside/ok", b"x")
+    assert storage.list("") == ["inside/ok"]
+    added = set(bucket.list("")) - before
+    if isinstance(storage, S3Storage):
+        assert added == {f"{storage.prefix}/inside/ok"}
+    else:
+        assert not added
+        assert [p.name for p in storage.path.parent.iterdir()] == ["root"]
+
+
 def test_child_and_list_prefix_reject_escapes(tmp_path):
     st = FileStorage(tmp_path / "root")
     for bad in ("../other", "/etc", "%2e%2e", "a/../.."):
