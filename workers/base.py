@@ -389,6 +389,8 @@ class Worker:
         rank, world = (self.collective.rank, self.collective.world) if self.collective else (0, 1)
         self._progress["total"] = steps
         gen = torch.Generator(device=self.device)
+        # floating buffers (BatchNorm statistics): a data-parallel job keeps rank 0's
+        buffers = [b for m in self.modules.values() for b in m.buffers() if b.is_floating_point()]
         for module in self.modules.values():
             module.train()
         self._progress.update(phase="train", step=start)
@@ -407,9 +409,8 @@ class Worker:
                     group["lr"] = lr
             self.step = step
             losses = step_fn(x[idx], labels[idx] if labels is not None else None, gen)
-            if self.collective is not None:  # buffers (BatchNorm statistics) follow rank 0's
-                self.collective.broadcast([b for m in self.modules.values() for b in m.buffers()
-                                           if b.is_floating_point()])
+            if self.collective is not None and buffers:
+                self.collective.broadcast(buffers)
             for name, ema in self.emas.items():
                 ema.update(self.modules[name])
             self.end_step(step)
@@ -432,7 +433,7 @@ class Worker:
                     self.log.log_metrics(values, step)
                 self._progress["loss"] = values.get("loss", next(iter(values.values())))
                 window_start, window_steps = time.perf_counter(), 0
-            if self._stop_agreed():
+            if self._stop_agreed(step, cfg):
                 return step
             if not self.rank0:
                 continue
@@ -444,10 +445,13 @@ class Worker:
                     module.train()
         return step
 
-    def _stop_agreed(self) -> bool:
-        """Whether to stop after this step; the ranks of a data-parallel job agree."""
+    def _stop_agreed(self, step: int, cfg: dict[str, Any]) -> bool:
+        """Whether to stop after this step. The ranks of a data-parallel job agree at log steps
+        only: agreeing is an all-reduce and a device sync, not for every step."""
         stop = self._stop.is_set()
-        return self.collective.any(stop) if self.collective is not None else stop
+        if self.collective is None:
+            return stop
+        return step % cfg["log_every"] == 0 and self.collective.any(stop)
 
     # ---- sampling jobs --------------------------------------------------------------------
     def load_for_sampling(self, uri: str) -> Checkpoint:

@@ -39,6 +39,9 @@ class Collective:
 
     def __init__(self) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # nccl reduces only CUDA tensors: the small ones below live where the backend wants them
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if dist.get_backend() == "nccl" else torch.device("cpu"))
 
     def average_gradients(self, module: nn.Module) -> None:
         """All-reduce `module`'s gradients, as one flat buffer, to their mean over the ranks."""
@@ -61,12 +64,12 @@ class Collective:
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
-        buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(buf)
         return {k: float(v) / self.world for k, v in zip(keys, buf)}
 
     def any(self, flag: bool) -> bool:
-        buf = torch.tensor([1.0 if flag else 0.0])
+        buf = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(buf, op=dist.ReduceOp.MAX)
         return bool(buf.item())
 
