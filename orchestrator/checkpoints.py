@@ -15,6 +15,7 @@ file listed there has the recorded size and sha256.  Loading only ever uses
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import io
@@ -447,18 +448,51 @@ def _reason(message: str) -> str:
     return tail if sep and head.startswith("checkpoint ") else message
 
 
-def load_checkpoint(storage: Storage, name: str | None = None, *, map_location: Any = "cpu") -> Checkpoint:
+# The checkpoint this process loaded last with `reuse=True`: an actor that samples one
+# checkpoint job after job reads and verifies its files once. The key is its URI (and device)
+# and the sha256 of every file its manifest lists, as verified when it was loaded: a
+# checkpoint rewritten in place is read again.
+_last_loaded: tuple[tuple[str, str], Checkpoint] | None = None
+
+
+def _files_key(manifest: dict) -> str:
+    return json.dumps(manifest["files"], sort_keys=True)
+
+
+def _shared(ckpt: Checkpoint) -> Checkpoint:
+    """The same tensors; dicts of its own, which a job may change."""
+    return Checkpoint(ckpt.step, dict(ckpt.tensors), copy.deepcopy(ckpt.state),
+                      copy.deepcopy(ckpt.meta), ckpt.uri, copy.deepcopy(ckpt.manifest))
+
+
+def load_checkpoint(storage: Storage, name: str | None = None, *, map_location: Any = "cpu",
+                    reuse: bool = False) -> Checkpoint:
     """Load checkpoint ``name`` (e.g. ``"step-000500"``) or, if None, the newest valid one.
 
     With ``name=None``: LATEST's target is tried first; if LATEST is missing or
     garbage, or its target is incomplete/corrupt, the complete checkpoints are tried
     newest first.  Raises NotFound when there is no complete checkpoint at all and
     CheckpointError when none verifies and loads.
+
+    ``reuse``: if the manifest lists the same files as the checkpoint this process loaded last
+    with ``reuse``, that one is returned (its tensors shared, its dicts copied) after reading
+    the manifest alone; for loads whose tensors are only copied from (weights for sampling),
+    never for a resume, whose optimizer state is stepped in place.
     """
 
     def attempt(n: str) -> Checkpoint:
+        global _last_loaded
+        uri = f"{storage.uri(_ckpt_key(n))} on {map_location}"
+        if reuse and _last_loaded is not None and _last_loaded[0][0] == uri:
+            if _last_loaded[0][1] == _files_key(_read_verified(storage, n, check_files=False)[0]):
+                return _shared(_last_loaded[1])
         manifest, blobs = _read_verified(storage, n, want=(MODEL_FILE, STATE_FILE))
-        return _deserialize(storage, n, manifest, blobs, map_location)
+        ckpt = _deserialize(storage, n, manifest, blobs, map_location)
+        if not reuse:
+            return ckpt
+        _last_loaded = None  # the one before is let go first
+        _last_loaded = ((uri, _files_key(manifest)), ckpt)
+        return _shared(ckpt)
 
     if name is not None:
         if parse_checkpoint_name(name) is None:

@@ -51,10 +51,12 @@ class JobState:
     actor: Any = None
     ref: Any = None
     progress_ref: Any = None
-    run_opened: Future | None = None  # (run id, attempts so far), opened while it is queued
+    progress_asked: float = 0.0  # when its actor was last asked for progress (monotonic)
+    run_opened: Future | None = None  # (run id, attempts before), opened while it is queued
     tracking: Future | None = None  # the last tracking request about its run
     bar: tqdm | None = None
     attempt: int = 0
+    attempt_tag: int = 0  # what its run's genforge.attempt tag says
     restarts: int = 0
     retries: int = 0
     started: float = 0.0
@@ -159,10 +161,13 @@ class Driver:
         p = state.planned
         if state.run_id is None:
             state.run_id, state.attempt = self._opened_run(state)
+            state.attempt_tag = state.attempt + 1  # an opened run names its next attempt
         state.attempt += 1
         self._track(state, self.tracker.set_status, state.run_id, "RUNNING")
-        self._track(state, self.tracker.set_tags, state.run_id,
-                    {"genforge.attempt": str(state.attempt), "genforge.launched": f"{time.time():.3f}"})
+        if state.attempt != state.attempt_tag:  # a retry or a restart in this pipeline run
+            state.attempt_tag = state.attempt
+            self._track(state, self.tracker.set_tags, state.run_id,
+                        {"genforge.attempt": str(state.attempt)})
         data_key = self.data_keys.get(p.job.data.model_dump_json()) if p.job.data else None
         task = Task(
             job=p.job.resolved(), job_hash=p.hash, experiment=self.experiment,
@@ -170,7 +175,7 @@ class Driver:
             tracking_uri=self.settings.tracking_uri, run_id=state.run_id,
             code_version=self.plan.code_version, sources=self._sources(p), data_key=data_key,
             refs={field: self._uri(ref) for field, ref in p.job.references},
-            attempt=state.attempt, s3=self.settings.s3,
+            attempt=state.attempt, launched=time.time(), s3=self.settings.s3,
         )
         if actor is None:
             r = p.job.resources
@@ -184,7 +189,7 @@ class Driver:
             ).remote()
         state.actor = actor
         state.ref = actor.run.remote(task)
-        state.progress_ref = None
+        state.progress_ref, state.progress_asked = None, 0.0
         state.status, state.started, state.alive = "running", time.monotonic(), False
         if state.bar is None:
             position = next(i for i in range(len(self.jobs) + 1) if i not in self._positions)
@@ -226,18 +231,22 @@ class Driver:
     def _open_run(self, p: PlannedJob) -> tuple[str, int]:
         """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
         metric history in one run); and the number of attempts the run has seen. It says
-        SCHEDULED until its job is launched."""
+        SCHEDULED until its job is launched, and its `genforge.attempt` tag names the attempt
+        that launch will be (one request fewer at the launch)."""
         run = self._unfinished.pop((p.name, p.hash), None)
         if run is not None:
+            attempts = int(run.data.tags.get("genforge.attempt", "0"))
             self.tracker.set_status(run.info.run_id, "SCHEDULED")
             self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run,
+                                                    "genforge.attempt": str(attempts + 1),
                                                     **self.submission_tags})
-            return run.info.run_id, int(run.data.tags.get("genforge.attempt", "0"))
+            return run.info.run_id, attempts
         tags = {
             **self.submission_tags,
             "genforge.job": p.name, "genforge.family": p.job.family or "-", "genforge.kind": p.job.kind,
             "genforge.hash": p.hash, "genforge.code_version": self.plan.code_version,
             "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
+            "genforge.attempt": "1",
         }
         params = flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
         run_id = self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run)
@@ -247,12 +256,15 @@ class Driver:
     # ---- watching ---------------------------------------------------------------------------
     def _poll_progress(self) -> None:
         """Update the bars from each actor's last progress report, never blocking: a report
-        is asked for, and read on a later pass once it has arrived."""
+        is asked for, at most every POLL_S (the loop turns once per finished job), and read
+        on a later pass once it has arrived."""
+        now = time.monotonic()
         for state in self.jobs.values():
             if state.status != "running":
                 continue
             if state.progress_ref is None:
-                state.progress_ref = state.actor.progress.remote()
+                if now - state.progress_asked >= POLL_S:
+                    state.progress_ref, state.progress_asked = state.actor.progress.remote(), now
                 continue
             ready, _ = ray.wait([state.progress_ref], timeout=0)
             if not ready:
@@ -305,12 +317,13 @@ class Driver:
         resources (`keep_actor`)."""
         state.status, state.error = status, error
         mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
+        tags = {"genforge.error": error[:4000]} if error else {}
         if state.run_id is None and state.run_opened is not None:  # cancelled while queued
-            state.run_id = state.run_opened.result()[0]
+            state.run_id, attempts = state.run_opened.result()
+            tags["genforge.attempt"] = str(attempts)  # it was not launched after all
         if state.run_id:
-            if error:
-                self._track(state, self.tracker.set_tags, state.run_id,
-                            {"genforge.error": error[:4000]})
+            if tags:
+                self._track(state, self.tracker.set_tags, state.run_id, tags)
             self._track(state, self.tracker.finish, state.run_id, mlflow_status)
         if state.actor is not None:
             if keep_actor:

@@ -22,6 +22,7 @@ class Task:
     data_key: str | None = None  # staged data set, relative to storage_root
     refs: dict[str, str] = field(default_factory=dict)  # field ("from", "model.tokenizer") -> URI
     attempt: int = 1
+    launched: float = 0.0  # when the driver handed the job to its actor (Unix time)
     s3: S3Credentials | None = field(default=None, repr=False)
 
     @property

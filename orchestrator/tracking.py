@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import queue
+import tempfile
 import threading
 import time
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -91,7 +92,10 @@ class Tracker:
                 return found
 
     def set_status(self, run_id: str, status: str) -> None:
-        self.client.update_run(run_id, status=status)
+        """One request. (`MlflowClient.update_run` reads the run first, to send its name and
+        end time back unchanged: the server leaves both as they are when they are not sent.)"""
+        self.client._tracking_client.store.update_run_info(
+            run_id, RunStatus.from_string(status), end_time=None, run_name=None)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -99,9 +103,9 @@ class Tracker:
 
 
 class RunLogger:
-    """Worker-side logger for one run. `log_metrics` and `log_image` return at once; a
-    background thread sends metrics and tags in batches every `flush_s` seconds and uploads
-    images."""
+    """Worker-side logger for one run. `log_metrics`, `log_image` and `log_file` return at once;
+    a background thread sends metrics and tags in batches every `flush_s` seconds and uploads
+    images and files."""
 
     def __init__(self, tracking_uri: str, run_id: str, *, flush_s: float = 5.0):
         self.client = MlflowClient(tracking_uri)
@@ -131,6 +135,10 @@ class RunLogger:
     def log_image(self, image, key: str, step: int) -> None:
         """`image`: HxWxC uint8 numpy array."""
         self._jobs.put((lambda: self.client.log_image(self.run_id, image, key=key, step=step), 0))
+
+    def log_file(self, data: bytes, path: str) -> None:
+        """`data` as the run's artifact `path` (e.g. "outputs/grid.png")."""
+        self._jobs.put((lambda: _log_bytes(self.client, self.run_id, data, path), 0))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         with self._lock:
@@ -205,6 +213,15 @@ class RunLogger:
             raise RuntimeError(f"logging to MLflow failed: {self._error}") from self._error
 
 
+def _log_bytes(client: MlflowClient, run_id: str, data: bytes, path: str) -> None:
+    directory, _, name = path.rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="genforge-artifact-") as tmp:
+        local = os.path.join(tmp, name)
+        with open(local, "wb") as f:
+            f.write(data)
+        client.log_artifact(run_id, local, directory or None)
+
+
 class NullLogger:
     """A `RunLogger` that logs nothing: the ranks of a data-parallel job other than rank 0."""
 
@@ -217,6 +234,9 @@ class NullLogger:
         pass
 
     def log_image(self, image, key: str, step: int) -> None:
+        pass
+
+    def log_file(self, data: bytes, path: str) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:

@@ -85,8 +85,12 @@ def test_quickstart_end_to_end(tmp_path, local_stack, stack_env, s3_client):
     images_dir = [a.path for a in client.list_artifacts(train_run.info.run_id, "images")]
     assert any("samples" in p and "step+20" in p for p in images_dir)
     assert any("step+30" in p for p in images_dir)
-    sample_images = [a.path for a in client.list_artifacts(by_job["grid"].info.run_id, "images")]
-    assert sample_images
+    # the sample job's run holds its grid, the very bytes in the bucket
+    grid_run = by_job["grid"].info.run_id
+    assert [a.path for a in client.list_artifacts(grid_run, "outputs")] == ["outputs/grid.png"]
+    logged = Path(client.download_artifacts(grid_run, "outputs/grid.png", str(tmp_path)))
+    grid_key = next(k for k in out_keys if k.endswith("outputs/grid.png"))
+    assert logged.read_bytes() == s3_client.get_object(Bucket=bucket, Key=grid_key)["Body"].read()
     assert by_job["grid"].data.metrics["sample_s_per_image"] > 0
 
     # a second run of the same spec is all cache hits and starts no run

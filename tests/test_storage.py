@@ -513,6 +513,31 @@ def test_resave_same_step_and_prune(tmp_path):
     assert load_checkpoint(st).step == 40
 
 
+def test_checkpoint_reuse_reads_the_manifest_only_while_the_files_are_the_same(tmp_path):
+    st = FileStorage(tmp_path / "job")
+    save_checkpoint(st, 40, tensors=_tensors(1), state=_state(1), meta={"model": {"ch": 8}})
+    reads: list[str] = []
+    get_bytes = st.get_bytes
+    st.get_bytes = lambda key: reads.append(key) or get_bytes(key)
+
+    first = load_checkpoint(st, "step-000040", reuse=True)
+    assert sorted(k.rsplit("/", 1)[1] for k in reads) == ["manifest.json", "model.safetensors", "state.pt"]
+    first.meta["model"]["ch"] = 64  # a job changing its copy changes nothing for the next
+    reads.clear()
+    again = load_checkpoint(st, "step-000040", reuse=True)
+    assert reads == ["checkpoints/step-000040/manifest.json"]
+    assert again.meta == {"model": {"ch": 8}} and again.step == 40
+    assert all(again.tensors[k] is first.tensors[k] for k in first.tensors)
+    assert load_checkpoint(st, "step-000040").tensors["layer.bias"] is not first.tensors["layer.bias"]
+
+    # rewritten in place: other hashes in the manifest, so it is read again
+    save_checkpoint(st, 40, tensors=_tensors(2), state=_state(2), meta={"model": {"ch": 8}})
+    reads.clear()
+    fresh = load_checkpoint(st, "step-000040", reuse=True)
+    assert len(reads) == 4 and fresh.state["epoch"] == 2
+    assert all(torch.equal(fresh.tensors[k], v) for k, v in _tensors(2).items())
+
+
 def test_resolve_checkpoint_uri(tmp_path):
     creds = S3Credentials("http://127.0.0.1:9", "AK", "SK")
     st, name = resolve_checkpoint_uri("s3://bkt/jobs/run1", creds)
