@@ -2,16 +2,18 @@
 the data-parallel speedup of one training job on 1 and 2 workers.
 
 Part 1: one small DDPM is trained, then `--jobs` sampling jobs read its checkpoint, each with
-`--cpus` CPUs (so several run at once), through `genforge run` (one pipeline, every job its own
-actor, MLflow run and outputs), and as plain Ray tasks that run the same worker code on the
-same checkpoint with the same resources, writing the same outputs, without MLflow. Reported:
-wall time and jobs/s of each, the ratio (target >= 0.9), the time per job, the driver's peak
-memory and its overhead per job.
+`--cpus` CPUs (so several run at once), through `genforge run` (one pipeline: actors reused
+job after job, an MLflow run and outputs per job), and as plain Ray tasks that run the same
+worker code on the same checkpoint with the same resources, writing the same outputs, without
+MLflow; in `--rounds` rounds that alternate which goes first. Reported per round and in all:
+wall time and jobs/s of each, the ratio (target >= 0.9; genforge timed from its pipeline run's
+start, as the plain tasks are timed once Ray is connected, and also with its start-up), the
+time per job, the driver's peak memory and its overhead per job.
 
 Part 2: the same DDPM training job with `resources.workers` 1 and 2 (one CPU each, the same
 global batch), interleaved: training images/s of each and the speedup.
 
-    python bench/scale.py [--jobs 200] [--out bench/results/scale.json]
+    python bench/scale.py [--jobs 100] [--rounds 2] [--images 64] [--steps 20]
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def plain_sample(task: Task) -> float:
     return time.perf_counter() - t0
 
 
+def genforge_round(home: Path, state, experiment: str, jobs: list[dict]) -> dict:
+    forge = through_genforge(home, experiment, jobs)
+    per_job, forge["pipeline_s"] = job_seconds(state.tracking_uri, experiment)
+    forge["startup_s"] = forge["wall_s"] - forge["pipeline_s"]  # the CLI process, ray.init
+    forge["mean_job_s"] = sum(per_job) / len(per_job)
+    # the slowest are the first jobs, which start their actors' processes; later jobs reuse them
+    forge["slowest_job_s"], forge["median_job_s"] = max(per_job), sorted(per_job)[len(per_job) // 2]
+    return forge
+
+
 def through_ray(state, creds: S3Credentials, experiment: str, jobs: list[dict],
                 source: str, cpus: float) -> dict:
     from orchestrator.spec import parse_spec
@@ -132,9 +144,10 @@ def data_parallel(home: Path, root, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=200)
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling job")
+    parser.add_argument("--jobs", type=int, default=100, help="sampling jobs per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps per sampling job")
     parser.add_argument("--cpus", type=float, default=0.5, help="CPUs per sampling job")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dp-steps", type=int, default=150)
@@ -158,38 +171,46 @@ def main() -> None:
         print(f"checkpoint: {source}", file=sys.stderr)
 
         one = through_genforge(home, "bench-scale-one", [sample_job(0, source, args)])
-        # Both start cold: genforge's first jobs start their actors' processes, plain Ray's
-        # first tasks import torch in its task workers. genforge goes first, so plain Ray
-        # cannot hand it task workers that have imported torch already.
         jobs = [sample_job(i, source, args) for i in range(args.jobs)]
-        forge = through_genforge(home, "bench-scale-genforge", jobs)
-        per_job, forge["pipeline_s"] = job_seconds(state.tracking_uri, "bench-scale-genforge")
-        forge["startup_s"] = forge["wall_s"] - forge["pipeline_s"]  # the CLI process, ray.init
-        forge["mean_job_s"] = sum(per_job) / len(per_job)
-        # the slowest are the first jobs, which start their actors' processes; later jobs
-        # reuse them
-        forge["slowest_job_s"], forge["median_job_s"] = max(per_job), sorted(per_job)[len(per_job) // 2]
-        print(f"genforge: {forge}", file=sys.stderr)
         ray.init(address=state.ray_address, logging_level="ERROR", log_to_driver=False)
-        plain = through_ray(state, creds, "bench-scale-ray", jobs, source, args.cpus)
-        print(f"plain Ray tasks: {plain}", file=sys.stderr)
+        rounds = []
+        for r in range(args.rounds):
+            # Rounds alternate which goes first, so a machine that speeds up or slows down
+            # meanwhile (a shared host) favours neither. Each genforge pipeline starts its
+            # actors' processes cold; plain Ray's first round starts its task workers cold, its
+            # later rounds may find them alive, importing nothing.
+            order = ("genforge", "plain_ray") if r % 2 == 0 else ("plain_ray", "genforge")
+            result: dict = {"order": order}
+            for which in order:
+                if which == "genforge":
+                    result[which] = genforge_round(home, state, f"bench-scale-genforge-{r}", jobs)
+                else:
+                    result[which] = through_ray(state, creds, f"bench-scale-ray-{r}", jobs,
+                                                source, args.cpus)
+                print(f"round {r}, {which}: {result[which]}", file=sys.stderr)
+            result["throughput_ratio"] = result["plain_ray"]["wall_s"] / result["genforge"]["pipeline_s"]
+            rounds.append(result)
         ray.shutdown()
         dp = None if args.skip_dp else data_parallel(home, root, args)
 
-    concurrency = int(args.threads / args.cpus)
+    plain_s = sum(r["plain_ray"]["wall_s"] for r in rounds)
+    pipeline_s = sum(r["genforge"]["pipeline_s"] for r in rounds)
+    total_jobs = args.jobs * args.rounds
+    peak = max(r["genforge"]["driver_peak_rss_mb"] for r in rounds)
     out = report(
         "scale", args.threads, config=vars(args),
         many_short_jobs={
-            "jobs": args.jobs, "concurrent": concurrency,
-            "plain_ray": {**plain, "jobs_per_s": args.jobs / plain["wall_s"]},
-            "genforge": {**forge, "jobs_per_s": args.jobs / forge["pipeline_s"]},
-            "throughput_ratio": plain["wall_s"] / forge["pipeline_s"], "target_ratio": 0.9,
+            "jobs_per_round": args.jobs, "concurrent": int(args.threads / args.cpus),
+            "rounds": rounds,
+            "plain_ray_jobs_per_s": total_jobs / plain_s,
+            "genforge_jobs_per_s": total_jobs / pipeline_s,
+            "throughput_ratio": plain_s / pipeline_s, "target_ratio": 0.9,
             # with the driver's own start (a Python process, imports, ray.init) counted
-            "throughput_ratio_with_startup": plain["wall_s"] / forge["wall_s"],
+            "throughput_ratio_with_startup":
+                plain_s / sum(r["genforge"]["wall_s"] for r in rounds),
             # wall time a job adds over the plain task, at this concurrency
-            "overhead_per_job_s": (forge["pipeline_s"] - plain["wall_s"]) / args.jobs,
-            "driver_rss_per_job_kb": 1024 * (forge["driver_peak_rss_mb"] - one["driver_peak_rss_mb"])
-            / max(1, args.jobs - 1),
+            "overhead_per_job_s": (pipeline_s - plain_s) / total_jobs,
+            "driver_rss_per_job_kb": 1024 * (peak - one["driver_peak_rss_mb"]) / max(1, args.jobs - 1),
             "driver_peak_rss_mb_one_job": one["driver_peak_rss_mb"],
         },
         data_parallel=dp,
