@@ -35,7 +35,8 @@ def private_stack(threads: int) -> Iterator[tuple[Path, stack.StackState, Storag
             creds = stack.credentials(home)
             root = open_storage(state.storage, S3Credentials(
                 state.s3_endpoint, creds["access_key"], creds["secret_key"]))
-            yield home, state, root
+            with stack.ray_auth(home):  # the benchmark's own ray.init
+                yield home, state, root
         finally:
             stack.down(home)
 

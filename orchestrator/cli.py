@@ -68,7 +68,7 @@ class CliExit(Exception):
 def _services(spec: str, *, start_stack: bool, missing: str):
     """The service settings, checked reachable (storage, tracking) before anything starts."""
     from orchestrator import settings as settings_mod
-    from orchestrator.driver import ServiceError, check_services
+    from orchestrator.settings import ServiceError, check_services
 
     settings = settings_mod.resolve(start_stack=start_stack,
                                     echo=lambda m: print(m, file=sys.stderr))
@@ -90,12 +90,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # background jobs of scripts with SIGINT ignored, and Python then keeps it that way.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)  # a scheduler's stop: the same graceful cancel
-    from orchestrator.driver import Driver, ServiceError
     from orchestrator.plan import build_plan
 
     plan = build_plan(load_spec(args.spec))
     settings = _services(args.spec, start_stack=True,
                          missing="set RAY_ADDRESS, MLFLOW_TRACKING_URI and GENFORGE_STORAGE")
+    settings.use_ray()  # before Ray is imported: it reads its authentication settings then
+    from orchestrator.driver import Driver
+    from orchestrator.settings import ServiceError
+
     force: bool | set[str] = False
     if args.force is not None:
         force = True if args.force == [] else set(args.force)
@@ -117,29 +120,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _job_server(args: argparse.Namespace) -> str | None:
     """The Ray job server: --address, else the environment (as `ray job` reads it), else the
-    local stack's dashboard."""
-    if args.address:
-        return args.address
-    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
-        if os.environ.get(name, "").startswith(("http://", "https://")):
-            return os.environ[name]
+    local stack's dashboard, which is asked with the stack's token. Called before Ray is
+    imported: Ray reads its authentication settings once, when it is."""
+    address = args.address or next(
+        (os.environ[name] for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+         if os.environ.get(name, "").startswith(("http://", "https://"))), None)
     state = stack.status()
-    return state.dashboard_url if state else None
+    if state is not None and (address is None or address.rstrip("/") == state.dashboard_url):
+        stack.use_ray_auth(Path(state.home))
+        return state.dashboard_url
+    return address
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator import submit
-    from orchestrator.driver import Driver
     from orchestrator.plan import build_plan
 
     plan = build_plan(load_spec(args.spec))
     settings = _services(args.spec, start_stack=False,
                          missing="set MLFLOW_TRACKING_URI, GENFORGE_STORAGE and the AWS_* "
                                  "variables of the storage the cluster uses")
+    address = _job_server(args)  # before Ray is imported (see _job_server)
+    from orchestrator.driver import Driver
+
     driver = Driver(plan, settings)
     driver.stage_data()  # from here: the cluster reads the data from storage
     driver.check_references()
-    address = _job_server(args)
     try:
         submission = submit.submit(plan, driver.data_keys, settings, address,
                                    send_credentials=args.send_credentials)

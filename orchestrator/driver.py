@@ -27,7 +27,7 @@ from orchestrator import admission, datasets
 from orchestrator.actor import JobActor, WorkersLost
 from orchestrator.checkpoints import CheckpointError, read_manifest, resolve_checkpoint_uri
 from orchestrator.plan import Plan, PlannedJob, check_uri_references, is_uri
-from orchestrator.settings import Settings
+from orchestrator.settings import ServiceError, Settings
 from orchestrator.spec import SpecError, model_needs_labels
 from orchestrator.storage import NotFound, StorageError, open_storage
 from orchestrator.submit import SUBMISSION_ENV
@@ -535,20 +535,3 @@ class Driver:
             elif extra:
                 line += f"  {extra}"
             self.echo(line)
-
-
-class ServiceError(Exception):
-    """A service (storage, tracking, Ray) cannot be used; the message names it."""
-
-
-def check_services(settings: Settings) -> None:
-    """Fail before anything starts when storage or the tracking server cannot be reached."""
-    try:
-        open_storage(settings.storage, settings.s3).check()
-    except StorageError as exc:
-        raise ServiceError(f"storage {settings.storage}: {exc}") from None
-    try:
-        Tracker(settings.tracking_uri).client.search_experiments(max_results=1)
-    except Exception as exc:  # requests, MLflow REST and URI errors alike
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ServiceError(f"MLflow tracking server {settings.tracking_uri}: {first[:300]}") from None

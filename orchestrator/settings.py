@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Mapping
 
 from orchestrator import stack
-from orchestrator.storage import S3Credentials
+from orchestrator.storage import S3Credentials, StorageError, open_storage
 
 ENV_KEYS = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "GENFORGE_STORAGE")
 
@@ -20,6 +20,14 @@ class Settings:
     storage: str  # root URI of genforge's objects, e.g. s3://team-bucket/genforge
     s3: S3Credentials = field(repr=False)
     dashboard_url: str | None = None
+    ray_stack: str | None = None  # the local stack whose Ray this is: its token is used
+
+    def use_ray(self) -> None:
+        """Before this process imports Ray (it reads its authentication settings then): the
+        local stack's token, when it is the stack's Ray (a cluster's own token comes from the
+        environment, as Ray reads it)."""
+        if self.ray_stack:
+            stack.use_ray_auth(Path(self.ray_stack))
 
 
 def resolve(environ: Mapping[str, str] | None = None, home: Path | None = None,
@@ -59,4 +67,24 @@ def resolve(environ: Mapping[str, str] | None = None, home: Path | None = None,
         storage=env["GENFORGE_STORAGE"].rstrip("/"),
         s3=S3Credentials.from_env(env),
         dashboard_url=state.dashboard_url if state else None,
+        ray_stack=state.home if state and env["RAY_ADDRESS"] == state.ray_address else None,
     )
+
+
+class ServiceError(Exception):
+    """A service (storage, tracking, Ray) cannot be used; the message names it."""
+
+
+def check_services(settings: Settings) -> None:
+    """Fail before anything starts when storage or the tracking server cannot be reached."""
+    from orchestrator.tracking import Tracker
+
+    try:
+        open_storage(settings.storage, settings.s3).check()
+    except StorageError as exc:
+        raise ServiceError(f"storage {settings.storage}: {exc}") from None
+    try:
+        Tracker(settings.tracking_uri).client.search_experiments(max_results=1)
+    except Exception as exc:  # requests, MLflow REST and URI errors alike
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ServiceError(f"MLflow tracking server {settings.tracking_uri}: {first[:300]}") from None

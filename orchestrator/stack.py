@@ -2,12 +2,15 @@
 
 `genforge up` starts what is not already running, records the pids and ports in the stack
 folder (`./.genforge/` or `GENFORGE_HOME`), and `genforge down` stops exactly those pids.
-Every service listens on 127.0.0.1 only; S3 credentials are generated on the first `up`
-and kept in a 0600 file beside the state.
+SeaweedFS, MLflow and Ray's dashboard listen on 127.0.0.1 only; Ray's gRPC servers listen on
+every interface (Ray binds them so) and refuse any request without the stack's token. The S3
+key pair and the Ray token are generated on the first `up` and kept in 0600 files beside the
+state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,11 +26,13 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials.json"
+RAY_TOKEN_FILE = "ray_token"
+RAY_AUTH_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 DEFAULT_PORTS = {
     "s3": 8333,
@@ -94,17 +99,51 @@ class StackState:
             return None
 
 
+def _secret(path: Path, make: Callable[[], str]) -> str:
+    """The file's text; written first from `make()`, with mode 0600, when it is not there."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(make())
+    return path.read_text()
+
+
 def credentials(home: Path) -> dict[str, str]:
     """The stack's S3 key pair, generated once and stored with mode 0600."""
-    path = home / CREDENTIALS_FILE
-    if path.exists():
-        return json.loads(path.read_text())
-    home.mkdir(parents=True, exist_ok=True)
-    creds = {"access_key": "gf" + secrets.token_hex(9), "secret_key": secrets.token_urlsafe(30)}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(creds, fh)
-    return creds
+    return json.loads(_secret(home / CREDENTIALS_FILE, lambda: json.dumps(
+        {"access_key": "gf" + secrets.token_hex(9), "secret_key": secrets.token_urlsafe(30)})))
+
+
+def ray_auth_env(home: Path) -> dict[str, str]:
+    """What a process needs to talk to the stack's Ray: token authentication, with the token
+    generated once and stored with mode 0600 in the stack folder (the path travels, never the
+    token)."""
+    path = home / RAY_TOKEN_FILE
+    _secret(path, lambda: secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+@contextlib.contextmanager
+def ray_auth(home: Path) -> Iterator[None]:
+    """Inside the block, this process's Ray clients use the stack's token, whatever the
+    environment said before (tests and benchmarks beside a user's own stack)."""
+    saved = {k: os.environ.pop(k, None) for k in RAY_AUTH_KEYS}
+    os.environ.update(ray_auth_env(home))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def use_ray_auth(home: Path) -> None:
+    """This process talks to the stack's Ray with the stack's token, unless its environment
+    names a token or a mode of its own (set before Ray reads it: ray.init, a job client)."""
+    if not any(os.environ.get(k) for k in RAY_AUTH_KEYS):
+        os.environ.update(ray_auth_env(home))
 
 
 def _alive(pid: int | None) -> bool:
@@ -151,9 +190,10 @@ def free_ports(names: list[str] | tuple[str, ...] = tuple(DEFAULT_PORTS)) -> dic
     return chosen
 
 
-def _http_status(url: str) -> int | None:
+def _http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=2) as resp:
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -274,18 +314,21 @@ def _start_ray(state: StackState, home: Path) -> int:
     # A Ray job's entrypoint (`genforge submit`) runs `python` from the PATH: on the local
     # stack that is this interpreter, with genforge's dependencies.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    # Ray >= 2.5x turns token authentication on for `ray start` whenever ~/.ray/auth_token
-    # exists (any local `ray.init()` writes one): the stack says what it wants, whatever the
-    # machine's history.
+    # Ray's gRPC servers (GCS, raylet, workers) listen on every interface whatever the node
+    # address: every RPC and dashboard request must carry the stack's token. (Left to itself,
+    # Ray >= 2.59 turns token authentication on or off depending on whether ~/.ray/auth_token
+    # happens to exist; the stack says what it wants, whatever the machine's history.)
     # The nodes hold the S3 credentials, as a cluster's nodes hold theirs (an instance role, or
     # the environment of `ray start`): a job submitted to the stack needs to carry none.
     creds = credentials(home)
-    pid = _spawn("ray", cmd, home, {"RAY_USAGE_STATS_ENABLED": "0", "PATH": path,
-                                    "RAY_AUTH_MODE": "disabled",
+    auth = ray_auth_env(home)
+    pid = _spawn("ray", cmd, home, {"RAY_USAGE_STATS_ENABLED": "0", "PATH": path, **auth,
+                                    "RAY_AUTH_TOKEN": "",  # a caller's token must not win
                                     "AWS_ACCESS_KEY_ID": creds["access_key"],
                                     "AWS_SECRET_ACCESS_KEY": creds["secret_key"]})
+    bearer = {"Authorization": f"Bearer {Path(auth['RAY_AUTH_TOKEN_PATH']).read_text()}"}
     _wait("ray", lambda: _port_open(p["ray"]) and
-          _http_status(f"{state.dashboard_url}/api/version") == 200, pid, home, timeout=90)
+          _http_status(f"{state.dashboard_url}/api/version", bearer) == 200, pid, home, timeout=90)
     return pid
 
 
@@ -373,6 +416,7 @@ def down(home: Path | None = None, *, echo: Callable[[str], None] = lambda _: No
 def env_lines(state: StackState, creds: dict[str, str]) -> list[str]:
     return [
         f"export RAY_ADDRESS={state.ray_address}",
+        *(f"export {k}={v}" for k, v in ray_auth_env(Path(state.home)).items()),
         f"export MLFLOW_TRACKING_URI={state.tracking_uri}",
         f"export AWS_ENDPOINT_URL={state.s3_endpoint}",
         f"export AWS_ACCESS_KEY_ID={creds['access_key']}",

@@ -16,7 +16,10 @@ from orchestrator import stack
 def local_stack(tmp_path_factory) -> stack.StackState:
     home = tmp_path_factory.mktemp("stack")
     state = stack.up(home, ports=stack.free_ports(list(stack.DEFAULT_PORTS)), num_cpus=2, num_gpus=2)
-    yield state
+    # the tests' own Ray clients (ray.init, the state API) carry the stack's token; a
+    # `genforge` subprocess finds it by itself (see `stack_env`)
+    with stack.ray_auth(home):
+        yield state
     stack.down(home)
 
 

@@ -5,10 +5,12 @@ MLflow: jobs land on different nodes, and a job whose node leaves resumes on the
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator import stack
 from support import genforge, genforge_background, keys, write_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -23,6 +25,12 @@ def cluster():
     c.wait_for_nodes()
     yield c, nodes
     c.shutdown()
+
+
+def cluster_auth(local_stack) -> dict[str, str]:
+    """The cluster was started from this process, with the stack's token (see conftest): a
+    user pointing RAY_ADDRESS at a cluster sets its token the same way."""
+    return stack.ray_auth_env(Path(local_stack.home))
 
 
 def train(name: str, steps: int, **extra) -> dict:
@@ -49,7 +57,7 @@ def runs(local_stack, experiment: str) -> dict:
 
 def test_jobs_spread_over_the_nodes(tmp_path, cluster, local_stack, stack_env):
     c, nodes = cluster
-    env = {**stack_env, "RAY_ADDRESS": c.address}
+    env = {**stack_env, "RAY_ADDRESS": c.address, **cluster_auth(local_stack)}
     path = write_spec(tmp_path / "two.yaml", spec("e2e-two-nodes", train("a", 40), train("b", 40)))
     out = genforge(["run", str(path)], env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -64,7 +72,7 @@ def test_jobs_spread_over_the_nodes(tmp_path, cluster, local_stack, stack_env):
 def test_a_job_whose_node_leaves_resumes_on_another(tmp_path, cluster, local_stack, stack_env,
                                                    s3_client):
     c, nodes = cluster
-    env = {**stack_env, "RAY_ADDRESS": c.address}
+    env = {**stack_env, "RAY_ADDRESS": c.address, **cluster_auth(local_stack)}
     path = write_spec(tmp_path / "one.yaml",
                       spec("e2e-node-loss", train("long", 3000, checkpoint_every=50)))
     proc = genforge_background(["run", str(path)], env, tmp_path / "run.log")

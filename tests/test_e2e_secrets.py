@@ -1,7 +1,7 @@
 """Credentials never leave where they belong: after a pipeline (with a failing job) through
 `genforge run`, one through `genforge submit`, and a run with wrong credentials, the stack's
-S3 secret and a known fake one appear in no MLflow param, tag or metric name, in no output of
-the commands, in no Ray log file and in no error message."""
+S3 secret, a known fake one and the stack's Ray token appear in no MLflow param, tag or metric
+name, in no output of the commands, in no Ray log file and in no error message."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def spec(experiment: str) -> dict:
 
 def test_no_secret_in_runs_outputs_logs_or_errors(tmp_path, local_stack, stack_env):
     started = time.time()
-    secrets = [stack.credentials(Path(local_stack.home))["secret_key"], FAKE]
+    home = Path(local_stack.home)
+    secrets = [stack.credentials(home)["secret_key"], FAKE,
+               (home / stack.RAY_TOKEN_FILE).read_text()]  # Ray's token travels by its path
     outputs = []
     out = genforge(["run", str(write_spec(tmp_path / "a.yaml", spec("e2e-secrets")))], stack_env)
     assert out.returncode == 1 and "job 'bad' failed" in out.stderr, out.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""The local stack: loopback only, credentials on and private, idempotent, stopped by pid."""
+"""The local stack: loopback only (Ray's gRPC servers behind a token), credentials on and
+private, idempotent, stopped by pid."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -53,6 +56,43 @@ def test_credentials_are_private_and_enforced(local_stack):
         wrong.list_objects_v2(Bucket=local_stack.bucket)
 
 
+def http_status(url: str, headers: dict[str, str]) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_ray_refuses_requests_without_the_stack_token(local_stack):
+    """Ray's gRPC servers listen on every interface (see test_services_listen_on_loopback_only):
+    what keeps others out is the token, private to the stack folder."""
+    home = Path(local_stack.home)
+    token_file = home / stack.RAY_TOKEN_FILE
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text()
+    assert len(token) == 64
+
+    jobs = f"{local_stack.dashboard_url}/api/jobs/"
+    assert http_status(jobs, {}) == 401
+    assert http_status(jobs, {"Authorization": "Bearer " + "0" * 64}) in (401, 403)
+    assert http_status(jobs, {"Authorization": f"Bearer {token}"}) == 200
+
+    # a driver: with another token the cluster refuses it; with the stack's it connects
+    probe = (f"import ray; ray.init(address='{local_stack.ray_address}', logging_level='ERROR'); "
+             "print('nodes', len(ray.nodes()))")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    refused = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             timeout=180, env={**base, "RAY_AUTH_MODE": "token",
+                                               "RAY_AUTH_TOKEN": "0" * 64})
+    assert refused.returncode != 0 and "nodes" not in refused.stdout
+    assert "auth" in (refused.stdout + refused.stderr).lower()
+    accepted = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=180, env={**base, **stack.ray_auth_env(home)})
+    assert accepted.returncode == 0 and "nodes 1" in accepted.stdout, accepted.stderr[-2000:]
+    assert token not in accepted.stdout + accepted.stderr
+
+
 def test_up_is_idempotent(local_stack):
     before = stack.StackState.load(Path(local_stack.home))
     again = stack.up(Path(local_stack.home))
@@ -86,6 +126,10 @@ def test_env_prints_exports(local_stack):
     assert lines["MLFLOW_TRACKING_URI"] == local_stack.tracking_uri
     assert lines["GENFORGE_STORAGE"] == local_stack.storage
     assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(lines)
+    # Ray's token by its path: the token itself is not printed
+    assert lines["RAY_AUTH_MODE"] == "token"
+    assert lines["RAY_AUTH_TOKEN_PATH"] == str(Path(local_stack.home) / stack.RAY_TOKEN_FILE)
+    assert Path(lines["RAY_AUTH_TOKEN_PATH"]).read_text() not in out.stdout
     assert f"MLflow UI: {local_stack.tracking_uri}" in out.stdout
 
 
