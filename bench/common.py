@@ -3,9 +3,11 @@ through the CLI and reading back what the worker recorded."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,21 +26,25 @@ from orchestrator.storage import S3Credentials, Storage, open_storage  # noqa: E
 MODEL = {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "timesteps": 1000,
          "schedule": "cosine"}
 
+# The private stack's folder and Ray token are made when this module is imported, which each
+# benchmark does before it imports Ray: Ray reads its authentication settings once, then, and
+# the benchmark's own ray.init talks to that stack.
+HOME = Path(tempfile.mkdtemp(prefix="genforge-bench-"))
+atexit.register(shutil.rmtree, HOME, True)
+stack.set_ray_auth(HOME)
+
 
 @contextlib.contextmanager
 def private_stack(threads: int) -> Iterator[tuple[Path, stack.StackState, Storage]]:
-    with tempfile.TemporaryDirectory(prefix="genforge-bench-") as tmp:
-        home = Path(tmp)
-        print("starting a private stack ...", file=sys.stderr)
-        state = stack.up(home, ports=stack.free_ports(), num_cpus=threads, num_gpus=0)
-        try:
-            creds = stack.credentials(home)
-            root = open_storage(state.storage, S3Credentials(
-                state.s3_endpoint, creds["access_key"], creds["secret_key"]))
-            with stack.ray_auth(home):  # the benchmark's own ray.init
-                yield home, state, root
-        finally:
-            stack.down(home)
+    print("starting a private stack ...", file=sys.stderr)
+    state = stack.up(HOME, ports=stack.free_ports(), num_cpus=threads, num_gpus=0)
+    try:
+        creds = stack.credentials(HOME)
+        root = open_storage(state.storage, S3Credentials(
+            state.s3_endpoint, creds["access_key"], creds["secret_key"]))
+        yield HOME, state, root
+    finally:
+        stack.down(HOME)
 
 
 def train_spec(experiment: str, *, steps: int, batch_size: int, threads: int,

@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import ray
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, finish, launch, private_stack, take_result, train_spec, write_report  # noqa: E402
+
+import ray  # noqa: E402  (after common: see its HOME)
 
 
 def progress_of(experiment: str):

@@ -25,12 +25,12 @@ import threading
 import time
 from pathlib import Path
 
-import ray
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (ROOT, finish, launch, private_stack, report,  # noqa: E402
                     train_spec, write_report)
+
+import ray  # noqa: E402  (after common: see its HOME)
 
 from orchestrator.storage import S3Credentials  # noqa: E402
 from orchestrator.task import Task  # noqa: E402

@@ -10,7 +10,6 @@ state.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -26,7 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
@@ -124,24 +123,19 @@ def ray_auth_env(home: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
-@contextlib.contextmanager
-def ray_auth(home: Path) -> Iterator[None]:
-    """Inside the block, this process's Ray clients use the stack's token, whatever the
-    environment said before (tests and benchmarks beside a user's own stack)."""
-    saved = {k: os.environ.pop(k, None) for k in RAY_AUTH_KEYS}
+def set_ray_auth(home: Path) -> None:
+    """This process's Ray clients use the stack's token, whatever the environment said (tests
+    and benchmarks beside a user's own stack). Before Ray is imported: it reads its
+    authentication settings then."""
+    for key in RAY_AUTH_KEYS:
+        os.environ.pop(key, None)
     os.environ.update(ray_auth_env(home))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None)
-            if value is not None:
-                os.environ[key] = value
 
 
 def use_ray_auth(home: Path) -> None:
     """This process talks to the stack's Ray with the stack's token, unless its environment
-    names a token or a mode of its own (set before Ray reads it: ray.init, a job client)."""
+    names a token or a mode of its own. Before Ray is imported: it reads its authentication
+    settings then."""
     if not any(os.environ.get(k) for k in RAY_AUTH_KEYS):
         os.environ.update(ray_auth_env(home))
 

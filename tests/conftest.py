@@ -4,23 +4,31 @@ user's own stack."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from orchestrator import stack
 
+# The test stack's folder and Ray token are made before any test module imports Ray, which
+# reads its authentication settings once, then: this process's own Ray clients (ray.init, the
+# state API, a `ray.cluster_utils` cluster) carry the stack's token. A `genforge` subprocess
+# finds it by itself (see `stack_env`).
+STACK_HOME = Path(tempfile.mkdtemp(prefix="genforge-test-stack-"))
+atexit.register(shutil.rmtree, STACK_HOME, True)
+stack.set_ray_auth(STACK_HOME)
+
 
 @pytest.fixture(scope="session")
-def local_stack(tmp_path_factory) -> stack.StackState:
-    home = tmp_path_factory.mktemp("stack")
-    state = stack.up(home, ports=stack.free_ports(list(stack.DEFAULT_PORTS)), num_cpus=2, num_gpus=2)
-    # the tests' own Ray clients (ray.init, the state API) carry the stack's token; a
-    # `genforge` subprocess finds it by itself (see `stack_env`)
-    with stack.ray_auth(home):
-        yield state
-    stack.down(home)
+def local_stack() -> stack.StackState:
+    state = stack.up(STACK_HOME, ports=stack.free_ports(list(stack.DEFAULT_PORTS)), num_cpus=2,
+                     num_gpus=2)
+    yield state
+    stack.down(STACK_HOME)
 
 
 @pytest.fixture()
