@@ -460,8 +460,10 @@ def _files_key(manifest: dict) -> str:
 
 
 def _shared(ckpt: Checkpoint) -> Checkpoint:
-    """The same tensors; dicts of its own, which a job may change."""
-    return Checkpoint(ckpt.step, dict(ckpt.tensors), copy.deepcopy(ckpt.state),
+    """The same tensors, weights and optimizer state alike (a reused load only reads them: a
+    deep copy of Adam's moments would cost twice the model's size on every job); the small
+    meta and manifest dicts of its own, which a job may change."""
+    return Checkpoint(ckpt.step, dict(ckpt.tensors), dict(ckpt.state),
                       copy.deepcopy(ckpt.meta), ckpt.uri, copy.deepcopy(ckpt.manifest))
 
 

@@ -267,9 +267,11 @@ def _write_ahead_log(db: Path) -> None:
     """The tracking database commits through a write-ahead log: one sync per write instead of a
     journal file created, synced and deleted, and readers no longer wait for writers. The
     mode is stored in the file; the server keeps it."""
-    with sqlite3.connect(db) as conn:
+    conn = sqlite3.connect(db)
+    try:
         conn.execute("PRAGMA journal_mode=WAL")
-    conn.close()
+    finally:
+        conn.close()
 
 
 def _start_mlflow(state: StackState, home: Path, creds: dict[str, str]) -> int:

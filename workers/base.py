@@ -389,8 +389,6 @@ class Worker:
         rank, world = (self.collective.rank, self.collective.world) if self.collective else (0, 1)
         self._progress["total"] = steps
         gen = torch.Generator(device=self.device)
-        # floating buffers (BatchNorm statistics): a data-parallel job keeps rank 0's
-        buffers = [b for m in self.modules.values() for b in m.buffers() if b.is_floating_point()]
         for module in self.modules.values():
             module.train()
         self._progress.update(phase="train", step=start)
@@ -408,9 +406,11 @@ class Worker:
                 for group in opt.param_groups:
                     group["lr"] = lr
             self.step = step
+            # Floating buffers (BatchNorm's running statistics) are not kept in step across the
+            # ranks of a data-parallel job: training uses batch statistics, and only rank 0's
+            # buffers are ever read (its grids, metrics and checkpoints; every rank resumes
+            # from those), so a broadcast per buffer per step would buy nothing.
             losses = step_fn(x[idx], labels[idx] if labels is not None else None, gen)
-            if self.collective is not None and buffers:
-                self.collective.broadcast(buffers)
             for name, ema in self.emas.items():
                 ema.update(self.modules[name])
             self.end_step(step)
