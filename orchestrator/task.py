@@ -23,6 +23,7 @@ class Task:
     refs: dict[str, str] = field(default_factory=dict)  # field ("from", "model.tokenizer") -> URI
     attempt: int = 1
     launched: float = 0.0  # when the driver handed the job to its actor (Unix time)
+    artifact_uri: str | None = None  # the run's artifact root, as MLflow gave it
     s3: S3Credentials | None = field(default=None, repr=False)
 
     @property

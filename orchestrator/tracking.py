@@ -13,8 +13,9 @@ import threading
 import time
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunInfo, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 # MLflow prints a "View run" URL to stdout whenever a run ends; the driver prints its own summary.
@@ -56,13 +57,13 @@ class Tracker:
             return self.client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str],
-                  params: dict[str, str] | None = None, parent_id: str | None = None) -> str:
+                  params: dict[str, str] | None = None, parent_id: str | None = None) -> RunInfo:
         all_tags = dict(tags)
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
         self.log_params(run.info.run_id, params or {})
-        return run.info.run_id
+        return run.info
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
@@ -107,9 +108,14 @@ class RunLogger:
     a background thread sends metrics and tags in batches every `flush_s` seconds and uploads
     images and files."""
 
-    def __init__(self, tracking_uri: str, run_id: str, *, flush_s: float = 5.0):
+    def __init__(self, tracking_uri: str, run_id: str, *, artifact_uri: str | None = None,
+                 flush_s: float = 5.0):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        # Files go straight to the run's artifact root when the driver passed it on: the
+        # client would otherwise ask the server for the run first (a request per job).
+        self._artifacts = (get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
+                           if artifact_uri else None)
         self.flush_s = flush_s
         self._metrics: list[Metric] = []
         self._tags: dict[str, str] = {}  # sent with the metrics: one request for both
@@ -138,7 +144,18 @@ class RunLogger:
 
     def log_file(self, data: bytes, path: str) -> None:
         """`data` as the run's artifact `path` (e.g. "outputs/grid.png")."""
-        self._jobs.put((lambda: _log_bytes(self.client, self.run_id, data, path), 0))
+        self._jobs.put((lambda: self._log_bytes(data, path), 0))
+
+    def _log_bytes(self, data: bytes, path: str) -> None:
+        directory, _, name = path.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="genforge-artifact-") as tmp:
+            local = os.path.join(tmp, name)
+            with open(local, "wb") as f:
+                f.write(data)
+            if self._artifacts is not None:
+                self._artifacts.log_artifact(local, directory or None)
+            else:
+                self.client.log_artifact(self.run_id, local, directory or None)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         with self._lock:
@@ -211,15 +228,6 @@ class RunLogger:
         self._thread.join(timeout=180)
         if self._error is not None:
             raise RuntimeError(f"logging to MLflow failed: {self._error}") from self._error
-
-
-def _log_bytes(client: MlflowClient, run_id: str, data: bytes, path: str) -> None:
-    directory, _, name = path.rpartition("/")
-    with tempfile.TemporaryDirectory(prefix="genforge-artifact-") as tmp:
-        local = os.path.join(tmp, name)
-        with open(local, "wb") as f:
-            f.write(data)
-        client.log_artifact(run_id, local, directory or None)
 
 
 class NullLogger:

@@ -99,7 +99,8 @@ class Worker:
         self.root = open_storage(task.storage_root, task.s3)
         self.storage = self.root.child(task.prefix)
         # a task without a run (a benchmark's plain Ray task) and ranks but 0 log nothing
-        self.log = RunLogger(task.tracking_uri, task.run_id) if self.rank0 and task.run_id else NullLogger()
+        self.log = (RunLogger(task.tracking_uri, task.run_id, artifact_uri=task.artifact_uri)
+                    if self.rank0 and task.run_id else NullLogger())
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.emas: dict[str, EMA] = {}

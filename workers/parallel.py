@@ -126,7 +126,7 @@ class DataParallelJob:
         from orchestrator.tracking import RunLogger
 
         self.task = task
-        self.log = RunLogger(task.tracking_uri, task.run_id)
+        self.log = RunLogger(task.tracking_uri, task.run_id, artifact_uri=task.artifact_uri)
         self._progress: dict[str, Any] = {"phase": "queued", "step": 0, "total": 0}
         self._result: dict[str, Any] | None = None
         self._stop = False
