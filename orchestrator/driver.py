@@ -277,8 +277,14 @@ class Driver:
             except Exception:  # the actor is gone; its run() ref says why
                 prog = {}
             state.progress_ref = None
-            if not state.alive and prog.get("phase") not in ("queued", "starting"):
-                state.alive = True  # it holds its resources: admission's books can let go
+            # It holds its resources, and admission's books can let go: a job's own actor holds
+            # them once it answers at all (Ray placed it), even while it still imports its
+            # family's worker, which takes seconds in a cold process; a data-parallel job's
+            # actor holds none, its workers hold them once it is past "starting" and "queued".
+            holds = (state.planned.job.resources.workers == 1
+                     or prog.get("phase") not in ("queued", "starting"))
+            if not state.alive and prog and holds:
+                state.alive = True
                 self.admission.started.remote([self._ticket(state)])
             if prog.get("total"):
                 state.bar.total = prog["total"]
