@@ -36,10 +36,12 @@ class JobActor:
 
             worker = worker_class(task.family or task.kind).for_task(task)(task)
         # Where the job ran, per attempt: a job resumed after its node left shows both nodes.
-        # These tags go with the worker's first metrics: no request of their own.
+        # These tags, and the run's params when the driver left them to the worker, go with
+        # the worker's first metrics: no request of their own.
         node = ray.get_runtime_context().get_node_id()
         worker.log.set_tags({"genforge.node": node, f"genforge.node.{task.attempt}": node,
                              "genforge.launched": f"{task.launched:.3f}"})
+        worker.log.log_params(task.params)
         with self._lock:
             self.worker = worker
             if self._stop:

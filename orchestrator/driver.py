@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import ray
 from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError,
@@ -35,10 +35,18 @@ from orchestrator.task import Task
 from orchestrator.tracking import RunInfo, Tracker, flatten
 
 STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint
-PREOPEN = 16  # job runs opened ahead of their launch
+PREOPEN = 16  # job runs opened ahead of their launch, at most
+OPEN_AHEAD_S = 3.0  # ...once the pipeline has launched nothing for this long
 PUBLISH_S = 2.0  # the pipeline's progress tag changes at most this often while it runs
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
 RESULT = "result.json"
+
+
+class OpenedRun(NamedTuple):
+    info: RunInfo
+    attempts: int  # attempts the run has seen
+    status: str  # SCHEDULED (opened ahead of its launch) or RUNNING
+    params_logged: bool  # else the worker logs them with its first metrics
 
 
 @dataclass
@@ -49,11 +57,13 @@ class JobState:
     status: str = "pending"
     run_id: str | None = None
     artifact_uri: str | None = None  # its run's artifact root
+    run_status: str = ""  # what the driver last made its run's status
+    params_logged: bool = False  # its run has its params (else they go with the job's logs)
     actor: Any = None
     ref: Any = None
     progress_ref: Any = None
     progress_asked: float = 0.0  # when its actor was last asked for progress (monotonic)
-    run_opened: Future | None = None  # (run info, attempts before), opened while it is queued
+    run_opened: Future | None = None  # an OpenedRun, opened ahead while it is queued
     tracking: Future | None = None  # the last tracking request about its run
     bar: tqdm | None = None
     attempt: int = 0
@@ -92,6 +102,7 @@ class Driver:
         # and a pipeline of many short jobs would wait on them, one after another.
         self._tracking = ThreadPoolExecutor(4, thread_name_prefix="tracking")
         self._tracking_done: list[Future] = []
+        self._last_launch = time.monotonic()
 
     # ---- setup ------------------------------------------------------------------------------
     def prefix(self, planned: PlannedJob) -> str:
@@ -161,21 +172,27 @@ class Driver:
         new one."""
         p = state.planned
         if state.run_id is None:
-            info, state.attempt = self._opened_run(state)
-            state.run_id, state.artifact_uri = info.run_id, info.artifact_uri
+            opened = self._opened_run(state)
+            state.run_id, state.artifact_uri = opened.info.run_id, opened.info.artifact_uri
+            state.attempt, state.run_status = opened.attempts, opened.status
+            state.params_logged = opened.params_logged
             state.attempt_tag = state.attempt + 1  # an opened run names its next attempt
         state.attempt += 1
-        self._track(state, self.tracker.set_status, state.run_id, "RUNNING")
+        self._last_launch = time.monotonic()
+        if state.run_status != "RUNNING":  # opened ahead (a restart finds it RUNNING)
+            self._track(state, self.tracker.set_status, state.run_id, "RUNNING")
+            state.run_status = "RUNNING"
         if state.attempt != state.attempt_tag:  # a retry or a restart in this pipeline run
             state.attempt_tag = state.attempt
             self._track(state, self.tracker.set_tags, state.run_id,
                         {"genforge.attempt": str(state.attempt)})
         data_key = self.data_keys.get(p.job.data.model_dump_json()) if p.job.data else None
+        reused = actor is not None
         task = Task(
             job=p.job.resolved(), job_hash=p.hash, experiment=self.experiment,
             storage_root=self.settings.storage, prefix=self.prefix(p),
             tracking_uri=self.settings.tracking_uri, run_id=state.run_id,
-            artifact_uri=state.artifact_uri,
+            artifact_uri=state.artifact_uri, params={} if state.params_logged else self._params(p),
             code_version=self.plan.code_version, sources=self._sources(p), data_key=data_key,
             refs={field: self._uri(ref) for field, ref in p.job.references},
             attempt=state.attempt, launched=time.time(), s3=self.settings.s3,
@@ -192,8 +209,12 @@ class Driver:
             ).remote()
         state.actor = actor
         state.ref = actor.run.remote(task)
-        state.progress_ref, state.progress_asked = None, 0.0
-        state.status, state.started, state.alive = "running", time.monotonic(), False
+        state.status, state.started, state.progress_ref = "running", time.monotonic(), None
+        # An actor that ran a job before holds its resources: it is first asked for progress
+        # once the job has run for POLL_S. A new one is asked at once, to learn that it holds
+        # them (a data-parallel job's workers are placed anew each time).
+        state.alive = reused and p.job.resources.workers == 1
+        state.progress_asked = state.started if state.alive else 0.0
         if state.bar is None:
             position = next(i for i in range(len(self.jobs) + 1) if i not in self._positions)
             self._positions.append(position)
@@ -217,9 +238,10 @@ class Driver:
         state.tracking = self._tracking.submit(call)
         self._tracking_done.append(state.tracking)
 
-    def _opened_run(self, state: JobState) -> tuple[RunInfo, int]:
+    def _opened_run(self, state: JobState) -> OpenedRun:
+        """The run opened ahead for the job, or one opened now, RUNNING."""
         if state.run_opened is None:
-            state.run_opened = self._tracking.submit(self._open_run, state.planned)
+            return self._open_run(state.planned, ahead=False)
         return state.run_opened.result()
 
     def _drain_tracking(self) -> None:
@@ -231,19 +253,25 @@ class Driver:
             self.echo(f"tracking: {len(failed)} requests about job runs failed, the first: "
                       f"{str(failed[0]).splitlines()[0][:300]}")
 
-    def _open_run(self, p: PlannedJob) -> tuple[RunInfo, int]:
+    def _params(self, p: PlannedJob) -> dict[str, str]:
+        return flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
+
+    def _open_run(self, p: PlannedJob, ahead: bool) -> OpenedRun:
         """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
-        metric history in one run); and the number of attempts the run has seen. It says
-        SCHEDULED until its job is launched, and its `genforge.attempt` tag names the attempt
-        that launch will be (one request fewer at the launch)."""
+        metric history in one run). Opened `ahead` of its launch, it says SCHEDULED and has its
+        params; opened at the launch, it says RUNNING (MLflow's default) and its params go with
+        the job's first metrics: one request, where a run opened ahead takes four with its
+        RUNNING at the launch. Its `genforge.attempt` tag names the attempt that the launch
+        will be."""
+        status = "SCHEDULED" if ahead else "RUNNING"
         run = self._unfinished.pop((p.name, p.hash), None)
         if run is not None:
             attempts = int(run.data.tags.get("genforge.attempt", "0"))
-            self.tracker.set_status(run.info.run_id, "SCHEDULED")
+            self.tracker.set_status(run.info.run_id, status)
             self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run,
                                                     "genforge.attempt": str(attempts + 1),
                                                     **self.submission_tags})
-            return run.info, attempts
+            return OpenedRun(run.info, attempts, status, params_logged=True)
         tags = {
             **self.submission_tags,
             "genforge.job": p.name, "genforge.family": p.job.family or "-", "genforge.kind": p.job.kind,
@@ -251,10 +279,11 @@ class Driver:
             "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
             "genforge.attempt": "1",
         }
-        params = flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
-        info = self.tracker.start_run(self.experiment_id, p.name, tags, params, self.parent_run)
-        self.tracker.set_status(info.run_id, "SCHEDULED")
-        return info, 0
+        info = self.tracker.start_run(self.experiment_id, p.name, tags,
+                                      self._params(p) if ahead else None, self.parent_run)
+        if ahead:
+            self.tracker.set_status(info.run_id, "SCHEDULED")
+        return OpenedRun(info, 0, status, params_logged=ahead)
 
     # ---- watching ---------------------------------------------------------------------------
     def _poll_progress(self) -> None:
@@ -328,12 +357,15 @@ class Driver:
         mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
         tags = {"genforge.error": error[:4000]} if error else {}
         if state.run_id is None and state.run_opened is not None:  # cancelled while queued
-            info, attempts = state.run_opened.result()
-            state.run_id = info.run_id
-            tags["genforge.attempt"] = str(attempts)  # it was not launched after all
+            opened = state.run_opened.result()
+            state.run_id, state.params_logged = opened.info.run_id, opened.params_logged
+            tags["genforge.attempt"] = str(opened.attempts)  # it was not launched after all
         if state.run_id:
-            if tags:
-                self._track(state, self.tracker.set_tags, state.run_id, tags)
+            # A job that failed may have ended before its worker sent the run's params: they
+            # go with the error (the same params again are no change).
+            params = {} if state.params_logged or status == "finished" else self._params(state.planned)
+            if tags or params:
+                self._track(state, self.tracker.log, state.run_id, params, tags)
             self._track(state, self.tracker.finish, state.run_id, mlflow_status)
         if state.actor is not None:
             if keep_actor:
@@ -437,6 +469,7 @@ class Driver:
             {"genforge.spec": self.plan.spec.source, "genforge.code_version": self.plan.code_version,
              **self.submission_tags},
         ).run_id
+        self._last_launch = time.monotonic()
         try:
             self._loop()
         except KeyboardInterrupt:
@@ -473,11 +506,14 @@ class Driver:
         priority waits for room; idle actors left over are killed, freeing their resources."""
         queued = sorted((s for s in self.jobs.values() if s.status == "queued"),
                         key=lambda s: -s.planned.job.resources.priority)
-        # the runs of the jobs next in line are opened in the background, so they are there
-        # when the jobs start; not all at once (a pipeline of thousands would flood the server)
-        opened = sum(1 for s in queued if s.run_opened is not None)
-        for state in [s for s in queued if s.run_opened is None][:max(0, PREOPEN - opened)]:
-            state.run_opened = self._tracking.submit(self._open_run, state.planned)
+        # A job's run is opened when it is launched. When the pipeline waits for room (it has
+        # launched nothing for OPEN_AHEAD_S), the runs of the jobs next in line are opened in the
+        # background, SCHEDULED, so that MLflow shows what waits; not all of them (a pipeline of
+        # thousands would flood the server). A run opened ahead costs two requests more.
+        if time.monotonic() - self._last_launch >= OPEN_AHEAD_S:
+            opened = sum(1 for s in queued if s.run_opened is not None)
+            for state in [s for s in queued if s.run_opened is None][:max(0, PREOPEN - opened)]:
+                state.run_opened = self._tracking.submit(self._open_run, state.planned, True)
         handover: dict[str, Any] = {}
         for state in queued:
             idle = next((i for i, (shape, _) in enumerate(self._idle)

@@ -283,7 +283,8 @@ def _start_mlflow(state: StackState, home: Path, creds: dict[str, str]) -> int:
         # MLflow's Flask app under gunicorn (threads, one process) rather than its default
         # uvicorn: the tracking API is the same Flask handlers and security checks either way,
         # and uvicorn's FastAPI bridge cost 15.6 ms of server CPU a request against 5.3 ms
-        # here (measured on this stack's requests). Every job sends about seven.
+        # here (measured on this stack's requests). A sampling job sends four requests, or six
+        # when its run is opened ahead (SCHEDULED) while its pipeline waits for room.
         "--workers", "1", "--gunicorn-opts", "--threads 8 --timeout 300",
     ]
     env = {

@@ -24,6 +24,7 @@ class Task:
     attempt: int = 1
     launched: float = 0.0  # when the driver handed the job to its actor (Unix time)
     artifact_uri: str | None = None  # the run's artifact root, as MLflow gave it
+    params: dict[str, str] = field(default_factory=dict)  # the run's params, left to the worker
     s3: S3Credentials | None = field(default=None, repr=False)
 
     @property

@@ -23,7 +23,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 TAG_PREFIX = "genforge."
 BATCH_LIMIT = 1000  # MLflow's limit of metrics per log_batch
-PARAM_LIMIT = 100
+PARAM_LIMIT = 100  # and of params, and of tags
 JOB_TRIES = 3  # tries of an image or tag upload before it is dropped
 
 
@@ -58,20 +58,27 @@ class Tracker:
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str],
                   params: dict[str, str] | None = None, parent_id: str | None = None) -> RunInfo:
+        """A new run, RUNNING (MLflow's default), with its tags; and its params, if given (a
+        request of their own)."""
         all_tags = dict(tags)
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
-        self.log_params(run.info.run_id, params or {})
+        self.log(run.info.run_id, params=params or {})
         return run.info
 
-    def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), PARAM_LIMIT):
-            self.client.log_batch(run_id, params=items[i:i + PARAM_LIMIT])
+    def log(self, run_id: str, params: dict[str, str] | None = None,
+            tags: dict[str, str] | None = None) -> None:
+        """Params and tags in as few requests as MLflow's limits allow (none if both are empty).
+        A param logged again with the same value is no change."""
+        items = [Param(k, v) for k, v in (params or {}).items()]
+        tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(items), len(tag_items)), PARAM_LIMIT):
+            self.client.log_batch(run_id, params=items[i:i + PARAM_LIMIT],
+                                  tags=tag_items[i:i + PARAM_LIMIT])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.log(run_id, tags=tags)
 
     def unfinished_runs(self, experiment_id: str) -> dict[tuple[str, str], Any]:
         """The newest unfinished (RUNNING, SCHEDULED, FAILED or KILLED) job run of each (job
@@ -119,6 +126,7 @@ class RunLogger:
         self.flush_s = flush_s
         self._metrics: list[Metric] = []
         self._tags: dict[str, str] = {}  # sent with the metrics: one request for both
+        self._params: dict[str, str] = {}  # likewise
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -161,6 +169,11 @@ class RunLogger:
         with self._lock:
             self._tags.update((k, str(v)) for k, v in tags.items())
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Sent with the next metrics, like tags."""
+        with self._lock:
+            self._params.update((k, str(v)) for k, v in params.items())
+
     def flush_metrics(self) -> bool:
         """Send the buffered metrics now (from any thread); False if the server is away, in
         which case they stay buffered for the next try."""
@@ -174,16 +187,24 @@ class RunLogger:
         with self._lock:
             pending, self._metrics = self._metrics, []
             tags, self._tags = self._tags, {}
-        for i in range(0, max(len(pending), 1 if tags else 0), BATCH_LIMIT):
+            params, self._params = self._params, {}
+        # MLflow's limits per request: 1000 metrics, 100 params, 100 tags, 1000 in all
+        params_left, tags_left = [Param(k, v) for k, v in params.items()], [RunTag(k, v) for k, v in tags.items()]
+        i = 0
+        while i < len(pending) or params_left or tags_left:
+            some_params, some_tags = params_left[:PARAM_LIMIT], tags_left[:PARAM_LIMIT]
+            room = BATCH_LIMIT - len(some_params) - len(some_tags)
             try:
-                self.client.log_batch(self.run_id, metrics=pending[i:i + BATCH_LIMIT],
-                                      tags=[RunTag(k, v) for k, v in tags.items()])
-                tags = {}
+                self.client.log_batch(self.run_id, metrics=pending[i:i + room],
+                                      params=some_params, tags=some_tags)
             except Exception:
                 with self._lock:  # kept, in order, for the next flush
                     self._metrics[:0] = pending[i:]
-                    self._tags = {**tags, **self._tags}
+                    self._tags = {**{t.key: t.value for t in tags_left}, **self._tags}
+                    self._params = {**{p.key: p.value for p in params_left}, **self._params}
                 raise
+            i += room
+            params_left, tags_left = params_left[PARAM_LIMIT:], tags_left[PARAM_LIMIT:]
 
     def _drain_jobs(self) -> None:
         retry = []
@@ -248,6 +269,9 @@ class NullLogger:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_params(self, params: dict[str, str]) -> None:
         pass
 
     def flush_metrics(self) -> bool:

@@ -227,3 +227,4 @@ def test_corrupt_checkpoint_is_a_job_error_retried_then_reported(tmp_path, local
     assert "CheckpointError" in failure and "Traceback" not in out.stderr
     client, run = run_of(local_stack, "faults-corrupt", "grid")
     assert run.info.status == "FAILED" and run.data.tags["genforge.attempt"] == "2"
+    assert run.data.params["from"] == uri  # the run has its params, though the job failed

@@ -53,6 +53,87 @@ def test_without_the_artifact_root_the_logger_asks_for_the_run(run):
     assert len(log.dropped) == 1 and "looked up" in log.dropped[0]
 
 
+def counting_batches(log: RunLogger) -> list[dict]:
+    """The logger's log_batch requests, as it sends them (and they still go through)."""
+    calls, send = [], log.client.log_batch
+
+    def log_batch(run_id, metrics=(), params=(), tags=()):
+        calls.append({"metrics": len(metrics), "params": len(params), "tags": len(tags)})
+        send(run_id, metrics=metrics, params=params, tags=tags)
+
+    log.client.log_batch = log_batch
+    return calls
+
+
+def test_params_left_to_the_worker_go_with_its_metrics_in_one_request(run):
+    uri, info = run
+    log = RunLogger(uri, info.run_id, artifact_uri=info.artifact_uri, flush_s=60)
+    calls = counting_batches(log)
+    log.log_params({"sample.steps": "20", "seed": "1"})  # "seed" is the run's already
+    log.set_tags({"genforge.node": "n1"})
+    log.log_metrics({"sample_s_per_image": 0.5, "num_images": 64}, 0)
+    log.close()
+    assert calls == [{"metrics": 2, "params": 2, "tags": 1}]
+    data = MlflowClient(uri).get_run(info.run_id).data
+    assert data.params == {"seed": "1", "sample.steps": "20"}
+    assert data.tags["genforge.node"] == "n1" and data.metrics["num_images"] == 64
+
+
+def test_params_and_tags_past_mlflows_limits_are_split_across_requests(run):
+    uri, info = run
+    log = RunLogger(uri, info.run_id, flush_s=60)
+    calls = counting_batches(log)
+    log.log_params({f"p{i:03d}": str(i) for i in range(150)})
+    log.set_tags({f"t{i:03d}": str(i) for i in range(120)})
+    log.log_metrics({f"m{i:03d}": float(i) for i in range(900)}, 0)
+    log.close()
+    # at most 100 params, 100 tags and 1000 values in all per request
+    assert calls == [{"metrics": 800, "params": 100, "tags": 100},
+                     {"metrics": 100, "params": 50, "tags": 20}]
+    data = MlflowClient(uri).get_run(info.run_id).data
+    assert len(data.params) == 151 and len(data.metrics) == 900
+    assert len([k for k in data.tags if k.startswith("t")]) == 120
+
+
+def test_a_run_opened_at_launch_is_running_and_one_opened_ahead_is_scheduled_with_params(tmp_path):
+    from orchestrator.driver import Driver
+    from orchestrator.plan import build_plan
+    from orchestrator.settings import Settings
+    from orchestrator.spec import parse_spec
+    from orchestrator.storage import S3Credentials
+
+    spec = parse_spec({"experiment": "t", "jobs": [
+        {"name": f"s{i}", "kind": "sample", "family": "ddpm", "from": "s3://b/x/y/z",
+         "sample": {"steps": 7}} for i in range(3)]}, source=str(tmp_path / "s.yaml"))
+    settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                        storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
+    driver = Driver(build_plan(spec), settings, echo=lambda m: None)
+    driver.experiment_id = driver.tracker.experiment_id("t")
+    driver.parent_run = driver.tracker.start_run(driver.experiment_id, "pipeline", {}).run_id
+    driver._unfinished = {}
+    client = driver.tracker.client
+    at_launch, ahead, failed = (driver.jobs[f"s{i}"] for i in range(3))
+
+    opened = driver._open_run(at_launch.planned, ahead=False)
+    run = client.get_run(opened.info.run_id)
+    assert (opened.status, opened.params_logged, run.info.status) == ("RUNNING", False, "RUNNING")
+    assert run.data.params == {} and run.data.tags["genforge.attempt"] == "1"
+
+    opened = driver._open_run(ahead.planned, ahead=True)
+    run = client.get_run(opened.info.run_id)
+    assert (opened.status, opened.params_logged, run.info.status) == ("SCHEDULED", True, "SCHEDULED")
+    assert run.data.params["sample.steps"] == "7" and run.data.params["kind"] == "sample"
+
+    # a job whose worker never sent the params (it died first): they go with its error
+    opened = driver._open_run(failed.planned, ahead=False)
+    failed.run_id, failed.status = opened.info.run_id, "running"
+    driver._finish(failed, "failed", "worker died 4 times")
+    driver._drain_tracking()
+    run = client.get_run(opened.info.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["genforge.error"] == "worker died 4 times"
+    assert run.data.params["sample.steps"] == "7"
+
+
 def telemetry_client(code: str, **env: str) -> str:
     # A clean environment: MLflow turns its telemetry off by itself under CI or pytest.
     base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
