@@ -363,7 +363,8 @@ class Driver:
         if state.run_id:
             # A job that failed may have ended before its worker sent the run's params: they
             # go with the error (the same params again are no change).
-            params = {} if state.params_logged or status == "finished" else self._params(state.planned)
+            params = ({} if state.params_logged or status == "finished"
+                      else self._params(state.planned))
             if tags or params:
                 self._track(state, self.tracker.log, state.run_id, params, tags)
             self._track(state, self.tracker.finish, state.run_id, mlflow_status)

@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 TAG_PREFIX = "genforge."
-BATCH_LIMIT = 1000  # MLflow's limit of metrics per log_batch
-PARAM_LIMIT = 100  # and of params, and of tags
+BATCH_LIMIT = 1000  # MLflow's limit of values (metrics, params and tags) per log_batch
+PARAM_LIMIT = 100  # ...and of params, and of tags
 JOB_TRIES = 3  # tries of an image or tag upload before it is dropped
 
 
@@ -35,6 +35,19 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
             out.update(flatten(value, f"{name}."))
         else:
             out[name] = str(value)
+    return out
+
+
+def batches(metrics: list[Metric], params: list[Param], tags: list[RunTag]
+            ) -> list[tuple[list[Metric], list[Param], list[RunTag]]]:
+    """What `log_batch` requests send, in order, within MLflow's limits per request (none if
+    there is nothing to send)."""
+    out, i = [], 0
+    while i < len(metrics) or params or tags:
+        some_params, some_tags = params[:PARAM_LIMIT], tags[:PARAM_LIMIT]
+        room = BATCH_LIMIT - len(some_params) - len(some_tags)
+        out.append((metrics[i:i + room], some_params, some_tags))
+        i, params, tags = i + room, params[PARAM_LIMIT:], tags[PARAM_LIMIT:]
     return out
 
 
@@ -71,11 +84,10 @@ class Tracker:
             tags: dict[str, str] | None = None) -> None:
         """Params and tags in as few requests as MLflow's limits allow (none if both are empty).
         A param logged again with the same value is no change."""
-        items = [Param(k, v) for k, v in (params or {}).items()]
-        tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        for i in range(0, max(len(items), len(tag_items)), PARAM_LIMIT):
-            self.client.log_batch(run_id, params=items[i:i + PARAM_LIMIT],
-                                  tags=tag_items[i:i + PARAM_LIMIT])
+        for _, some_params, some_tags in batches(
+                [], [Param(k, v) for k, v in (params or {}).items()],
+                [RunTag(k, str(v)) for k, v in (tags or {}).items()]):
+            self.client.log_batch(run_id, params=some_params, tags=some_tags)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.log(run_id, tags=tags)
@@ -188,23 +200,19 @@ class RunLogger:
             pending, self._metrics = self._metrics, []
             tags, self._tags = self._tags, {}
             params, self._params = self._params, {}
-        # MLflow's limits per request: 1000 metrics, 100 params, 100 tags, 1000 in all
-        params_left, tags_left = [Param(k, v) for k, v in params.items()], [RunTag(k, v) for k, v in tags.items()]
-        i = 0
-        while i < len(pending) or params_left or tags_left:
-            some_params, some_tags = params_left[:PARAM_LIMIT], tags_left[:PARAM_LIMIT]
-            room = BATCH_LIMIT - len(some_params) - len(some_tags)
+        requests = batches(pending, [Param(k, v) for k, v in params.items()],
+                           [RunTag(k, v) for k, v in tags.items()])
+        for n, (some_metrics, some_params, some_tags) in enumerate(requests):
             try:
-                self.client.log_batch(self.run_id, metrics=pending[i:i + room],
-                                      params=some_params, tags=some_tags)
+                self.client.log_batch(self.run_id, metrics=some_metrics, params=some_params,
+                                      tags=some_tags)
             except Exception:
+                rest = requests[n:]
                 with self._lock:  # kept, in order, for the next flush
-                    self._metrics[:0] = pending[i:]
-                    self._tags = {**{t.key: t.value for t in tags_left}, **self._tags}
-                    self._params = {**{p.key: p.value for p in params_left}, **self._params}
+                    self._metrics[:0] = [m for r in rest for m in r[0]]
+                    self._params = {**{p.key: p.value for r in rest for p in r[1]}, **self._params}
+                    self._tags = {**{t.key: t.value for r in rest for t in r[2]}, **self._tags}
                 raise
-            i += room
-            params_left, tags_left = params_left[PARAM_LIMIT:], tags_left[PARAM_LIMIT:]
 
     def _drain_jobs(self) -> None:
         retry = []

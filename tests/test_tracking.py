@@ -95,6 +95,30 @@ def test_params_and_tags_past_mlflows_limits_are_split_across_requests(run):
     assert len([k for k in data.tags if k.startswith("t")]) == 120
 
 
+def test_what_a_failed_request_held_is_kept_for_the_next_flush(run):
+    uri, info = run
+    log = RunLogger(uri, info.run_id, flush_s=60)
+    calls, send = [], log.client.log_batch
+
+    def log_batch(run_id, metrics=(), params=(), tags=()):
+        calls.append(len(metrics))
+        if len(calls) == 2:
+            raise ConnectionError("the tracking server is away")
+        send(run_id, metrics=metrics, params=params, tags=tags)
+
+    log.client.log_batch = log_batch
+    log.log_params({f"p{i:03d}": str(i) for i in range(150)})
+    log.set_tags({"genforge.node": "n1"})
+    log.log_metrics({f"m{i:03d}": float(i) for i in range(1000)}, 0)
+    assert log.flush_metrics() is False  # the first request went, the second did not
+    assert log.flush_metrics() is True  # the rest, on the next flush
+    log.close()
+    assert calls == [899, 101, 101]
+    data = MlflowClient(uri).get_run(info.run_id).data
+    assert len(data.params) == 151 and len(data.metrics) == 1000
+    assert data.tags["genforge.node"] == "n1"
+
+
 def test_a_run_opened_at_launch_is_running_and_one_opened_ahead_is_scheduled_with_params(tmp_path):
     from orchestrator.driver import Driver
     from orchestrator.plan import build_plan
