@@ -543,12 +543,10 @@ class Driver:
 
     def _loop(self) -> None:
         while True:
-            for state in self.jobs.values():
-                if state.status != "pending":
-                    continue
-                deps = [self.jobs[d].status for d in state.planned.deps]
-                if all(d in ("finished", "cached") for d in deps):
-                    cached = self._cached(state)
+            # jobs whose inputs are all there, again after cache hits (their dependents)
+            while ready := [s for s in self.jobs.values() if s.status == "pending" and all(
+                    self.jobs[d].status in ("finished", "cached") for d in s.planned.deps)]:
+                for state, cached in zip(ready, map(self._cached, ready)):
                     if cached is not None:
                         state.status, state.result = "cached", cached
                         self.echo(f"job '{state.name}': cached ({state.planned.hash})")
@@ -557,8 +555,6 @@ class Driver:
             self._admit()
             running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
             if not running:
-                if any(s.status == "pending" for s in self.jobs.values()):
-                    continue  # a job just became ready through a cache hit
                 if any(s.status == "queued" for s in self.jobs.values()):
                     self._publish_progress(now=False)
                     time.sleep(POLL_S)  # the cluster is full of other pipelines' jobs

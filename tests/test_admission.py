@@ -3,6 +3,8 @@ nothing jumps a job that waits; grants hold their resources until Ray shows them
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from orchestrator import admission
@@ -89,3 +91,40 @@ def test_an_idle_actor_is_taken_over_unless_a_higher_priority_job_waits(cluster)
     assert a.ask([("urgent", 5, gpus(1))]) == []  # another pipeline's job waits for room
     assert a.ask([], [("next2", 0)]) == []  # so the idle actor is freed for it instead
     assert a.ask([], [("urgent2", 5)]) == ["urgent2"]  # equal priority may take over
+
+
+def test_a_pipeline_waiting_for_room_asks_once_a_poll_even_with_jobs_waiting_on_it(tmp_path,
+                                                                                   monkeypatch):
+    """The cluster is full of other pipelines' jobs: the train job waits for room and the
+    sample job reading it waits for the train job. The driver asks admission again once every
+    POLL_S, and does not spin."""
+    from orchestrator import driver as driver_module
+    from orchestrator.driver import Driver
+    from orchestrator.plan import build_plan
+    from orchestrator.settings import Settings
+    from orchestrator.spec import parse_spec
+    from orchestrator.storage import S3Credentials
+
+    spec = parse_spec({"experiment": "t", "jobs": [
+        {"name": "train", "kind": "train", "family": "ddpm", "data": {"dataset": "digits", "image_size": 16},
+         "train": {"steps": 5}},
+        {"name": "sample", "kind": "sample", "family": "ddpm", "from": "train"}]},
+        source=str(tmp_path / "s.yaml"))
+    settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                        storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
+    driver = Driver(build_plan(spec), settings, echo=lambda m: None)
+    driver.experiment_id = driver.tracker.experiment_id("t")
+    driver.parent_run = driver.tracker.start_run(driver.experiment_id, "pipeline", {}).run_id
+    monkeypatch.setattr(driver_module, "POLL_S", 0.2)
+    asked, start = [], time.monotonic()
+
+    def admit_nothing() -> None:  # the cluster stays full; after a second the user gives up
+        asked.append(driver.jobs["train"].status)
+        if len(asked) > 1000 or time.monotonic() - start >= 1.0:
+            driver.jobs["train"].status = "killed"
+            driver.jobs["sample"].status = "skipped"
+
+    monkeypatch.setattr(driver, "_admit", admit_nothing)
+    driver._loop()
+    assert asked[0] == "queued" and driver.jobs["sample"].status == "skipped"
+    assert 4 <= len(asked) <= 6  # once at the start, then once a POLL_S for a second
