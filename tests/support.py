@@ -44,3 +44,23 @@ def example_spec(name: str, experiment: str, limit: int) -> dict:
         data["split"]["heldout"] = str((path.parent / data["split"]["heldout"]).resolve())
     data["limit"] = limit
     return spec
+
+
+def offline_driver(tmp_path: Path, jobs: list[dict]):
+    """A Driver for experiment "t" on file:// storage and a sqlite tracking store, set up as
+    `Driver.run` sets it up before its loop (the experiment, the pipeline's run), without Ray:
+    for tests that drive its methods themselves."""
+    from orchestrator.driver import Driver
+    from orchestrator.plan import build_plan
+    from orchestrator.settings import Settings
+    from orchestrator.spec import parse_spec
+    from orchestrator.storage import S3Credentials
+
+    spec = parse_spec({"experiment": "t", "jobs": jobs}, source=str(tmp_path / "s.yaml"))
+    settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                        storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
+    driver = Driver(build_plan(spec), settings, echo=lambda m: None)
+    driver.experiment_id = driver.tracker.experiment_id("t")
+    driver.parent_run = driver.tracker.start_run(driver.experiment_id, "pipeline", {}).run_id
+    driver._unfinished = {}
+    return driver

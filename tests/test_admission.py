@@ -10,6 +10,7 @@ import pytest
 from orchestrator import admission
 from orchestrator.admission import Admission
 from orchestrator.spec import Resources
+from support import offline_driver
 
 
 @pytest.fixture()
@@ -99,22 +100,11 @@ def test_a_pipeline_waiting_for_room_asks_once_a_poll_even_with_jobs_waiting_on_
     sample job reading it waits for the train job. The driver asks admission again once every
     POLL_S, and does not spin."""
     from orchestrator import driver as driver_module
-    from orchestrator.driver import Driver
-    from orchestrator.plan import build_plan
-    from orchestrator.settings import Settings
-    from orchestrator.spec import parse_spec
-    from orchestrator.storage import S3Credentials
 
-    spec = parse_spec({"experiment": "t", "jobs": [
-        {"name": "train", "kind": "train", "family": "ddpm", "data": {"dataset": "digits", "image_size": 16},
-         "train": {"steps": 5}},
-        {"name": "sample", "kind": "sample", "family": "ddpm", "from": "train"}]},
-        source=str(tmp_path / "s.yaml"))
-    settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                        storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
-    driver = Driver(build_plan(spec), settings, echo=lambda m: None)
-    driver.experiment_id = driver.tracker.experiment_id("t")
-    driver.parent_run = driver.tracker.start_run(driver.experiment_id, "pipeline", {}).run_id
+    driver = offline_driver(tmp_path, [
+        {"name": "train", "kind": "train", "family": "ddpm",
+         "data": {"dataset": "digits", "image_size": 16}, "train": {"steps": 5}},
+        {"name": "sample", "kind": "sample", "family": "ddpm", "from": "train"}])
     monkeypatch.setattr(driver_module, "POLL_S", 0.2)
     asked, start = [], time.monotonic()
 

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import RunLogger, Tracker
+from support import offline_driver
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -120,21 +121,9 @@ def test_what_a_failed_request_held_is_kept_for_the_next_flush(run):
 
 
 def test_a_run_opened_at_launch_is_running_and_one_opened_ahead_is_scheduled_with_params(tmp_path):
-    from orchestrator.driver import Driver
-    from orchestrator.plan import build_plan
-    from orchestrator.settings import Settings
-    from orchestrator.spec import parse_spec
-    from orchestrator.storage import S3Credentials
-
-    spec = parse_spec({"experiment": "t", "jobs": [
+    driver = offline_driver(tmp_path, [
         {"name": f"s{i}", "kind": "sample", "family": "ddpm", "from": "s3://b/x/y/z",
-         "sample": {"steps": 7}} for i in range(3)]}, source=str(tmp_path / "s.yaml"))
-    settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                        storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
-    driver = Driver(build_plan(spec), settings, echo=lambda m: None)
-    driver.experiment_id = driver.tracker.experiment_id("t")
-    driver.parent_run = driver.tracker.start_run(driver.experiment_id, "pipeline", {}).run_id
-    driver._unfinished = {}
+         "sample": {"steps": 7}} for i in range(3)])
     client = driver.tracker.client
     at_launch, ahead, failed = (driver.jobs[f"s{i}"] for i in range(3))
 
