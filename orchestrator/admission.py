@@ -39,6 +39,34 @@ def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
     return all(free.get(k, 0.0) >= v - 1e-9 for k, v in need.items() if v > 0)
 
 
+def bundles(resources: Any) -> list[dict[str, float]]:
+    """What a job's actors take, each on one node: a data-parallel job's workers each."""
+    if resources.workers > 1:
+        return [{"CPU": resources.cpus, "GPU": resources.gpus_per_worker}] * resources.workers
+    return [{"CPU": resources.cpus, "GPU": resources.gpus}]
+
+
+def packs(need: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """Whether the bundles `need` fit on `nodes` (their total resources) at once: first fit,
+    largest bundle first."""
+    free = [dict(n) for n in nodes]
+    for bundle in sorted(need, key=lambda b: (-b.get("GPU", 0), -b.get("CPU", 0))):
+        node = next((f for f in free if _fits(bundle, f)), None)
+        if node is None:
+            return False
+        for k, v in bundle.items():
+            node[k] = node.get(k, 0.0) - v
+    return True
+
+
+def describe(need: list[dict[str, float]]) -> str:
+    """'8 GPUs and 1 CPU', or '2 workers of 4 GPUs and 1 CPU each'."""
+    b = need[0] if need else {}
+    one = " and ".join(f"{b.get(k, 0):g} {k}{'s' if b.get(k, 0) != 1 else ''}"
+                       for k in ("GPU", "CPU") if b.get(k, 0) or k == "CPU")
+    return one if len(need) == 1 else f"{len(need)} workers of {one} each"
+
+
 class Admission:
     def __init__(self) -> None:
         self._order = itertools.count()

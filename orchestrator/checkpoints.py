@@ -6,11 +6,16 @@ Layout, relative to a job prefix::
     checkpoints/step-000500/state.pt            # optimizer/RNG/EMA state, weights_only-loadable
     checkpoints/step-000500/manifest.json       # written LAST: sizes + sha256 of the files above
     checkpoints/LATEST                          # "step-000500": newest complete checkpoint
+    pins/<reader>                               # {"checkpoint": "step-000500", ...}: a job reads it
 
 A checkpoint is *complete* when its ``manifest.json`` exists and *valid* when every
 file listed there has the recorded size and sha256.  Loading only ever uses
 ``safetensors.torch.load`` and ``torch.load(..., weights_only=True)``, so a forged
 ``state.pt`` cannot execute code.
+
+Retention (`prune_checkpoints`) never deletes the newest complete checkpoint, LATEST's target,
+a checkpoint that may be being written, or a *pinned* one: a job that reads another job's
+checkpoint by URI pins it first (`pin_checkpoint`), then reads it.
 """
 
 from __future__ import annotations
@@ -54,11 +59,14 @@ __all__ = [
     "verify_checkpoint",
     "latest_step",
     "prune_checkpoints",
+    "pin_checkpoint",
+    "pinned_checkpoints",
     "resolve_checkpoint_uri",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_KEY = f"{CHECKPOINT_DIR}/LATEST"
+PINS_DIR = "pins"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
@@ -66,6 +74,7 @@ MANIFEST_FORMAT = 1
 
 _NAME_RE = re.compile(r"step-(\d{6,})")
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_READER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HASH_CHUNK = 4 * 1024 * 1024
 
 
@@ -525,13 +534,59 @@ def latest_step(storage: Storage) -> int | None:
 # --------------------------------------------------------------------------- housekeeping
 
 
+def pin_checkpoint(storage: Storage, name: str, reader: str) -> None:
+    """Record that job ``reader`` (its hash, or another short identifier) reads checkpoint
+    ``name`` of the job ``storage`` is rooted at: ``pins/<reader>``, one pin per reader (a
+    second pin by the same reader replaces its first). `prune_checkpoints` never deletes a
+    pinned checkpoint. A reader pins *before* it reads, and treats a checkpoint found
+    incomplete after pinning as gone (a prune that began before the pin may have taken it)."""
+    if not isinstance(reader, str) or not _READER_RE.fullmatch(reader):
+        raise CheckpointError(
+            f"invalid pin reader {reader!r}: 1-128 of [A-Za-z0-9._-], starting with a letter or digit"
+        )
+    step = parse_checkpoint_name(name)
+    if step is None or name != checkpoint_name(step):
+        raise CheckpointError(f"invalid checkpoint name {name!r}; expected e.g. 'step-000500'")
+    pin = {"checkpoint": name,
+           "pinned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    storage.put_bytes(f"{PINS_DIR}/{reader}", json.dumps(pin, sort_keys=True).encode("utf-8"))
+
+
+def pinned_checkpoints(storage: Storage) -> set[str]:
+    """Names of the checkpoints pinned under ``storage`` (malformed pins are ignored)."""
+    pinned: set[str] = set()
+    for key in storage.list(f"{PINS_DIR}/"):
+        parts = key.split("/")
+        if len(parts) != 2 or not _READER_RE.fullmatch(parts[1]):
+            continue
+        try:
+            pin = json.loads(storage.get_bytes(key).decode("utf-8"))
+        except NotFound:
+            continue  # removed since the listing
+        except (UnicodeDecodeError, ValueError):
+            log.warning("ignoring malformed pin %s", storage.uri(key))
+            continue
+        name = pin.get("checkpoint") if isinstance(pin, dict) else None
+        step = parse_checkpoint_name(name) if isinstance(name, str) else None
+        if step is None or name != checkpoint_name(step):
+            log.warning("ignoring malformed pin %s", storage.uri(key))
+            continue
+        pinned.add(name)
+    return pinned
+
+
 def prune_checkpoints(storage: Storage, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never LATEST's target),
-    plus incomplete leftovers older than the newest complete one. Returns deleted names."""
-    if keep_last < 1:
-        raise CheckpointError("keep_last must be >= 1")
+    """Delete all but the newest ``keep_last`` complete checkpoints, plus incomplete leftovers
+    older than the newest complete one. Returns the deleted names, oldest first.
+
+    Never deleted: the newest complete checkpoint, LATEST's target, a pinned checkpoint
+    (`pin_checkpoint`), and an incomplete checkpoint newer than the newest complete one (it
+    may be being written). A checkpoint is made incomplete (its manifest deleted) before its
+    files are, so a concurrent reader sees it complete and whole, or not at all."""
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise CheckpointError(f"keep_last must be an int >= 1, got {keep_last!r}")
     complete = list_checkpoints(storage)
-    keep = set(complete[-keep_last:])
+    keep = set(complete[-keep_last:]) | pinned_checkpoints(storage)
     latest = _read_latest(storage)
     if latest:
         keep.add(latest)
@@ -551,7 +606,16 @@ def prune_checkpoints(storage: Storage, keep_last: int) -> list[str]:
             continue  # possibly being written right now
         manifest_key = _ckpt_key(name, MANIFEST_FILE)
         if manifest_key in keys:  # un-complete it first
+            try:
+                manifest = storage.get_bytes(manifest_key)
+            except NotFound:
+                manifest = None
             storage.delete(manifest_key)
+            # A reader may have pinned it since the pins were read: it pins before it reads,
+            # so if its pin is not here now, it will find the checkpoint incomplete.
+            if manifest is not None and name in pinned_checkpoints(storage):
+                storage.put_bytes(manifest_key, manifest)
+                continue
         for key in keys:
             if key != manifest_key:
                 storage.delete(key)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-from orchestrator import stack
+from orchestrator import signals, stack
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.submit import SubmitError
 
@@ -45,16 +44,55 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.plan import build_plan
 
     plan = build_plan(load_spec(args.spec))
+    plan, missing = _resolved_offline(plan)
     print(f"{args.spec}: experiment '{plan.spec.experiment}', {len(plan.jobs)} jobs, "
-          f"code {plan.code_version}")
+          f"genforge {plan.code_version}")
     print(f"  {'#':<3} {'job':<18} {'kind':<9} {'family':<15} {'reads':<20} "
-          f"{'gpus':>5} {'cpus':>5}  hash")
+          f"{'gpus':>5} {'cpus':>5}  {'code':<12}  hash")
     for i, p in enumerate(plan.jobs, 1):
         r = p.job.resources
         reads = ",".join(p.job.sources) or "-"
         print(f"  {i:<3} {p.name:<18} {p.job.kind:<9} {p.job.family or '-':<15} {reads:<20.20} "
-              f"{r.gpus:>5g} {r.cpus:>5g}  {p.hash}")
+              f"{r.gpus:>5g} {r.cpus:>5g}  {p.code or '-':<12}  {p.hash or '-'}")
+    if missing:
+        print(f"  (hash '-': {missing})")
     return 0
+
+
+def _resolved_offline(plan):
+    """The plan with what can be read from here without staging anything: local data's
+    content keys, and checkpoint URIs when storage is configured. Returns it and what could
+    not be read (None if nothing)."""
+    from orchestrator import datasets
+    from orchestrator import settings as settings_mod
+    from orchestrator.plan import (build_plan, check_uri_references, is_uri, resolve_checkpoint,
+                                   resolve_inputs)
+
+    settings = settings_mod.resolve()
+    creds = settings.s3 if settings else None
+    base = Path(plan.spec.source).parent
+    unread: dict[str, str] = {}
+
+    def key(job) -> str | None:
+        try:
+            return datasets.content_key(job.data, creds, base)
+        except datasets.DataError as exc:
+            if not is_uri(job.data.path or ""):
+                raise SpecError([f"{plan.spec.source}: job '{job.name}': data: {exc}"]) from None
+            unread[job.data.path] = str(exc)
+            return None
+
+    def checkpoint(uri: str):
+        if settings is None:
+            raise RuntimeError("no storage configured")
+        return resolve_checkpoint(uri, creds)
+
+    inputs = resolve_inputs(plan.spec, key, checkpoint)
+    plan = build_plan(plan.spec, inputs)
+    if settings is not None:
+        check_uri_references(plan)  # what each checkpoint holds fits the job that reads it
+    unread.update(inputs.unreadable)
+    return plan, "; ".join(f"{uri}: {why}" for uri, why in unread.items())[:300] or None
 
 
 class CliExit(Exception):
@@ -81,41 +119,36 @@ def _services(spec: str, *, start_stack: bool, missing: str):
     return settings
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    # Ctrl-C (SIGINT) cancels the pipeline even where it arrives ignored: a shell starts
-    # background jobs of scripts with SIGINT ignored, and Python then keeps it that way.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)  # a scheduler's stop: the same graceful cancel
+    # Ctrl-C and a scheduler's SIGTERM cancel gracefully from here on (the driver sets its
+    # handlers again once Ray has started, which installs handlers of its own)
+    signals.handle()
     from orchestrator.plan import build_plan
 
     plan = build_plan(load_spec(args.spec))
+    force: bool | set[str] = False
+    if args.force is not None:
+        named = {name for names in args.force for name in names}
+        force = True if [] in args.force else named
+        unknown = sorted(named - set(plan.by_name))
+        if unknown:
+            _err(f"{args.spec}: --force: no job named {', '.join(unknown)}")
+            return EXIT_INVALID
     settings = _services(args.spec, start_stack=True,
                          missing="set RAY_ADDRESS, MLFLOW_TRACKING_URI and GENFORGE_STORAGE")
     settings.use_ray()  # before Ray is imported: it reads its authentication settings then
     from orchestrator.driver import Driver
     from orchestrator.settings import ServiceError
 
-    force: bool | set[str] = False
-    if args.force is not None:
-        force = True if args.force == [] else set(args.force)
-        unknown = sorted(set(force) - set(plan.by_name)) if isinstance(force, set) else []
-        if unknown:
-            _err(f"{args.spec}: --force: no job named {', '.join(unknown)}")
-            return EXIT_INVALID
     driver = Driver(plan, settings, force=force)
-    driver.stage_data()
-    driver.check_references()
-    print(f"MLflow UI: {settings.tracking_uri}  (experiment '{plan.spec.experiment}')",
-          file=sys.stderr)
     try:
+        driver.prepare()
+        print(f"MLflow UI: {settings.tracking_uri}  (experiment '{plan.spec.experiment}')",
+              file=sys.stderr)
         return driver.run()
-    except ServiceError as exc:
+    except ServiceError as exc:  # nothing ran: the environment is wrong, as for bad input
         _err(f"{args.spec}: {exc}")
-        return EXIT_FAILED
+        return EXIT_INVALID
 
 
 def _job_server(args: argparse.Namespace) -> str | None:
@@ -143,11 +176,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     address = _job_server(args)  # before Ray is imported (see _job_server)
     from orchestrator.driver import Driver
 
+    from orchestrator.settings import ServiceError
+
     driver = Driver(plan, settings)
-    driver.stage_data()  # from here: the cluster reads the data from storage
-    driver.check_references()
     try:
-        submission = submit.submit(plan, driver.data_keys, settings, address,
+        driver.prepare()  # from here: the cluster reads the data from storage
+    except ServiceError as exc:
+        _err(f"{args.spec}: {exc}")
+        return EXIT_INVALID
+    try:
+        submission = submit.submit(driver.plan, settings, address,
                                    send_credentials=args.send_credentials)
     except submit.SubmitError as exc:
         _err(f"{args.spec}: {exc}")
@@ -254,7 +292,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: `args.func` runs the command."""
     parser = argparse.ArgumentParser(prog="genforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -271,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="run a spec's jobs on Ray")
-    p.add_argument("spec")
-    p.add_argument("--force", nargs="*", metavar="JOB",
-                   help="rerun cached jobs (all, or the named ones)")
+    p.add_argument("spec", nargs="?")
+    p.add_argument("--force", nargs="*", action="append", metavar="JOB",
+                   help="run jobs afresh from step 0 though cached: all of them, or the named "
+                        "ones and every job that reads them (repeatable)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="run a spec's driver on a Ray cluster as a Ray job")
@@ -305,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_compare)
 
     args = parser.parse_args(argv)
+    if args.command == "run" and args.spec is None:
+        _spec_from_force(parser, args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     try:
         return args.func(args)
     except SpecError as exc:
@@ -320,8 +367,19 @@ def main(argv: list[str] | None = None) -> int:
     except CliExit as exc:
         _err(str(exc))
         return exc.code
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # before the driver's loop: nothing ran
+        return signals.exit_code(exc)
+
+
+def _spec_from_force(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`genforge run --force spec.yaml` (or `--force a spec.yaml`): `--force` takes any number
+    of job names, and the spec came after them; job names never have a '.' or a '/'."""
+    for names in reversed(args.force or []):
+        for i in range(len(names) - 1, -1, -1):
+            if "." in names[i] or "/" in names[i] or Path(names[i]).is_file():
+                args.spec = names.pop(i)
+                return
+    parser.error("run: the following arguments are required: spec")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The Ray driver: stage data, look up the cache, launch one actor per job, watch, retry.
 
 A job is ready as soon as every job it reads has finished, and starts when the cluster has
-room for it: `orchestrator/admission.py` decides, by priority, across all pipelines. Progress
-comes from the actors' `progress()` method, polled a few times a second, never from their
-output.
+room for it: `orchestrator/admission.py` decides, by priority, across all pipelines. Before a
+ready job is queued the driver takes its lease (`orchestrator/lease.py`): one writer per job,
+whichever driver or machine runs it; a job another driver runs is waited for. Progress comes
+from the actors' `progress()` method, polled a few times a second, never from their output.
+
+A stop (SIGINT, or SIGTERM from a batch scheduler) asks every running job to stop at its next
+step boundary, marks every run KILLED and exits 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import socket
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,13 +29,14 @@ from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutErr
                             RayActorError, RayTaskError)
 from tqdm import tqdm
 
-from orchestrator import admission, datasets
+from orchestrator import admission, datasets, lease, signals
 from orchestrator.actor import JobActor, WorkersLost
-from orchestrator.checkpoints import CheckpointError, read_manifest, resolve_checkpoint_uri
-from orchestrator.plan import Plan, PlannedJob, check_uri_references, is_uri
+from orchestrator.checkpoints import CheckpointError, pin_checkpoint, resolve_checkpoint_uri
+from orchestrator.plan import (Plan, PlannedJob, build_plan, check_uri_references, is_uri,
+                               resolve_checkpoint, resolve_inputs, stages_data)
 from orchestrator.settings import ServiceError, Settings
 from orchestrator.spec import SpecError, model_needs_labels
-from orchestrator.storage import NotFound, StorageError, open_storage
+from orchestrator.storage import NotFound, Storage, StorageError, open_storage
 from orchestrator.submit import SUBMISSION_ENV
 from orchestrator.task import Task
 from orchestrator.tracking import RunInfo, Tracker, flatten
@@ -39,7 +46,21 @@ PREOPEN = 16  # job runs opened ahead of their launch, at most
 OPEN_AHEAD_S = 3.0  # ...once the pipeline has launched nothing for this long
 PUBLISH_S = 2.0  # the pipeline's progress tag changes at most this often while it runs
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
+WATCH_S = 2.0  # how often a job that another driver runs is looked at
 RESULT = "result.json"
+AUTOSCALING_ENV = "GENFORGE_AUTOSCALING"  # set: requests larger than any node wait for one
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A ServiceError at once when nothing listens at a `host:port` Ray address: `ray.init`
+    itself retries an unreachable GCS for minutes."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", ray://: Ray's own way of finding the cluster
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ServiceError(f"cannot connect to Ray at {address}: {exc.strerror or exc}") from None
 
 
 class OpenedRun(NamedTuple):
@@ -52,8 +73,8 @@ class OpenedRun(NamedTuple):
 @dataclass
 class JobState:
     planned: PlannedJob
-    # pending | queued (ready, waiting for room) | running | finished | cached | failed |
-    # skipped | killed
+    # pending | queued (ready, its lease held, waiting for room) | elsewhere (another driver
+    # runs it) | running | finished | cached | failed | skipped | killed
     status: str = "pending"
     run_id: str | None = None
     artifact_uri: str | None = None  # its run's artifact root
@@ -74,6 +95,8 @@ class JobState:
     alive: bool = False  # its actor answered: it has its resources (else it is queued)
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    taken: lease.Taken | None = None  # elsewhere: the lease of the driver that runs it
+    adopt: bool = False  # its run is looked up again at its launch (a driver before ran it)
 
     @property
     def name(self) -> str:
@@ -85,13 +108,15 @@ class Driver:
                  echo: Callable[[str], None] = lambda m: tqdm.write(m, file=sys.stderr)):
         self.plan = plan
         self.settings = settings
-        self.force = force
+        # True: every job; a set: those jobs and every job that reads them (what they read
+        # is made again, so what was made from it is stale)
+        self.force = force if isinstance(force, bool) else set().union(
+            *({name} | plan.dependents(name) for name in force))
         self.echo = echo
         self.experiment = plan.spec.experiment
         self.root = open_storage(settings.storage, settings.s3)
         self.tracker = Tracker(settings.tracking_uri)
         self.jobs = {p.name: JobState(p) for p in plan.jobs}
-        self.data_keys: dict[str, str] = {}
         self._positions: list[int] = []
         # a Ray job submitted by `genforge submit`: every run says which submission made it
         submission = os.environ.get(SUBMISSION_ENV)
@@ -103,34 +128,51 @@ class Driver:
         self._tracking = ThreadPoolExecutor(4, thread_name_prefix="tracking")
         self._tracking_done: list[Future] = []
         self._last_launch = time.monotonic()
+        self._watched = 0.0  # when the jobs other drivers run were last looked at
+        self._stopping = False  # a stop is under way: another signal only hurries it
+        self._hurry = False
+        self.leases: lease.Keeper | None = None  # see open_leases
 
     # ---- setup ------------------------------------------------------------------------------
     def prefix(self, planned: PlannedJob) -> str:
         return f"{self.experiment}/{planned.name}/{planned.hash}"
 
-    def stage_data(self) -> None:
-        """Stage every data set once, before anything starts; bad data is a SpecError."""
-        for p in self.plan.jobs:
-            data = p.job.data
-            if data is None or p.job.kind not in ("train", "distill", "evaluate"):
-                continue
-            ident = data.model_dump_json()
-            if ident in self.data_keys:
-                continue
+    def _storage(self, state: JobState) -> Storage:
+        return self.root.child(self.prefix(state.planned))
+
+    def prepare(self) -> None:
+        """Before anything runs: stage every data set, resolve every checkpoint URI to the
+        exact checkpoint it names, and plan with them (the jobs' hashes); then the checks that
+        need what was read (labels, held-out sizes, what each checkpoint holds). Bad input is
+        a SpecError, unreachable storage a ServiceError."""
+        spec = self.plan.spec
+        base = Path(spec.source).parent
+
+        def stage(job) -> str:
             try:
-                self.data_keys[ident] = datasets.stage(data, self.root, self.settings.s3,
-                                                       base=Path(self.plan.spec.source).parent)
+                return datasets.stage(job.data, self.root, self.settings.s3, base=base)
             except datasets.DataError as exc:
-                raise SpecError([f"{self.plan.spec.source}: job '{p.name}': data: {exc}"]) from None
+                raise SpecError([f"{spec.source}: job '{job.name}': data: {exc}"]) from None
+            except StorageError as exc:
+                raise ServiceError(f"storage {self.settings.storage}: {exc}") from None
+
+        inputs = resolve_inputs(spec, stage, functools.lru_cache(maxsize=None)(
+            lambda uri: resolve_checkpoint(uri, self.settings.s3)))
+        self.plan = build_plan(spec, inputs)
+        check_uri_references(self.plan)
+        self._check_data()
+        self.jobs = {p.name: JobState(p) for p in self.plan.jobs}
+
+    def _check_data(self) -> None:
+        """Labels where a job needs them, enough held-out images for an evaluation."""
         problems = []
         jobs = {j.name: j for j in self.plan.spec.jobs}
         for p in self.plan.jobs:
-            if p.job.kind not in ("train", "distill", "evaluate"):
+            if not stages_data(p.job):
                 continue
-            key = self.data_keys[p.job.data.model_dump_json()]
             needs = ("evaluation's feature classifier" if p.job.kind == "evaluate" else
                      "model.class_conditional" if model_needs_labels(p.job, jobs) else None)
-            sizes = datasets.split_sizes(self.root, key) if needs else None
+            sizes = datasets.split_sizes(self.root, p.data_key) if needs else None
             where = f"{self.plan.spec.source}: job '{p.name}'"
             if needs and not sizes["labelled"]:
                 problems.append(f"{where}: data: {p.job.data.path or p.job.data.dataset} has no "
@@ -141,13 +183,25 @@ class Driver:
         if problems:
             raise SpecError(problems)
 
-    def check_references(self) -> None:
-        """Every checkpoint URI the spec reads exists and fits; a SpecError otherwise."""
-        @functools.lru_cache(maxsize=None)  # many jobs may read one checkpoint
-        def read_meta(uri: str) -> dict[str, Any]:
-            return read_manifest(*resolve_checkpoint_uri(uri, self.settings.s3)).get("meta", {})
-
-        check_uri_references(self.plan, read_meta)
+    def check_feasible(self, nodes: list[dict[str, float]]) -> None:
+        """Refuse, before anything runs, a job whose resources no node of the cluster (`nodes`:
+        each alive node's resources) can ever give it. With GENFORGE_AUTOSCALING set, such a
+        job waits for the autoscaler to add a node that can, as Ray's own requests do."""
+        if os.environ.get(AUTOSCALING_ENV, "").lower() in ("1", "true", "yes"):
+            return
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        problems = []
+        for p in self.plan.jobs:
+            need = admission.bundles(p.job.resources)
+            if not admission.packs(need, nodes):
+                problems.append(
+                    f"{self.plan.spec.source}: job '{p.name}': resources: "
+                    f"{admission.describe(need)} do not fit on the cluster's {len(nodes)} "
+                    f"node{'s' if len(nodes) != 1 else ''} (the largest has "
+                    f"{admission.describe([largest])}): it could never start (with an "
+                    f"autoscaler that adds larger nodes, set {AUTOSCALING_ENV}=1)")
+        if problems:
+            raise SpecError(problems)
 
     def _is_forced(self, name: str) -> bool:
         return self.force is True or (isinstance(self.force, set) and name in self.force)
@@ -156,16 +210,116 @@ class Driver:
         if self._is_forced(state.name):
             return None
         try:
-            return json.loads(self.root.child(self.prefix(state.planned)).get_bytes(RESULT))
+            return json.loads(self._storage(state).get_bytes(RESULT))
         except (NotFound, ValueError):
             return None
 
-    # ---- launching --------------------------------------------------------------------------
-    def _uri(self, ref: str) -> str:
-        return ref if is_uri(ref) else self.root.uri(self.prefix(self.plan.by_name[ref]))
+    # ---- one writer per job -----------------------------------------------------------------
+    def _claim(self, state: JobState) -> None:
+        """A ready job that is not cached: this driver's to run once it holds its lease (then
+        it is queued), else another driver runs it (then it is watched)."""
+        got = None
+        while got is None:  # released between our two requests: ask again
+            got = lease.acquire(self._storage(state), self.me)
+        if isinstance(got, lease.Taken):
+            state.status, state.taken = "elsewhere", got
+            self.echo(f"job '{state.name}': running in another driver ({lease.describe(got)}); "
+                      f"waiting for it")
+            return
+        self._own(state, got)
 
-    def _sources(self, planned: PlannedJob) -> tuple[str, ...]:
-        return tuple(self._uri(ref) for ref in planned.job.sources)
+    def _own(self, state: JobState, held: lease.Lease) -> None:
+        self.leases.hold(state.name, held)
+        state.taken = None
+        cached = self._cached(state)  # finished by the driver that held it before
+        if cached is not None:
+            self.leases.release(state.name)
+            return self._cache_hit(state, cached, "finished by another driver")
+        if self._is_forced(state.name):
+            self._clear(state)
+        self._pin_inputs(state)
+        state.status = "queued"
+
+    def _cache_hit(self, state: JobState, result: dict[str, Any], how: str = "cached") -> None:
+        state.status, state.result = "cached", result
+        self.echo(f"job '{state.name}': {how} ({state.planned.hash})")
+
+    def _clear(self, state: JobState) -> None:
+        """A forced job starts afresh: what an earlier run left under its prefix goes, its
+        result first (so that no reader takes it for finished), then its checkpoints (each made
+        incomplete before its files go), once this driver holds the job's lease."""
+        storage = self._storage(state)
+        storage.delete(RESULT)
+        keys = [k for k in storage.list() if k != lease.LEASE_KEY and not k.startswith("pins/")]
+        for key in sorted(keys, key=lambda k: not k.endswith("manifest.json")):
+            storage.delete(key)
+        if keys:
+            self.echo(f"job '{state.name}': forced: {len(keys)} objects of an earlier run "
+                      f"removed; training starts at step 0")
+
+    def _pin_inputs(self, state: JobState) -> None:
+        """The checkpoints the job reads by URI are pinned: their job's retention keeps them
+        (best effort: the storage they are in may be read-only to this user)."""
+        for uri in state.planned.checkpoints.values():
+            try:
+                storage, name = resolve_checkpoint_uri(uri, self.settings.s3)
+                pin_checkpoint(storage, name, state.planned.hash)
+            except StorageError as exc:
+                self.echo(f"job '{state.name}': could not pin {uri} ({exc})")
+
+    def _watch_elsewhere(self) -> None:
+        """The jobs other drivers run, every WATCH_S: finished there (a cache hit here), their
+        lease released (this driver runs them, resuming from their checkpoints), or stale (its
+        holder died or stopped answering: taken over)."""
+        if time.monotonic() - self._watched < WATCH_S:
+            return
+        self._watched = time.monotonic()
+        for state in [s for s in self.jobs.values() if s.status == "elsewhere"]:
+            cached = self._cached(state)
+            if cached is not None:
+                state.taken = None
+                self._cache_hit(state, cached, "finished by another driver")
+                continue
+            storage = self._storage(state)
+            now = lease.look(storage, state.taken)
+            if now is None:
+                got = lease.acquire(storage, self.me)
+                if isinstance(got, lease.Lease):
+                    self.echo(f"job '{state.name}': the other driver let it go; running it here")
+                    state.adopt = True
+                    self._own(state, got)
+                elif got is not None:
+                    state.taken = got
+                continue
+            state.taken = now
+            if lease.stale(now, self._ray_jobs.dead):
+                got = lease.take_over(storage, now, self.me)
+                if got is not None:
+                    why = ("its driver has ended" if now.holder and self._ray_jobs.dead(now.holder)
+                           else f"not renewed for {lease.TTL_S:g} s")
+                    self.echo(f"job '{state.name}': taken over from {lease.describe(now)} ({why}); "
+                              f"resuming it here")
+                    state.adopt = True
+                    self._own(state, got)
+
+    def _lost_leases(self) -> None:
+        """Jobs whose lease another driver took over (this one looked dead to it): stopped at
+        once, without a grace period, since the other driver may be writing already."""
+        for name in self.leases.lost():
+            state = self.jobs[name]
+            if state.status in ("running", "queued"):
+                if state.status == "queued":
+                    self.admission.started.remote([self._ticket(state)])  # withdrawn
+                self._finish(state, "killed", "lost its lease: another driver took the job over")
+
+    # ---- launching --------------------------------------------------------------------------
+    def _uri(self, planned: PlannedJob, ref: str) -> str:
+        """What the job reads for `ref`: the exact checkpoint a URI resolved to at planning;
+        for a job of the spec, the checkpoint its result names (a sample job's prefix)."""
+        if is_uri(ref):
+            return planned.checkpoints[ref]
+        upstream = self.jobs[ref]
+        return upstream.result.get("checkpoint") or self.root.uri(self.prefix(upstream.planned))
 
     def _launch(self, state: JobState, actor: Any = None) -> None:
         """Start the job's next attempt, on `actor` (an idle one of the same resources) or on a
@@ -186,15 +340,14 @@ class Driver:
             state.attempt_tag = state.attempt
             self._track(state, self.tracker.set_tags, state.run_id,
                         {"genforge.attempt": str(state.attempt)})
-        data_key = self.data_keys.get(p.job.data.model_dump_json()) if p.job.data else None
         reused = actor is not None
         task = Task(
             job=p.job.resolved(), job_hash=p.hash, experiment=self.experiment,
             storage_root=self.settings.storage, prefix=self.prefix(p),
             tracking_uri=self.settings.tracking_uri, run_id=state.run_id,
             artifact_uri=state.artifact_uri, params={} if state.params_logged else self._params(p),
-            code_version=self.plan.code_version, sources=self._sources(p), data_key=data_key,
-            refs={field: self._uri(ref) for field, ref in p.job.references},
+            code_version=p.code, sources=tuple(self._uri(p, ref) for ref in p.job.sources),
+            data_key=p.data_key, refs={field: self._uri(p, ref) for field, ref in p.job.references},
             attempt=state.attempt, launched=time.time(), s3=self.settings.s3,
         )
         if actor is None:
@@ -241,7 +394,7 @@ class Driver:
     def _opened_run(self, state: JobState) -> OpenedRun:
         """The run opened ahead for the job, or one opened now, RUNNING."""
         if state.run_opened is None:
-            return self._open_run(state.planned, ahead=False)
+            return self._open_run(state, ahead=False)
         return state.run_opened.result()
 
     def _drain_tracking(self) -> None:
@@ -256,26 +409,29 @@ class Driver:
     def _params(self, p: PlannedJob) -> dict[str, str]:
         return flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
 
-    def _open_run(self, p: PlannedJob, ahead: bool) -> OpenedRun:
+    def _open_run(self, state: JobState, ahead: bool) -> OpenedRun:
         """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
-        metric history in one run). Opened `ahead` of its launch, it says SCHEDULED and has its
-        params; opened at the launch, it says RUNNING (MLflow's default) and its params go with
-        the job's first metrics: one request, where a run opened ahead takes four with its
-        RUNNING at the launch. Its `genforge.attempt` tag names the attempt that the launch
-        will be."""
+        metric history in one run; a forced job starts a new one). Opened `ahead` of its
+        launch, it says SCHEDULED and has its params; opened at the launch, it says RUNNING
+        (MLflow's default) and its params go with the job's first metrics: one request, where a
+        run opened ahead takes four with its RUNNING at the launch. Its `genforge.attempt` tag
+        names the attempt that the launch will be."""
+        p = state.planned
         status = "SCHEDULED" if ahead else "RUNNING"
+        if state.adopt:  # another driver ran it since this one started: its run, if it left one
+            self._unfinished.update(self.tracker.unfinished_runs(self.experiment_id, p.name))
         run = self._unfinished.pop((p.name, p.hash), None)
-        if run is not None:
+        if run is not None and not self._is_forced(p.name):
             attempts = int(run.data.tags.get("genforge.attempt", "0"))
             self.tracker.set_status(run.info.run_id, status)
             self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run,
                                                     "genforge.attempt": str(attempts + 1),
-                                                    **self.submission_tags})
+                                                    **self.driver_tags})
             return OpenedRun(run.info, attempts, status, params_logged=True)
         tags = {
-            **self.submission_tags,
+            **self.driver_tags,
             "genforge.job": p.name, "genforge.family": p.job.family or "-", "genforge.kind": p.job.kind,
-            "genforge.hash": p.hash, "genforge.code_version": self.plan.code_version,
+            "genforge.hash": p.hash, "genforge.code_version": p.code,
             "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
             "genforge.attempt": "1",
         }
@@ -333,8 +489,8 @@ class Driver:
             counts[status] = counts.get(status, 0) + 1
         done = counts.get("finished", 0) + counts.get("cached", 0)
         parts = [f"{done}/{len(self.jobs)} done"]
-        parts += [f"{counts[k]} {k}" for k in ("running", "queued", "pending", "failed",
-                                               "skipped", "killed") if counts.get(k)]
+        parts += [f"{counts[k]} {k}" for k in ("running", "queued", "elsewhere", "pending",
+                                               "failed", "skipped", "killed") if counts.get(k)]
         return ", ".join(parts)
 
     def _publish_progress(self, now: bool = True) -> None:
@@ -375,6 +531,8 @@ class Driver:
                 ray.kill(state.actor, no_restart=True)
             state.actor = None
             self.admission.started.remote([self._ticket(state)])  # what it holds is in Ray's view
+        if self.leases is not None:
+            self.leases.release(state.name)  # its result is written: a waiting driver finds it
         if state.bar is not None:
             state.bar.set_postfix_str(status if not error else f"{status}: {error[:60]}")
             state.bar.close()
@@ -393,6 +551,10 @@ class Driver:
         except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
             if isinstance(exc, RayTaskError):
                 return self._job_error(state, exc)
+            # Dead, or unreachable for now (ActorUnavailableError): either way it is killed
+            # before the job is launched again, so that it never writes beside its successor.
+            ray.kill(state.actor, no_restart=True)
+            state.actor = None
             if state.restarts < state.planned.job.resources.max_restarts:
                 state.restarts += 1
                 self.echo(f"job '{state.name}': worker died ({type(exc).__name__}); "
@@ -402,6 +564,11 @@ class Driver:
         except RayTaskError as exc:
             return self._job_error(state, exc)
         state.result = result
+        if result.get("tracking_lost"):  # the job's result stands; its run misses this
+            lost = "; ".join(result["tracking_lost"])
+            self.echo(f"job '{state.name}': tracking lost {lost}"[:1000])
+            self._track(state, self.tracker.set_tags, state.run_id,
+                        {"genforge.tracking_lost": lost[:4000]})
         if result.get("status") == "stopped":
             return self._finish(state, "killed", f"stopped at step {result['step']}")
         self._finish(state, "finished", keep_actor=True)
@@ -432,65 +599,134 @@ class Driver:
                 self._stop([state], "failed", f"timed out after {limit:g} s")
 
     def _stop(self, states: list[JobState], status: str, reason: str) -> None:
-        """Ask actors to stop: each saves a checkpoint at its next step boundary and returns;
-        after the grace period the rest are killed. What was saved is kept for a later run."""
+        """Ask actors to stop: each saves a checkpoint at its next step boundary (a phase
+        without steps, such as sampling, stops between batches) and returns; after the grace
+        period, or at once on a second signal, the rest are killed. What was saved is kept for
+        a later run."""
         for state in states:
             state.actor.stop.remote()
         pending = {state.ref: state for state in states}
         deadline = time.monotonic() + STOP_GRACE_S
-        while pending and time.monotonic() < deadline:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=deadline - time.monotonic())
+        while pending and time.monotonic() < deadline and not self._hurry:
+            done, _ = ray.wait(list(pending), num_returns=1,
+                               timeout=min(0.5, deadline - time.monotonic()))
             for ref in done:
                 pending.pop(ref)
         for state in states:
-            saved = ""
             try:
                 result = ray.get(state.ref, timeout=0) if state.ref not in pending else {}
-                if result.get("status") == "stopped":
-                    saved = f"; checkpoint at step {result['step']} kept"
             except Exception:  # killed or failed while stopping: the last checkpoint stands
-                pass
+                result = {}
+            if result.get("status") == "finished":  # it finished before it could stop
+                state.result = result
+                self._finish(state, "finished")
+                continue
+            saved = ""
+            if result.get("checkpoint"):
+                saved = f"; checkpoint at step {result['step']} kept"
+            elif result.get("phase"):
+                saved = f" while {result['phase']}"
             self._finish(state, status, reason + saved)
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
-        if not self.data_keys:
-            self.stage_data()
+        if self.plan.inputs is None:
+            self.prepare()
+        _reachable(self.settings.ray_address)
         try:
             ray.init(address=self.settings.ray_address, namespace="genforge",
                      logging_level="ERROR", log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError) as exc:
             raise ServiceError(f"cannot connect to Ray at {self.settings.ray_address}: "
                                f"{str(exc).splitlines()[0]}") from None
-        self.admission = admission.connect()
-        self.experiment_id = self.tracker.experiment_id(self.experiment)
-        self._unfinished = self.tracker.unfinished_runs(self.experiment_id)
-        self.parent_run = self.tracker.start_run(
-            self.experiment_id, f"{self.experiment} pipeline",
-            {"genforge.spec": self.plan.spec.source, "genforge.code_version": self.plan.code_version,
-             **self.submission_tags},
-        ).run_id
-        self._last_launch = time.monotonic()
+        # Ray's core worker installs its own handlers (a crash dump, then death) when it
+        # starts: the driver's own go back over them, so that a stop always lands.
+        signals.handle(self._on_signal)
+        self.check_feasible([n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        context = ray.get_runtime_context()
+        self.open_leases(context.get_job_id(), context.gcs_address)
+        self.parent_run = None
         try:
+            self.admission = admission.connect()
+            self.experiment_id = self.tracker.experiment_id(self.experiment)
+            self._close_orphans()
+            self._unfinished = self.tracker.unfinished_runs(self.experiment_id)
+            self.parent_run = self.tracker.start_run(
+                self.experiment_id, f"{self.experiment} pipeline",
+                {"genforge.spec": self.plan.spec.source,
+                 "genforge.code_version": self.plan.code_version, **self.driver_tags},
+            ).run_id
+            self._last_launch = time.monotonic()
             self._loop()
-        except KeyboardInterrupt:
-            self.echo("interrupted: stopping jobs, keeping what was saved")
-            self._stop([s for s in self.jobs.values() if s.status == "running"], "killed",
-                       "cancelled")
-            queued = [s for s in self.jobs.values() if s.status == "queued"]
-            self.admission.started.remote([self._ticket(s) for s in queued])  # withdrawn
-            for state in queued:
-                self._finish(state, "killed", "cancelled while queued")
-            self._drain_tracking()
-            self._publish_progress()
-            self.tracker.finish(self.parent_run, "KILLED")
-            return 130
+        except KeyboardInterrupt as exc:
+            return self._cancel(exc)
+        finally:
+            self.leases.close()
         self._drain_tracking()
         self._publish_progress()
         failed = [s for s in self.jobs.values() if s.status in ("failed", "skipped", "killed")]
         self.tracker.finish(self.parent_run, "FAILED" if failed else "FINISHED")
         self._report()
         return 1 if failed else 0
+
+    @property
+    def driver_tags(self) -> dict[str, str]:
+        """What every run this driver opens or adopts says of it: its submission, and its Ray
+        job (so that a later driver can close the runs it leaves open if it dies)."""
+        mine = {"genforge.driver": f"{self.me.ray_job}@{self.me.gcs}"} if self.me.ray_job else {}
+        return {**self.submission_tags, **mine}
+
+    def _close_orphans(self) -> None:
+        """Runs left RUNNING or SCHEDULED by a driver of this cluster that has ended without
+        closing them (killed -9, its node gone): a job run whose job has its result is
+        FINISHED, any other KILLED, with the reason. A rerun then resumes in it."""
+        for run in self.tracker.open_runs(self.experiment_id):
+            ray_job, _, gcs = run.data.tags.get("genforge.driver", "").partition("@")
+            if not self._ray_jobs.ended(ray_job, gcs):
+                continue
+            tags = run.data.tags
+            done = "genforge.job" in tags and self.root.child(
+                f"{self.experiment}/{tags['genforge.job']}/{tags.get('genforge.hash')}"
+            ).exists(RESULT)
+            if not done:
+                self.tracker.set_tags(run.info.run_id, {
+                    "genforge.error": f"its driver (Ray job {ray_job}) ended without closing it"})
+            self.tracker.finish(run.info.run_id, "FINISHED" if done else "KILLED")
+
+    def open_leases(self, ray_job: str | None = None, gcs: str | None = None) -> None:
+        """Who this driver is to other drivers (its Ray job, on the cluster at `gcs`), and the
+        keeper of its leases."""
+        self.me = lease.this_driver(ray_job, gcs)
+        self._ray_jobs = lease.RayJobs(gcs)
+        if not lease.conditional_writes(self.root):
+            self.echo(f"storage {self.settings.storage} ignores conditional writes: two drivers "
+                      f"of one spec cannot be kept from running a job twice")
+        self.leases = lease.Keeper(self.me, on_error=lambda m: self.echo(f"lease: {m}"))
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stopping:  # a second stop: the jobs that are still stopping are killed now
+            self._hurry = True
+            return
+        signals.raise_interrupted(signum, frame)
+
+    def _cancel(self, exc: KeyboardInterrupt) -> int:
+        """Stop every job: the running ones at a step boundary, the queued ones at once; every
+        run this driver opened ends KILLED. Returns the exit code (128 + the signal)."""
+        self._stopping = True
+        name = "SIGTERM" if signals.signum_of(exc) == signal.SIGTERM else "interrupted"
+        self.echo(f"{name}: stopping jobs, keeping what was saved")
+        self._stop([s for s in self.jobs.values() if s.status == "running"], "killed",
+                   "cancelled")
+        queued = [s for s in self.jobs.values() if s.status == "queued"]
+        if queued:
+            self.admission.started.remote([self._ticket(s) for s in queued])  # withdrawn
+        for state in queued:
+            self._finish(state, "killed", "cancelled while queued")
+        self._drain_tracking()
+        if self.parent_run is not None:
+            self._publish_progress()
+            self.tracker.finish(self.parent_run, "KILLED")
+        return signals.exit_code(exc)
 
     def _ticket(self, state: JobState) -> str:
         return f"{self.parent_run}/{state.name}"
@@ -514,7 +750,7 @@ class Driver:
         if time.monotonic() - self._last_launch >= OPEN_AHEAD_S:
             opened = sum(1 for s in queued if s.run_opened is not None)
             for state in [s for s in queued if s.run_opened is None][:max(0, PREOPEN - opened)]:
-                state.run_opened = self._tracking.submit(self._open_run, state.planned, True)
+                state.run_opened = self._tracking.submit(self._open_run, state, True)
         handover: dict[str, Any] = {}
         for state in queued:
             idle = next((i for i, (shape, _) in enumerate(self._idle)
@@ -541,33 +777,44 @@ class Driver:
             ray.kill(actor, no_restart=True)
         self._idle.clear()
 
+    def _ready(self) -> None:
+        """Jobs whose inputs are all there (again after cache hits: their dependents) are
+        cache hits, or queued once this driver holds their lease, or watched while another
+        driver runs them. Their lookups go out on threads: each is a request or three."""
+        while ready := [s for s in self.jobs.values() if s.status == "pending" and all(
+                self.jobs[d].status in ("finished", "cached") for d in s.planned.deps)]:
+            def settle(state: JobState) -> None:
+                cached = self._cached(state)
+                if cached is not None:
+                    self._cache_hit(state, cached)
+                else:
+                    self._claim(state)
+
+            list(self._lookups.map(settle, ready))
+
     def _loop(self) -> None:
-        while True:
-            # jobs whose inputs are all there, again after cache hits (their dependents)
-            while ready := [s for s in self.jobs.values() if s.status == "pending" and all(
-                    self.jobs[d].status in ("finished", "cached") for d in s.planned.deps)]:
-                for state, cached in zip(ready, map(self._cached, ready)):
-                    if cached is not None:
-                        state.status, state.result = "cached", cached
-                        self.echo(f"job '{state.name}': cached ({state.planned.hash})")
-                    else:
-                        state.status = "queued"
-            self._admit()
-            running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
-            if not running:
-                if any(s.status == "queued" for s in self.jobs.values()):
-                    self._publish_progress(now=False)
-                    time.sleep(POLL_S)  # the cluster is full of other pipelines' jobs
-                    continue
-                return
-            done, rest = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-            if done and rest:  # and every other job that has ended meanwhile
-                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            for ref in done:
-                self._collect(running[ref])
-            self._check_timeouts()
-            self._poll_progress()
-            self._publish_progress(now=False)
+        with ThreadPoolExecutor(8, thread_name_prefix="lookup") as self._lookups:
+            while True:
+                self._ready()
+                self._admit()
+                self._lost_leases()
+                running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
+                if not running:
+                    if any(s.status in ("queued", "elsewhere") for s in self.jobs.values()):
+                        self._publish_progress(now=False)
+                        time.sleep(POLL_S)  # the cluster is full, or another driver runs them
+                        self._watch_elsewhere()
+                        continue
+                    return
+                done, rest = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+                if done and rest:  # and every other job that has ended meanwhile
+                    done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+                for ref in done:
+                    self._collect(running[ref])
+                self._check_timeouts()
+                self._poll_progress()
+                self._watch_elsewhere()
+                self._publish_progress(now=False)
 
     def _report(self) -> None:
         for state in self.jobs.values():

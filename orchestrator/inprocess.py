@@ -11,7 +11,8 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator.datasets import stage
-from orchestrator.plan import build_plan, is_uri
+from orchestrator.plan import (build_plan, check_uri_references, is_uri, resolve_checkpoint,
+                               resolve_inputs)
 from orchestrator.spec import parse_spec
 from orchestrator.storage import S3Credentials, open_storage
 from orchestrator.task import Task
@@ -23,9 +24,13 @@ def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None,
     """Run every job (or those in `only`, whose upstream jobs must have run in the same
     `workdir`); returns job name -> result, plus "_runs" -> job name -> MLflow run id. `s3`
     reads checkpoint URIs of an S3 server that the spec names."""
-    plan = build_plan(parse_spec(spec, source=str(workdir / "spec.yaml")))
+    parsed = parse_spec(spec, source=str(workdir / "spec.yaml"))
     root_uri = f"file://{workdir / 'store'}"
     root = open_storage(root_uri)
+    plan = build_plan(parsed, resolve_inputs(
+        parsed, lambda job: stage(job.data, root, base=workdir),
+        lambda uri: resolve_checkpoint(uri, s3)))
+    check_uri_references(plan)  # a checkpoint URI that cannot be read or does not fit
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(tracking)
     exp = (client.get_experiment_by_name(plan.spec.experiment)
@@ -35,17 +40,16 @@ def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None,
     for p in plan.jobs:
         if only is not None and p.name not in only:
             continue
-        data_key = (stage(p.job.data, root, base=workdir)
-                    if p.job.data and p.job.kind in ("train", "distill", "evaluate") else None)
         run_id = client.create_run(exp.experiment_id, run_name=p.name, tags={
             "genforge.job": p.name, "genforge.kind": p.job.kind, "genforge.hash": p.hash,
             "genforge.family": p.job.family or "-"}).info.run_id
-        uris = [(f, ref if is_uri(ref) else root.uri(prefix[ref])) for f, ref in p.job.references]
+        uris = [(f, p.checkpoints[ref] if is_uri(ref) else root.uri(prefix[ref]))
+                for f, ref in p.job.references]
         refs = dict(uris)
         task = Task(job=p.job.resolved(), job_hash=p.hash, experiment=plan.spec.experiment,
                     storage_root=root_uri, prefix=prefix[p.name], tracking_uri=tracking,
-                    run_id=run_id, code_version=plan.code_version,
-                    sources=tuple(uri for _, uri in uris), data_key=data_key, refs=refs, s3=s3)
+                    run_id=run_id, code_version=p.code,
+                    sources=tuple(uri for _, uri in uris), data_key=p.data_key, refs=refs, s3=s3)
         results[p.name] = worker_class(task.family or task.kind).for_task(task)(task).run()
         client.set_terminated(run_id, "FINISHED")
         results["_runs"][p.name] = run_id

@@ -1,42 +1,110 @@
-"""From a validated spec to a plan: the DAG of jobs, their order and their content hashes."""
+"""From a validated spec to a plan: the DAG of jobs, their order and their content hashes.
+
+A job's hash is what its result depends on, and nothing else: the job as resolved (less its
+name, its resources and settings that do not change the result), the *content* of what it
+reads and the code that computes it:
+
+- its data: the staged content key (`datasets.content_key`), never the path it was read from,
+  with the settings the worker reads it with (size, channels, limit);
+- every job of the spec it reads: that job's hash;
+- every checkpoint URI it reads: the digest of the manifest of the exact checkpoint the URI
+  names when the plan is made (a job prefix means its newest complete checkpoint), and the
+  job then reads that checkpoint, whatever is written there later;
+- its code: the digest of its family's modules (`orchestrator.code`).
+
+Hashes need the inputs resolved (`PlanInputs`): `build_plan(spec)` alone checks the spec and
+orders the jobs; the driver stages the data, resolves the checkpoint URIs and plans again with
+them.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable
 
-from orchestrator.spec import Job, Spec, SpecError, Upstream, distill_section, model_section
+from orchestrator import __version__
+from orchestrator.code import family_digest
+from orchestrator.spec import (UNHASHED_TRAIN_FIELDS, Job, Spec, SpecError, Upstream,
+                               distill_section, model_section)
 
 # Job kinds whose output is a checkpoint another job can read.
 PRODUCES_CHECKPOINT = frozenset({"train", "distill"})
+# What a worker reads of a data section beside the staged content (see workers/data.py).
+DATA_READ_FIELDS = ("image_size", "channels", "limit")
 
 
 def is_uri(ref: str) -> bool:
     return "://" in ref
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Version of the code that computes results: the package version and a digest of the
-    worker sources, so that a change to a model or a loss invalidates cached results."""
-    from orchestrator import __version__
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A checkpoint URI as resolved at planning: the exact checkpoint it names now."""
 
-    root = Path(__file__).resolve().parent.parent / "workers"
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:10]}"
+    uri: str  # <job prefix>/checkpoints/step-000500
+    digest: str  # sha256 of its manifest, which holds the sha256 of each of its files
+    meta: dict[str, Any]
+
+
+def resolve_checkpoint(uri: str, credentials=None) -> ResolvedCheckpoint:
+    """The exact checkpoint `uri` names now (a job prefix: its newest complete one); raises
+    StorageError (NotFound, CheckpointError) when there is none."""
+    from orchestrator.checkpoints import read_manifest, resolve_checkpoint_uri
+
+    storage, name = resolve_checkpoint_uri(uri, credentials)
+    manifest = read_manifest(storage, name)
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return ResolvedCheckpoint(storage.uri(f"checkpoints/{manifest['name']}"), digest,
+                              manifest.get("meta") or {})
+
+
+@dataclass
+class PlanInputs:
+    """The content a plan's hashes cover: staged data keys, by data section
+    (`DataSpec.model_dump_json()`), and resolved checkpoints, by URI as the spec writes it."""
+
+    data: dict[str, str] = field(default_factory=dict)
+    checkpoints: dict[str, ResolvedCheckpoint] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)  # URI -> why it cannot be read
+
+    def data_key(self, job: Job) -> str | None:
+        return self.data.get(job.data.model_dump_json()) if job.data is not None else None
+
+
+def job_code(job: Job, jobs: dict[str, Job], inputs: PlanInputs | None) -> str | None:
+    """The digest of the code that computes `job`'s result: its family's; an evaluation's own
+    and that of every family it samples (None: a source's family is not known yet)."""
+    if job.kind != "evaluate":
+        return family_digest(str(job.family))
+    families = {"evaluate"}
+    for ref in job.sources:
+        if is_uri(ref):
+            resolved = (inputs.checkpoints if inputs else {}).get(ref)
+            if resolved is None:
+                return None
+            families.add(str(resolved.meta.get("family")))
+        else:
+            families.add(str(jobs[ref].family))
+    return family_digest(*families)
+
+
+def stages_data(job: Job) -> bool:
+    """Whether the job reads its data section (the driver stages it): sample jobs do not."""
+    return job.data is not None and job.kind in ("train", "distill", "evaluate")
 
 
 @dataclass(frozen=True)
 class PlannedJob:
     job: Job
     deps: tuple[str, ...]  # jobs of this spec it reads
-    hash: str
+    hash: str | None  # None until the plan's inputs are resolved
+    code: str | None = None  # the digest of the code that computes its result
+    data_key: str | None = None  # its staged data
+    # checkpoint URIs it reads, as written -> the exact checkpoint resolved at planning
+    checkpoints: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def name(self) -> str:
@@ -47,7 +115,8 @@ class PlannedJob:
 class Plan:
     spec: Spec
     jobs: tuple[PlannedJob, ...]  # in topological order
-    code_version: str
+    code_version: str  # genforge's version
+    inputs: PlanInputs | None = None
     by_name: dict[str, PlannedJob] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,32 +162,56 @@ def _cycle_message(remaining: dict[str, set[str]]) -> str:
         path.append(node)
 
 
-def job_hash(job: Job, upstream: dict[str, str], version: str) -> str:
-    """Content hash: the resolved job (less its name and resources, which do not change the
-    result), the hashes of what it reads, and the code version."""
+def job_hash(job: Job, upstream: dict[str, str], code: str, data_key: str | None) -> str:
+    """Content hash: the resolved job less its name, resources and settings that do not
+    change the result; its data by staged content key; the hashes (or resolved checkpoint
+    digests) of what it reads; the digest of its code."""
     resolved = job.resolved()
     for key in ("name", "resources"):
         resolved.pop(key, None)
-    payload = json.dumps(
-        {"job": resolved, "upstream": upstream, "code": version}, sort_keys=True
-    )
+    for key in UNHASHED_TRAIN_FIELDS:
+        resolved.get("train", {}).pop(key, None)
+    if data_key is not None:
+        resolved["data"] = {"staged": data_key,
+                            **{k: v for k, v in resolved["data"].items() if k in DATA_READ_FIELDS}}
+    payload = json.dumps({"job": resolved, "upstream": upstream, "code": code}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def check_uri_references(plan: Plan, read_meta) -> None:
-    """Check every checkpoint URI the spec reads, before anything runs: `read_meta(uri)` returns
-    the checkpoint's metadata or raises with the reason it cannot be read."""
+def resolve_inputs(spec: Spec, stage: Callable[[Job], str],
+                   resolve: Callable[[str], ResolvedCheckpoint]) -> PlanInputs:
+    """The inputs of every job: `stage(job)` gives its data's key, `resolve(uri)` a checkpoint
+    URI's exact checkpoint (a URI it cannot resolve is noted: `check_uri_references` says
+    so, in its place among the spec's other problems)."""
+    inputs = PlanInputs()
+    for job in spec.jobs:
+        if stages_data(job) and job.data.model_dump_json() not in inputs.data:
+            inputs.data[job.data.model_dump_json()] = stage(job)
+        for _, ref in job.references:
+            if not is_uri(ref) or ref in inputs.checkpoints or ref in inputs.unreadable:
+                continue
+            try:
+                inputs.checkpoints[ref] = resolve(ref)
+            except Exception as exc:  # noqa: BLE001 - any reason becomes the message
+                inputs.unreadable[ref] = str(exc)
+    return inputs
+
+
+def check_uri_references(plan: Plan) -> None:
+    """Whether every checkpoint URI the spec reads could be read, and fits the job that reads
+    it (the plan's inputs hold what each resolved to)."""
     errors: list[str] = []
     for p in plan.jobs:
         for field_name, ref in p.job.references:
             if not is_uri(ref):
                 continue
-            try:
-                up = Upstream.of_checkpoint(ref, read_meta(ref))
-            except Exception as exc:  # noqa: BLE001 - any reason becomes the message
-                problem = f"{field_name}: cannot read a checkpoint at {ref} ({exc})"
+            resolved = plan.inputs.checkpoints.get(ref)
+            if resolved is None:
+                problem = (f"{field_name}: cannot read a checkpoint at {ref} "
+                           f"({plan.inputs.unreadable.get(ref, 'not resolved')})")
             else:
-                problem = check_reference(p.job, field_name, up)
+                problem = check_reference(p.job, field_name,
+                                          Upstream.of_checkpoint(ref, resolved.meta))
             if problem:
                 errors.append(f"{plan.spec.source}: job '{p.name}': {problem}")
     if errors:
@@ -208,7 +301,8 @@ def check_reference(job: Job, field: str, up: Upstream) -> str | None:
     return None
 
 
-def build_plan(spec: Spec) -> Plan:
+def build_plan(spec: Spec, inputs: PlanInputs | None = None) -> Plan:
+    """The plan of a valid spec; its jobs' hashes with `inputs` (else None)."""
     src = spec.source
     names = {j.name: j for j in spec.jobs}
     errors: list[str] = []
@@ -241,12 +335,29 @@ def build_plan(spec: Spec) -> Plan:
     except SpecError as exc:
         raise SpecError([f"{src}: {line}" for line in exc.lines]) from None
 
-    version = code_version()
-    hashes: dict[str, str] = {}
+    return _hashed(spec, order, deps, inputs)
+
+
+def _hashed(spec: Spec, order: list[str], deps: dict[str, list[str]],
+            inputs: PlanInputs | None) -> Plan:
+    names = {j.name: j for j in spec.jobs}
+    hashes: dict[str, str | None] = {}
     planned: list[PlannedJob] = []
     for name in order:
         job = names[name]
-        upstream = {ref: (hashes[ref] if ref in hashes else ref) for ref in job.sources}
-        hashes[name] = job_hash(job, upstream, version)
-        planned.append(PlannedJob(job=job, deps=tuple(deps[name]), hash=hashes[name]))
-    return Plan(spec=spec, jobs=tuple(planned), code_version=version)
+        code = job_code(job, names, inputs)
+        data_key = inputs.data_key(job) if inputs and stages_data(job) else None
+        upstream, checkpoints = {}, {}
+        for ref in job.sources:
+            if is_uri(ref):
+                resolved = inputs.checkpoints.get(ref) if inputs else None
+                checkpoints[ref] = resolved.uri if resolved else None
+                upstream[ref] = f"{resolved.uri}@{resolved.digest}" if resolved else None
+            else:
+                upstream[ref] = hashes[ref]
+        complete = (code is not None and None not in upstream.values()
+                    and (data_key is not None or not stages_data(job)))
+        hashes[name] = job_hash(job, upstream, code, data_key) if complete else None
+        planned.append(PlannedJob(job=job, deps=tuple(deps[name]), hash=hashes[name], code=code,
+                                  data_key=data_key, checkpoints=checkpoints))
+    return Plan(spec=spec, jobs=tuple(planned), code_version=__version__, inputs=inputs)

@@ -39,6 +39,15 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+MAX_SHOWN = 60  # characters of a value a message shows
+
+
+def _shown(value: Any) -> str:
+    """A value the user gave, as a message shows it: its repr, cut short."""
+    shown = repr(value)
+    return shown[:MAX_SHOWN] + "..." if len(shown) > MAX_SHOWN else shown
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,16 +76,23 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _path_matches_dataset(self) -> DataSpec:
-        if self.dataset == "digits" and (self.path or self.labels or self.split.heldout):
+        # a model-level check: its message names the offending field and value itself
+        given = [(name, value) for name, value in (
+            ("path", self.path), ("labels", self.labels), ("split.heldout", self.split.heldout))
+            if value]
+        if self.dataset == "digits" and given:
+            name, value = given[0]
             raise ValueError("dataset 'digits' is built in and takes no path, labels or "
-                             "split.heldout")
+                             f"split.heldout (got {name} {_shown(value)})")
         if self.dataset != "digits" and not self.path:
             raise ValueError(f"dataset '{self.dataset}' needs a path")
         if self.dataset == "folder" and (self.labels or "://" in self.path):
+            name, value = ("labels", self.labels) if self.labels else ("path", self.path)
             raise ValueError("dataset 'folder' is a local directory whose subfolders are the "
-                             "classes (no labels file, no URI)")
+                             f"classes (no labels file, no URI; got {name} {_shown(value)})")
         if self.split.heldout_labels and self.dataset != "idx":
-            raise ValueError("split.heldout_labels is for dataset 'idx' only")
+            raise ValueError(f"split.heldout_labels is for dataset 'idx' only, not "
+                             f"'{self.dataset}' (got {_shown(self.split.heldout_labels)})")
         return self
 
 
@@ -94,6 +110,10 @@ class Resources(Strict):
     priority: int = Field(0, ge=-1000, le=1000)
 
 
+# Fields of `train` that do not change a job's result: `plan.job_hash` leaves them out.
+UNHASHED_TRAIN_FIELDS = frozenset({"keep_checkpoints"})
+
+
 class TrainSpec(Strict):
     steps: int = Field(1000, ge=1, le=10_000_000)
     batch_size: int = Field(128, ge=1, le=65536)
@@ -102,6 +122,10 @@ class TrainSpec(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int | None = Field(None, ge=1)  # None: only the final checkpoint
+    # Checkpoints kept (older ones are pruned as new ones are written); None keeps every one.
+    # 3: the newest, plus two to fall back on should the newest turn out corrupt. The newest,
+    # LATEST's target and checkpoints pinned by jobs that read them are never deleted.
+    keep_checkpoints: int | None = Field(3, ge=1)
     sample_every: int | None = Field(None, ge=1)  # None: one grid at the end
     sample_images: int = Field(16, ge=1, le=1024)
     log_every: int = Field(10, ge=1)
@@ -112,7 +136,9 @@ class SampleSpec(Strict):
     num_images: int = Field(64, ge=1, le=1_000_000)
     # diffusion (ddpm, ldm)
     sampler: Literal["ancestral", "ddim"] = "ddim"
-    steps: int | None = Field(None, ge=1, le=100_000)  # None: every timestep of the model
+    # None: a distilled model's own steps; else ddim: 50 (or every timestep, if fewer), and
+    # ancestral: every timestep of the model
+    steps: int | None = Field(None, ge=1, le=100_000)
     eta: float = Field(0.0, ge=0, le=1)
     # timesteps: "linspace" T-1..0, "trailing" T-1..T/n-1; None: the model's own (trailing for
     # a distilled model, whose grid it is)
@@ -311,7 +337,8 @@ class DDPMModel(ModelSection):
     @model_validator(mode="after")
     def _betas_increase(self) -> DDPMModel:
         if self.beta_start >= self.beta_end:
-            raise ValueError("beta_start must be smaller than beta_end")
+            raise ValueError(f"beta_start {self.beta_start:g} must be smaller than beta_end "
+                             f"{self.beta_end:g}")
         return self
 
     def check_data(self, data: DataSpec) -> str | None:
@@ -445,9 +472,14 @@ class ARModel(ModelSection):
         return self
 
     def check_data(self, data: DataSpec) -> str | None:
-        if self.class_conditional and (
-                data.dataset == "idx" and not data.labels or data.dataset == "npz" and not data.y_key):
-            return "model.class_conditional: the data has no labels (set data.labels or data.y_key)"
+        if not self.class_conditional:
+            return None
+        if data.dataset == "idx" and not data.labels:
+            return ("model.class_conditional: the data has no labels (dataset 'idx' without "
+                    "data.labels; set data.labels)")
+        if data.dataset == "npz" and not data.y_key:
+            return ("model.class_conditional: the data has no labels (dataset 'npz' with "
+                    "data.y_key null; set data.y_key)")
         return None
 
     def needs_labels(self) -> bool:
@@ -507,7 +539,7 @@ def model_section(family: str, model: dict[str, Any]) -> type[ModelSection]:
         stage = model.get("stage", "diffusion")
         if stage not in section:
             raise ValueError(f"model.stage: must be one of {', '.join(map(repr, section))} "
-                             f"(got {stage!r})")
+                             f"(got {_shown(stage)})")
         return section[stage]
     return section
 
@@ -638,15 +670,18 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 def _describe(err: dict[str, Any]) -> str:
+    """One line for a pydantic error: its message and the value it got."""
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return "unknown field"
     if err["type"] == "missing":
         return "required field is missing"
-    if err["type"] in ("literal_error", "enum", "value_error") or "input" not in err:
+    if "input" not in err:
         return msg
-    shown = repr(err["input"])
-    return f"{msg} (got {shown[:60] + '...' if len(shown) > 60 else shown})"
+    if err["type"] == "value_error" and isinstance(err["input"], (dict, BaseModel)):
+        # a model-level check: its input is the whole section, its message names the value
+        return msg
+    return f"{msg} (got {_shown(err['input'])})"
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -692,7 +727,8 @@ def _check_size(data: Any, source: str) -> None:
 def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     """Validate already-loaded YAML data; raises SpecError with one line per problem."""
     if not isinstance(data, dict):
-        raise SpecError([f"{source}: the spec must be a mapping with 'experiment' and 'jobs'"])
+        raise SpecError([f"{source}: the spec must be a mapping with 'experiment' and 'jobs' "
+                         f"(got {_shown(data)})"])
     _check_size(data, source)
     errors: list[str] = []
     top = {k: v for k, v in data.items() if k != "jobs"}
@@ -705,7 +741,8 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
 
     raw_jobs = data.get("jobs")
     if not isinstance(raw_jobs, list) or not raw_jobs:
-        errors.append(f"{source}: jobs: must be a non-empty list of jobs")
+        got = f" (got {_shown(raw_jobs)})" if "jobs" in data else ""
+        errors.append(f"{source}: jobs: must be a non-empty list of jobs{got}")
         raw_jobs = []
 
     jobs: list[Job] = []
@@ -713,7 +750,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     for i, raw in enumerate(raw_jobs):
         label = _job_label(raw, i)
         if not isinstance(raw, dict):
-            errors.append(f"{source}: {label}: must be a mapping")
+            errors.append(f"{source}: {label}: must be a mapping (got {_shown(raw)})")
             continue
         job, problems = _parse_job(raw, defaults)
         errors += [f"{source}: {label}: {p}" for p in problems]
@@ -786,13 +823,16 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
 def _check_parallel(job: Job) -> list[str]:
     r = job.resources
     if r.workers == 1:
+        if not r.gpus_per_worker:
+            return []
         return ["resources.gpus_per_worker: only data-parallel jobs (resources.workers > 1) have "
-                "workers; use resources.gpus"] if r.gpus_per_worker else []
+                f"workers; use resources.gpus (got {r.gpus_per_worker:g})"]
     if job.kind != "train":
-        return [f"resources.workers: only train jobs run data-parallel, not kind '{job.kind}'"]
+        return [f"resources.workers: only train jobs run data-parallel, not kind '{job.kind}' "
+                f"(got {r.workers})"]
     if r.gpus:
-        return ["resources.gpus: a data-parallel job asks for GPUs per worker "
-                "(resources.gpus_per_worker)"]
+        return ["resources.gpus: a data-parallel job asks for GPUs per worker, in "
+                f"resources.gpus_per_worker (got {r.gpus:g})"]
     if job.train is not None and job.train.batch_size % r.workers:
         return [f"train.batch_size: {job.train.batch_size} does not split evenly over "
                 f"{r.workers} workers"]
@@ -809,7 +849,7 @@ def _check_distill(job: Job) -> tuple[Job, list[str]]:
         return job, problems + [f"distill: required field is missing (family '{job.family}' "
                                 f"distils with method '{method}')"]
     if raw.get("method") != method:
-        got = f", not {raw['method']!r}" if "method" in raw else ""
+        got = f", not {_shown(raw['method'])}" if "method" in raw else ""
         return job, problems + [f"distill.method: family '{job.family}' distils with "
                                 f"'{method}'{got}"]
     try:
@@ -822,13 +862,15 @@ def _check_distill(job: Job) -> tuple[Job, list[str]]:
             problems.append(f"distill.student.{key}: unknown field")
         elif key not in section.STUDENT_FIELDS:
             problems.append(f"distill.student.{key}: the student keeps the teacher's {key}; it "
-                            f"may change {', '.join(section.STUDENT_FIELDS)}")
+                            f"may change {', '.join(section.STUDENT_FIELDS)} "
+                            f"(got {_shown(spec.student[key])})")
     return job.model_copy(update={"distill": spec.model_dump(mode="json")}), problems
 
 
 def _check_evaluate(job: Job, problems: list[str]) -> tuple[Job | None, list[str]]:
     if job.family is not None:
-        problems.append("family: an evaluate job scores jobs of any family; leave it out")
+        problems.append("family: an evaluate job scores jobs of any family; leave it out "
+                        f"(got '{job.family}')")
     if not job.sources:
         problems.append("from: required field is missing")
     for ref in job.evaluate.per_source:

@@ -254,6 +254,26 @@ class Storage(abc.ABC):
     def check(self) -> None:
         """Raise :class:`StorageError` if the root is unusable (unreachable, missing, refused)."""
 
+    # -- conditional writes: what a lease is made of (see orchestrator/lease.py). An ETag is
+    # an opaque string that changes with the object's content.
+    @abc.abstractmethod
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """``key``'s content and ETag; NotFound if it does not exist."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create ``key`` unless it exists (atomically: of several writers, one wins); its
+        ETag, or None when it existed."""
+
+    @abc.abstractmethod
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace ``key`` only if its ETag is still ``etag``; the new ETag, or None when it
+        changed or is gone."""
+
+    @abc.abstractmethod
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete ``key`` only if its ETag is still ``etag``; whether it was deleted."""
+
     # -- shared helpers
     def uri(self, key: str = "") -> str:
         key = _normalize_prefix(key, what="key").rstrip("/")
@@ -434,6 +454,66 @@ class FileStorage(Storage):
             return self
         self._resolve(prefix)  # escape check (symlinks included)
         return FileStorage(self.path.joinpath(*prefix.split("/")))
+
+    # -- conditional writes: under an exclusive lock of the key's folder (flock), so that
+    # the processes of one machine (or of an NFS that honours locks) see one order.
+    def _locked(self, key: str):
+        import contextlib
+        import fcntl
+
+        target = self._resolve(key)
+
+        @contextlib.contextmanager
+        def lock():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(target.parent, os.O_RDONLY)
+            except OSError as e:
+                raise StorageError(f"cannot lock {self.uri(key)}: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield target
+            finally:
+                os.close(fd)
+
+        return lock()
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        import hashlib
+
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, self._etag(data)
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        with self._locked(key) as target:
+            if target.exists():
+                return None
+            self._atomic_write(target, key, lambda f: f.write(memoryview(data)))
+        return self._etag(data)
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        with self._locked(key) as target:
+            try:
+                if self._etag(target.read_bytes()) != etag:
+                    return None
+            except FileNotFoundError:
+                return None
+            self._atomic_write(target, key, lambda f: f.write(memoryview(data)))
+        return self._etag(data)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        with self._locked(key) as target:
+            try:
+                if self._etag(target.read_bytes()) != etag:
+                    return False
+            except FileNotFoundError:
+                return False
+            target.unlink()
+        return True
 
     def check(self) -> None:
         p = self.path
@@ -726,6 +806,47 @@ class S3Storage(Storage):
             return self
         new_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
         return S3Storage(self.bucket, new_prefix, _conn=self._conn)
+
+    # -- conditional writes: S3's If-None-Match / If-Match preconditions (AWS since 2024;
+    # SeaweedFS, MinIO). A refused precondition is 412 PreconditionFailed, or 409 when
+    # another conditional write to the key is in progress.
+    def _conditional(self, action: str, key: str, fn, **kwargs) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, Key=self._key(key), **kwargs)
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            error = self._error(e, action, key)
+        except BotoCoreError as e:
+            error = self._error(e, action, key)
+        if isinstance(error, NotFound):
+            return None
+        raise error
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        try:
+            with resp["Body"] as body:
+                return body.read(), resp["ETag"]
+        except Exception as e:
+            raise self._error(e, "read", key) from None
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        resp = self._conditional("write", key, self.client.put_object, Body=bytes(data),
+                                 IfNoneMatch="*")
+        return resp["ETag"] if resp is not None else None
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        resp = self._conditional("write", key, self.client.put_object, Body=bytes(data),
+                                 IfMatch=etag)
+        return resp["ETag"] if resp is not None else None
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        return self._conditional("delete", key, self.client.delete_object, IfMatch=etag) is not None
 
     def check(self) -> None:
         # Important on SeaweedFS: PutObject to a missing bucket silently creates it

@@ -56,17 +56,18 @@ def client(address: str | None):
                           f"{str(exc).splitlines()[0]}") from None
 
 
-def staged_spec(plan: Plan, data_keys: dict[str, str], settings: Settings) -> dict[str, Any]:
+def staged_spec(plan: Plan, settings: Settings) -> dict[str, Any]:
     """The spec with every job's data replaced by its staged copy in object storage (so the
-    cluster reads nothing from this machine), as plain data."""
+    cluster reads nothing from this machine), as plain data. The cluster's driver takes that
+    copy for what it is (`datasets.content_key`): the jobs' hashes are this machine's, and a
+    `genforge run` of the same spec shares their cache."""
     root = open_storage(settings.storage, settings.s3)
     jobs = []
     for p in plan.jobs:
         job = {k: v for k, v in p.job.resolved().items()
                if k not in OPTIONAL_SECTIONS or k in KIND_SECTIONS[p.job.kind]}
-        data = p.job.data
-        if data is not None and data.model_dump_json() in data_keys:
-            key = data_keys[data.model_dump_json()]
+        data, key = p.job.data, p.data_key
+        if key is not None:
             labelled = split_sizes(root, key)["labelled"]
             job["data"] = {"dataset": "npz", "path": root.uri(key), "x_key": "x",
                            "y_key": "y" if labelled else None, "image_size": data.image_size,
@@ -86,7 +87,7 @@ def service_env(settings: Settings, credentials: bool) -> dict[str, str]:
     return {k: v for k, v in env.items() if v}
 
 
-def submit(plan: Plan, data_keys: dict[str, str], settings: Settings, address: str | None,
+def submit(plan: Plan, settings: Settings, address: str | None,
            send_credentials: bool = False) -> str:
     """Submit the spec's driver as a Ray job; returns the submission id. The S3 key pair goes
     with it only with `send_credentials`: Ray writes a job's runtime environment, its
@@ -95,7 +96,7 @@ def submit(plan: Plan, data_keys: dict[str, str], settings: Settings, address: s
     submission = f"genforge-{plan.spec.experiment.lower()[:40]}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="genforge-submit-") as tmp:
         spec_path = Path(tmp) / "spec.yaml"
-        spec_path.write_text(yaml.safe_dump(staged_spec(plan, data_keys, settings),
+        spec_path.write_text(yaml.safe_dump(staged_spec(plan, settings),
                                             sort_keys=False))
         runtime_env = {
             "working_dir": tmp,

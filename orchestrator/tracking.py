@@ -92,16 +92,20 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.log(run_id, tags=tags)
 
-    def unfinished_runs(self, experiment_id: str) -> dict[tuple[str, str], Any]:
+    def unfinished_runs(self, experiment_id: str, job: str | None = None
+                        ) -> dict[tuple[str, str], Any]:
         """The newest unfinished (RUNNING, SCHEDULED, FAILED or KILLED) job run of each (job
-        name, hash):
-        a job that runs again resumes in it. (Two jobs of a spec that differ only in name have
-        the same hash, but not the same runs.) One search for the whole pipeline."""
+        name, hash), of every job or of `job`: a job that runs again resumes in it. (Two jobs
+        of a spec that differ only in name have the same hash, but not the same runs.) One
+        search for the whole pipeline."""
         found: dict[tuple[str, str], Any] = {}
+        query = "attributes.status != 'FINISHED'"
+        if job is not None:
+            query += f" and tags.`genforge.job` = '{job}'"  # job names are [a-z0-9-]
         token = None
         while True:
             page = self.client.search_runs(
-                [experiment_id], filter_string="attributes.status != 'FINISHED'",
+                [experiment_id], filter_string=query,
                 order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
             for run in page:
                 tags = run.data.tags
@@ -110,6 +114,11 @@ class Tracker:
             token = page.token
             if not token:
                 return found
+
+    def open_runs(self, experiment_id: str) -> list[Any]:
+        """The experiment's runs that say RUNNING or SCHEDULED."""
+        return [run for status in ("RUNNING", "SCHEDULED") for run in self.client.search_runs(
+            [experiment_id], filter_string=f"attributes.status = '{status}'", max_results=5000)]
 
     def set_status(self, run_id: str, status: str) -> None:
         """One request. (`MlflowClient.update_run` reads the run first, to send its name and
@@ -137,6 +146,9 @@ class RunLogger:
                            if artifact_uri else None)
         self.flush_s = flush_s
         self._metrics: list[Metric] = []
+        # metrics taken out of `_metrics` by a flush whose requests have not all succeeded:
+        # one list per flush, emptied from the front as its requests are acknowledged
+        self._in_flight: list[list[Metric]] = []
         self._tags: dict[str, str] = {}  # sent with the metrics: one request for both
         self._params: dict[str, str] = {}  # likewise
         self._lock = threading.Lock()
@@ -158,13 +170,41 @@ class RunLogger:
         with self._lock:
             self._metrics.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
+    def log_points(self, points: list[list]) -> None:
+        """Metric points as `unsent` lists them ([key, value, timestamp_ms, step]), sent again
+        with their own time and step (e.g. a resumed job's, saved in its checkpoint)."""
+        with self._lock:
+            self._metrics.extend(Metric(str(k), float(v), int(ts), int(step))
+                                 for k, v, ts, step in points)
+
+    def unsent(self) -> list[Metric]:
+        """The metric points the server has not acknowledged: those in a request being sent,
+        then those buffered, in order."""
+        with self._lock:
+            return [m for flight in self._in_flight for m in flight] + list(self._metrics)
+
+    def lost(self) -> list[str]:
+        """After `close`: what never reached the run, one line each (empty if nothing)."""
+        with self._lock:
+            metrics, params, tags = list(self._metrics), dict(self._params), dict(self._tags)
+        why = f"{type(self._error).__name__}: {self._error}" if self._error else "not sent"
+        why = " ".join(why.split())[:200]
+        out = []
+        if metrics:
+            steps = [m.step for m in metrics]
+            out.append(f"{len(metrics)} metric points of steps {min(steps)}..{max(steps)}: {why}")
+        if params or tags:
+            out.append(f"{len(params)} params and {len(tags)} tags: {why}")
+        return out + list(self.dropped)
+
     def log_image(self, image, key: str, step: int) -> None:
         """`image`: HxWxC uint8 numpy array."""
-        self._jobs.put((lambda: self.client.log_image(self.run_id, image, key=key, step=step), 0))
+        self._jobs.put((lambda: self.client.log_image(self.run_id, image, key=key, step=step), 0,
+                        f"image '{key}' of step {step}"))
 
     def log_file(self, data: bytes, path: str) -> None:
         """`data` as the run's artifact `path` (e.g. "outputs/grid.png")."""
-        self._jobs.put((lambda: self._log_bytes(data, path), 0))
+        self._jobs.put((lambda: self._log_bytes(data, path), 0, f"file {path}"))
 
     def _log_bytes(self, data: bytes, path: str) -> None:
         directory, _, name = path.rpartition("/")
@@ -200,34 +240,43 @@ class RunLogger:
             pending, self._metrics = self._metrics, []
             tags, self._tags = self._tags, {}
             params, self._params = self._params, {}
+            flight = list(pending)
+            self._in_flight.append(flight)
         requests = batches(pending, [Param(k, v) for k, v in params.items()],
                            [RunTag(k, v) for k, v in tags.items()])
-        for n, (some_metrics, some_params, some_tags) in enumerate(requests):
-            try:
-                self.client.log_batch(self.run_id, metrics=some_metrics, params=some_params,
-                                      tags=some_tags)
-            except Exception:
-                rest = requests[n:]
-                with self._lock:  # kept, in order, for the next flush
-                    self._metrics[:0] = [m for r in rest for m in r[0]]
-                    self._params = {**{p.key: p.value for r in rest for p in r[1]}, **self._params}
-                    self._tags = {**{t.key: t.value for r in rest for t in r[2]}, **self._tags}
-                raise
+        try:
+            for n, (some_metrics, some_params, some_tags) in enumerate(requests):
+                try:
+                    self.client.log_batch(self.run_id, metrics=some_metrics, params=some_params,
+                                          tags=some_tags)
+                except Exception:
+                    rest = requests[n:]
+                    with self._lock:  # kept, in order, for the next flush
+                        self._metrics[:0] = [m for r in rest for m in r[0]]
+                        self._params = {**{p.key: p.value for r in rest for p in r[1]}, **self._params}
+                        self._tags = {**{t.key: t.value for r in rest for t in r[2]}, **self._tags}
+                        flight.clear()
+                    raise
+                with self._lock:
+                    del flight[:len(some_metrics)]
+        finally:
+            with self._lock:
+                self._in_flight = [f for f in self._in_flight if f is not flight]
 
     def _drain_jobs(self) -> None:
         retry = []
         while True:
             try:
-                job, tries = self._jobs.get_nowait()
+                job, tries, what = self._jobs.get_nowait()
             except queue.Empty:
                 break
             try:
                 job()
             except Exception as exc:
                 if tries + 1 < JOB_TRIES:
-                    retry.append((job, tries + 1))
+                    retry.append((job, tries + 1, what))
                 else:
-                    self.dropped.append(f"{type(exc).__name__}: {exc}"[:200])
+                    self.dropped.append(" ".join(f"{what}: {type(exc).__name__}: {exc}".split())[:200])
         for item in retry:
             self._jobs.put(item)
 
@@ -252,7 +301,8 @@ class RunLogger:
 
     def close(self) -> None:
         """Send everything still buffered; raises if metrics could not be sent. Images and
-        tags that failed every try are listed in `dropped`, not raised."""
+        files that failed every try are listed in `dropped`, not raised; `lost` lists all
+        that never arrived."""
         self._stop.set()
         self._thread.join(timeout=180)
         if self._error is not None:
@@ -284,6 +334,15 @@ class NullLogger:
 
     def flush_metrics(self) -> bool:
         return True
+
+    def log_points(self, points: list[list]) -> None:
+        pass
+
+    def unsent(self) -> list[Metric]:
+        return []
+
+    def lost(self) -> list[str]:
+        return []
 
     def close(self) -> None:
         pass

@@ -48,19 +48,24 @@ def example_spec(name: str, experiment: str, limit: int) -> dict:
 
 def offline_driver(tmp_path: Path, jobs: list[dict]):
     """A Driver for experiment "t" on file:// storage and a sqlite tracking store, set up as
-    `Driver.run` sets it up before its loop (the experiment, the pipeline's run), without Ray:
-    for tests that drive its methods themselves."""
+    `Driver.run` sets it up before its loop (data staged, the experiment, the pipeline's run,
+    its leases), without Ray: for tests that drive its methods themselves. Checkpoint URIs
+    resolve to a made-up checkpoint of that URI."""
+    from orchestrator.datasets import stage
     from orchestrator.driver import Driver
-    from orchestrator.plan import build_plan
+    from orchestrator.plan import ResolvedCheckpoint, build_plan, resolve_inputs
     from orchestrator.settings import Settings
     from orchestrator.spec import parse_spec
-    from orchestrator.storage import S3Credentials
+    from orchestrator.storage import S3Credentials, open_storage
 
     spec = parse_spec({"experiment": "t", "jobs": jobs}, source=str(tmp_path / "s.yaml"))
     settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
                         storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
-    driver = Driver(build_plan(spec), settings, echo=lambda m: None)
+    inputs = resolve_inputs(spec, lambda job: stage(job.data, open_storage(settings.storage)),
+                            lambda uri: ResolvedCheckpoint(f"{uri}/checkpoints/step-000001", "d", {}))
+    driver = Driver(build_plan(spec, inputs), settings, echo=lambda m: None)
     driver.experiment_id = driver.tracker.experiment_id("t")
     driver.parent_run = driver.tracker.start_run(driver.experiment_id, "pipeline", {}).run_id
     driver._unfinished = {}
+    driver.open_leases()
     return driver

@@ -131,10 +131,10 @@ def test_class_conditional_model_on_unlabelled_data_is_refused_at_staging(tmp_pa
         return Driver(build_plan(spec), settings)
 
     with pytest.raises(SpecError) as info:
-        driver("plain.npz").stage_data()
+        driver("plain.npz").prepare()
     assert info.value.lines == [f"{tmp_path / 's.yaml'}: job 'ar': data: plain.npz has no labels "
                                 "('y'), which the model.class_conditional needs"]
-    driver("labelled.npz").stage_data()
+    driver("labelled.npz").prepare()
 
 
 def write_png(path, array) -> None:
@@ -189,7 +189,7 @@ def test_evaluation_needs_enough_held_out_images_and_labels(tmp_path):
                           source=str(tmp_path / "s.yaml"))
         settings = Settings(ray_address="", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
                             storage=f"file://{tmp_path / 'store'}", s3=S3Credentials(None, None, None))
-        Driver(build_plan(spec), settings).stage_data()
+        Driver(build_plan(spec), settings).prepare()
 
     staged({"dataset": "digits"}, 180)  # 10% of 1797 digits are held out
     with pytest.raises(SpecError) as info:

@@ -457,3 +457,62 @@ def test_ema_shadow_is_frozen_copy_with_buffers_and_round_trips():
     target = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     ema.copy_to(target)
     torch.testing.assert_close(target.state_dict(), ema.module.state_dict())
+
+
+# --------------------------------------------------------------------------- sampler defaults
+def diffusion_worker(cls, timesteps: int, distilled_steps: int | None = None):
+    """A DDPM-family worker as loaded for sampling a checkpoint with that model section (only
+    what sampling reads: no task, no storage)."""
+    from orchestrator.spec import DDPMModel
+
+    worker = cls.__new__(cls)
+    worker.device, worker.job, worker.emas = torch.device("cpu"), {}, {}
+    model = DDPMModel(channels=8, channel_mult=(1,), timesteps=timesteps).model_dump(mode="json")
+    if distilled_steps:  # what a distilled checkpoint's model section records
+        model |= {"prediction": "v", "distilled_steps": distilled_steps}
+    worker.build_diffusion(model, (1, 4, 4))
+    return worker
+
+
+def workers_of_ddpm_family():
+    from workers.ddpm import DDPMWorker
+    from workers.ldm import LDMWorker
+
+    return [DDPMWorker, LDMWorker]
+
+
+@pytest.mark.parametrize("cls", workers_of_ddpm_family(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("timesteps, distilled, sampler, expected", [
+    (1000, None, "ddim", 50),  # DDIM's own default, not every one of the 1000 timesteps
+    (1000, None, "ancestral", 1000),  # the ancestral sampler is every timestep
+    (20, None, "ddim", 20),  # fewer timesteps than DDIM's default: all of them
+    (20, None, "ancestral", 20),
+    (1000, 4, "ddim", 4),  # a distilled model: its own steps, on its grid
+])
+def test_sampler_steps_when_a_job_leaves_them_out(cls, timesteps, distilled, sampler, expected):
+    from orchestrator.spec import SampleSpec
+
+    worker = diffusion_worker(cls, timesteps, distilled)
+    cfg = SampleSpec(sampler=sampler).model_dump()
+    assert cfg["steps"] is None
+    settings = worker.sampler_settings(cfg)
+    assert settings["sampler"] == sampler and settings["steps"] == expected
+    assert settings["spacing"] == ("trailing" if distilled else "linspace")
+    assert worker.sampler_settings({**cfg, "steps": 7})["steps"] == 7  # a job's own steps win
+    # the grids logged during training sample as a DDIM job without settings does
+    assert (worker.sampler_settings(None)["steps"]
+            == worker.sampler_settings({**cfg, "sampler": "ddim"})["steps"])
+
+
+def test_an_evaluation_without_sampler_settings_runs_and_records_50_ddim_steps():
+    """What the evaluate job generates with, and records, per source (EvaluateSpec.settings)."""
+    from orchestrator.spec import EvaluateSpec
+    from workers.ddpm import DDPMWorker
+
+    worker = diffusion_worker(DDPMWorker, 1000)
+    cfg = EvaluateSpec().settings("ddpm").model_dump()
+    assert worker.sampler_settings(cfg) == {"sampler": "ddim", "eta": 0.0, "steps": 50,
+                                            "spacing": "linspace", "use_ema": True}
+    calls = []
+    out = worker.generate(2, cfg, gen(0), progress=lambda i, n: calls.append(n))
+    assert out.shape == (2, 1, 4, 4) and calls == [50] * 50

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900),
                                  reason="no ../shared/data")]
 
 TINY = {"batch_size": 8, "checkpoint_every": None, "sample_every": None, "log_every": 2,
-        "sample_images": 4, "warmup_steps": 0}
+        "sample_images": 4, "warmup_steps": 0, "keep_checkpoints": None}
 
 
 def tiny(name: str, experiment: str) -> dict:

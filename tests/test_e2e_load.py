@@ -24,6 +24,7 @@ def test_sixteen_jobs_log_and_checkpoint_at_once(tmp_path, local_stack, stack_en
     jobs = [{"name": f"j{i:02d}", "kind": "train", "family": "ddpm",
              "model": {"channels": 8, "channel_mult": [1], "timesteps": 10},
              "train": {"steps": STEPS, "batch_size": 8, "log_every": 1, "checkpoint_every": EVERY,
+                       "keep_checkpoints": None,
                        "sample_images": 1, "seed": i},
              # 16 x 1/8 of the stack's 2 logical GPUs and 2 CPUs: all at once
              "resources": {"gpus": 0.125, "cpus": 0.125, "max_restarts": 0}}

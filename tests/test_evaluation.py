@@ -144,3 +144,75 @@ def test_optional_inception_fid_orders_real_and_noised():
     same = inception_fid(real, as_uint8(other), torch.device("cpu"))
     worse = inception_fid(real, noised, torch.device("cpu"))
     assert 0 < same < worse
+
+
+# ---- stopping an evaluation ------------------------------------------------------------------
+
+def stop_spec() -> dict:
+    spec = eval_spec(classifier_steps=40)
+    spec["jobs"] = [j for j in spec["jobs"] if j["name"] in ("ddpm", "score")]
+    spec["jobs"][-1]["from"] = ["ddpm"]
+    spec["jobs"][-1]["evaluate"]["num_samples"] = 40
+    spec["jobs"][-1]["evaluate"]["sample"]["batch_size"] = 10
+    return spec
+
+
+def test_an_evaluation_stops_between_its_sampling_batches(tmp_path, monkeypatch):
+    from workers.evaluate import EvaluateWorker
+
+    spec = stop_spec()
+    run_jobs(tmp_path, spec, only=["ddpm"])
+    batches, sub_worker = [], EvaluateWorker._sub_worker
+
+    def stopping_sub_worker(self, family, uri, settings):
+        worker = sub_worker(self, family, uri, settings)
+        generate = worker.generate
+
+        def generate_then_stop(n, *args, **kwargs):
+            batches.append(n)
+            out = generate(n, *args, **kwargs)
+            self.request_stop()  # the evaluation's stop, while its source samples
+            return out
+
+        worker.generate = generate_then_stop
+        return worker
+
+    monkeypatch.setattr(EvaluateWorker, "_sub_worker", stopping_sub_worker)
+    result = run_jobs(tmp_path, spec, only=["score"])["score"]
+    assert result == {"status": "stopped", "step": 10, "phase": "sampling"}
+    assert batches == [10]  # of 4
+    root = open_storage(f"file://{tmp_path / 'store'}")
+    assert not [k for k in root.list("ev/score/") if k.endswith("result.json")]
+    assert not [k for k in root.list("ev/score/") if k.endswith("metrics.json")]
+
+
+def test_an_evaluation_stops_while_training_its_feature_network(tmp_path, monkeypatch):
+    import workers.evaluate as evaluate
+
+    spec = stop_spec()
+    run_jobs(tmp_path, spec, only=["ddpm"])
+    workers, steps = [], []
+    feature_network, train_classifier = (evaluate.EvaluateWorker.feature_network,
+                                         evaluate.train_classifier)
+
+    def remember(self, *args):
+        workers.append(self)
+        return feature_network(self, *args)
+
+    def train(net, x, y, cfg, on_step=None):
+        def step(i, loss):
+            steps.append(i)
+            if i == 3:
+                workers[0].request_stop()
+            on_step(i, loss)
+
+        return train_classifier(net, x, y, cfg, step)
+
+    monkeypatch.setattr(evaluate.EvaluateWorker, "feature_network", remember)
+    monkeypatch.setattr(evaluate, "train_classifier", train)
+    result = run_jobs(tmp_path, spec, only=["score"])["score"]
+    assert result == {"status": "stopped", "step": 3, "phase": "training the feature network"}
+    assert steps == [1, 2, 3]  # of 40
+    root = open_storage(f"file://{tmp_path / 'store'}")
+    assert not [k for k in root.list("ev/score/") if k.endswith("result.json")]
+    assert not [k for k in root.list("") if "/classifier/" in k]  # no half-trained classifier

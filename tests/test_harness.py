@@ -3,7 +3,9 @@ NaN detection, resume from the latest checkpoint, no metric step logged twice.""
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 import torch
@@ -64,3 +66,165 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     tags = MlflowClient(first.tracking_uri).get_run(first.run_id).data.tags
     assert tags["genforge.resumed_at_step"] == "5"
+
+
+# ---- stopping outside the training loop ------------------------------------------------------
+
+def job_store(task: Task):
+    return open_storage(task.storage_root).child(task.prefix)
+
+
+def test_a_training_job_stopped_during_its_final_metrics_stops_there(tmp_path):
+    grids = []
+
+    class StopInFinalMetrics(DDPMWorker):
+        def final_metrics(self):
+            self.request_stop()  # as the driver's stop arrives while they are measured
+            return {"heldout": 1.0}
+
+        def _log_grid(self, step, n):
+            grids.append(step)
+            super()._log_grid(step, n)
+
+    task = make_task(tmp_path, steps=2)
+    result = StopInFinalMetrics(task).run()
+    assert result == {"status": "stopped", "step": 2, "phase": "sampling"}
+    assert grids == [] and not job_store(task).exists("result.json")
+    assert load_checkpoint(job_store(task)).step == 2  # the final checkpoint stands
+    # the next attempt trains no step, rewrites no checkpoint and finishes the job
+    manifest = tmp_path / "store" / task.prefix / "checkpoints" / "step-000002" / "manifest.json"
+    before = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
+    again = DDPMWorker(make_task(tmp_path, steps=2, attempt=2, run_id=task.run_id)).run()
+    assert again["status"] == "finished" and again["timing"]["steps_run"] == 0
+    assert again["checkpoint"] == load_checkpoint(job_store(task)).uri
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+    assert job_store(task).exists("result.json")
+
+
+def test_a_stop_before_the_training_loop_returns_after_loading_the_data(tmp_path):
+    task = make_task(tmp_path, steps=4)
+    worker = DDPMWorker(task)
+    worker.request_stop()
+    result = worker.run()
+    assert result == {"status": "stopped", "step": 0, "phase": "loading data"}
+    assert not job_store(task).exists("result.json")
+    assert not job_store(task).list("checkpoints/")
+
+
+def sample_task(tmp_path, source: str, run_id: str, **sample) -> Task:
+    spec = parse_spec({"experiment": "h", "jobs": [{
+        "name": "grid", "kind": "sample", "family": "ddpm", "from": source,
+        "sample": {"num_images": 12, "batch_size": 4, "steps": 2, **sample}}]})
+    return Task(job=spec.jobs[0].resolved(), job_hash="1" * 16, experiment="h",
+                storage_root=f"file://{tmp_path / 'store'}", prefix="h/grid/1",
+                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id=run_id,
+                code_version="test", refs={"from": source}, sources=(source,))
+
+
+def test_a_sampling_job_stops_between_batches(tmp_path):
+    trained = make_task(tmp_path, steps=2)
+    checkpoint = DDPMWorker(trained).run()["checkpoint"]
+    batches = []
+
+    class StopAfterTheFirstBatch(DDPMWorker):
+        def generate(self, n, sample_cfg, gen, progress=None):
+            batches.append(n)
+            out = super().generate(n, sample_cfg, gen, progress)
+            self.request_stop()
+            return out
+
+    task = sample_task(tmp_path, checkpoint, trained.run_id)
+    result = StopAfterTheFirstBatch(task).run()
+    assert result == {"status": "stopped", "step": 4, "phase": "sample"}
+    assert batches == [4]  # of 3
+    assert not job_store(task).exists("result.json")
+    assert not job_store(task).exists("outputs/images.npz")
+
+
+def test_a_sampling_job_stopped_from_another_thread(tmp_path):
+    import threading
+
+    trained = make_task(tmp_path, steps=2)
+    checkpoint = DDPMWorker(trained).run()["checkpoint"]
+    started = threading.Event()
+    batches = []
+
+    class Slow(DDPMWorker):
+        def generate(self, n, sample_cfg, gen, progress=None):
+            batches.append(n)
+            started.set()
+            time.sleep(0.5)
+            return super().generate(n, sample_cfg, gen, progress)
+
+    task = sample_task(tmp_path, checkpoint, trained.run_id, num_images=80)
+    worker = Slow(task)
+    stopper = threading.Thread(target=lambda: started.wait(60) and worker.request_stop())
+    stopper.start()
+    result = worker.run()
+    stopper.join()
+    assert result["status"] == "stopped" and result["phase"] == "sample"
+    assert "checkpoint" not in result and len(batches) < 20
+    assert result["step"] == 4 * len(batches)
+    assert not job_store(task).exists("result.json")
+
+
+# ---- tracking that fails -----------------------------------------------------------------------
+
+def tracking_away(worker) -> None:
+    def log_batch(*args, **kwargs):
+        raise ConnectionError("the tracking server is away")
+
+    worker.log.client.log_batch = log_batch
+
+
+class Failing(Exception):
+    pass
+
+
+def test_a_jobs_own_error_is_raised_when_the_logger_cannot_close(tmp_path):
+    worker = NaNAtStep3(make_task(tmp_path, steps=10))
+    tracking_away(worker)
+    with pytest.raises(JobError, match=r"loss is not finite \(nan\) at step 3") as info:
+        worker.run()
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "logging to MLflow failed" in notes
+
+
+def test_a_job_that_finished_reports_what_tracking_lost(tmp_path):
+    task = make_task(tmp_path, steps=3)
+    worker = DDPMWorker(task)
+    tracking_away(worker)
+    result = worker.run()
+    assert result["status"] == "finished" and job_store(task).exists("result.json")
+    lost = result["tracking_lost"]
+    assert any("metric points of steps 1..3" in line and "ConnectionError" in line for line in lost)
+    assert all("\n" not in line for line in lost)
+    stored = json.loads(job_store(task).get_bytes("result.json"))
+    assert stored["step"] == 3 and "tracking_lost" not in stored
+
+
+def test_a_resumed_job_logs_the_metrics_its_checkpoint_saved_unsent(tmp_path):
+    """Attempt 1 writes its checkpoint at step 2 while the tracking server is away, then dies;
+    attempt 2 resumes at step 3 and logs steps 1 and 2 from the checkpoint: no gap."""
+
+    class DiesAtStep3(DDPMWorker):
+        def train_step(self, batch, labels, gen):
+            if self.step == 3:
+                raise Failing("the worker died")
+            return super().train_step(batch, labels, gen)
+
+    first = make_task(tmp_path, steps=4)
+    worker = DiesAtStep3(first)
+    tracking_away(worker)
+    with pytest.raises(Failing):
+        worker.run()
+    client = MlflowClient(first.tracking_uri)
+    assert client.get_metric_history(first.run_id, "loss") == []
+    saved = load_checkpoint(job_store(first)).state["unsent_metrics"]
+    assert sorted({p[3] for p in saved}) == [1, 2] and all(len(p) == 4 for p in saved)
+
+    result = DDPMWorker(make_task(tmp_path, steps=4, attempt=2, run_id=first.run_id)).run()
+    assert result["status"] == "finished" and result["timing"]["steps_run"] == 2
+    for key in ("loss", "steps_per_s"):
+        history = client.get_metric_history(first.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3, 4], key

@@ -3,6 +3,7 @@ the full batch's gradient, ranks agree on stopping, rank 0's weights reach every
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -52,3 +53,62 @@ def test_averaged_gradients_are_the_full_batch_gradient(tmp_path):
     assert r0["mean"] == {"a": 0.5, "b": 1.0}
     assert r0["any"] == r1["any"] == (True, False)
     assert r0["gather"] == ["node-0", "node-1"]
+
+
+# ---- the VQ codebook of a data-parallel VQGAN ---------------------------------------------
+
+def _vq_steps(z: torch.Tensor, gen: torch.Generator, restart_threshold: float) -> dict:
+    """A fresh quantizer (the same on every rank) through len(z) training steps; its buffers."""
+    from workers.nn.bottleneck import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=16, dim=4, decay=0.8, restart_threshold=restart_threshold)
+    for batch in z:
+        vq(batch, gen)
+    return {k: v.clone() for k, v in vq.state_dict().items()}
+
+
+def _vq_data(steps: int = 4, batch: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(steps, batch, 4, 3, 3, generator=g)
+    z[:, batch // 2:] += 3.0  # rank 1's half is far from rank 0's: different codes used
+    return z
+
+
+def _vq_rank(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        mine = _vq_data().chunk(2, dim=1)[rank]  # this rank's slice of every global batch
+        gen = torch.Generator().manual_seed(1000 + rank)  # each rank's own noise, as in training
+        torch.save({"restart": _vq_steps(mine, gen, 1.0), "plain": _vq_steps(mine, gen, 0.0)},
+                   f"{out}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_vq_codebook_is_the_same_on_every_rank(tmp_path):
+    out = str(tmp_path / "vq")
+    mp.spawn(_vq_rank, args=(f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}-{r}.pt", weights_only=True) for r in (0, 1))
+    for case in ("restart", "plain"):  # with dead-code restarts (every code, at step 1) and without
+        for k in ("embed", "embed_avg", "cluster_size"):
+            assert torch.equal(r0[case][k], r1[case][k]), (case, k)
+    # the statistics are the global batch's: the same update as one process on all the data
+    alone = _vq_steps(_vq_data(), torch.Generator().manual_seed(0), 0.0)
+    for k in ("embed", "embed_avg", "cluster_size"):
+        torch.testing.assert_close(r0["plain"][k], alone[k])
+    assert r0["plain"]["cluster_size"].sum() == pytest.approx(
+        sum(0.8 ** (3 - i) * 0.2 * 6 * 9 for i in range(4)))  # every vector of both halves counted
+
+
+def test_vq_update_with_a_world_of_one_is_the_plain_update(tmp_path):
+    z = _vq_data()
+    plain = {t: _vq_steps(z, torch.Generator().manual_seed(3), t) for t in (0.0, 1.0)}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg1'}", rank=0, world_size=1)
+    try:
+        one = {t: _vq_steps(z, torch.Generator().manual_seed(3), t) for t in (0.0, 1.0)}
+    finally:
+        dist.destroy_process_group()
+    for t in plain:
+        for k, v in plain[t].items():
+            assert torch.equal(one[t][k], v), (t, k)

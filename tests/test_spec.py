@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.plan import build_plan, job_hash, topological_order
+from orchestrator.plan import (PlanInputs, ResolvedCheckpoint, build_plan, check_uri_references,
+                               job_hash, resolve_inputs, topological_order)
 from orchestrator.spec import SpecError, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +94,7 @@ def test_job_values_win_over_defaults():
     (spec(train(), sample(train={"steps": 3})), "s.yaml: job 'grid': train: not used by kind 'sample'"),
     (spec(train(data={"dataset": "npz"})), "s.yaml: job 'ddpm': data: dataset 'npz' needs a path"),
     (spec(train(data={"dataset": "npz", "path": "no/such.npz"})), "s.yaml: job 'ddpm': data.path: no such file: no/such.npz"),
-    (spec(train(model={"beta_start": 0.1, "beta_end": 0.01})), "s.yaml: job 'ddpm': model: beta_start must be smaller than beta_end"),
+    (spec(train(model={"beta_start": 0.1, "beta_end": 0.01})), "s.yaml: job 'ddpm': model: beta_start 0.1 must be smaller than beta_end 0.01"),
     (spec(train(resources={"gpus": -1})), "s.yaml: job 'ddpm': resources.gpus: Input should be greater than or equal to 0"),
     (spec(train(), sample(src="http://x/y")), "s.yaml: job 'grid': from: unsupported URI scheme"),
     (spec(train(), sample(name="g2", src="grid"), sample()), "s.yaml: job 'g2': from: job 'grid' is a 'sample' job"),
@@ -147,7 +148,7 @@ def test_job_values_win_over_defaults():
     (spec(train(), distill(distill={"teacher_steps": 64}), sample(src="fast", sample={"sampler": "ancestral"})), "s.yaml: job 'grid': sample.sampler: job 'fast' is distilled for 4-step DDIM; sample it with sampler: ddim"),
     (spec(train(), distill(data={"image_size": 28}, distill={"teacher_steps": 64})), "s.yaml: job 'fast': teacher: job 'ddpm' works on 1x16x16 images, this job's data is 1x28x28"),
     (spec(train(resources={"workers": 3}, train={"batch_size": 32})), "s.yaml: job 'ddpm': train.batch_size: 32 does not split evenly over 3 workers"),
-    (spec(train(resources={"workers": 2, "gpus": 1})), "s.yaml: job 'ddpm': resources.gpus: a data-parallel job asks for GPUs per worker (resources.gpus_per_worker)"),
+    (spec(train(resources={"workers": 2, "gpus": 1})), "s.yaml: job 'ddpm': resources.gpus: a data-parallel job asks for GPUs per worker, in resources.gpus_per_worker (got 1)"),
     (spec(train(resources={"gpus_per_worker": 1})), "s.yaml: job 'ddpm': resources.gpus_per_worker: only data-parallel jobs (resources.workers > 1) have workers; use resources.gpus"),
     (spec(train(), sample(resources={"workers": 2})), "s.yaml: job 'grid': resources.workers: only train jobs run data-parallel, not kind 'sample'"),
     (spec(train(), evaluate(resources={"workers": 2})), "s.yaml: job 'score': resources.workers: only train jobs run data-parallel, not kind 'evaluate'"),
@@ -158,6 +159,48 @@ def test_bad_input_is_one_clear_line(data, expected):
     lines = errors(data)
     assert any(line.startswith(expected) for line in lines), lines
     assert all("\n" not in line and "Traceback" not in line for line in lines)
+
+
+@pytest.mark.parametrize("data, expected", [
+    # pydantic's own messages: the value given, after the message
+    (spec(train(family="vae")), "s.yaml: job 'ddpm': family: Input should be 'gan', 'ddpm', 'vqgan', 'autoregressive' or 'ldm' (got 'vae')"),
+    (spec(train(kind="trian")), "s.yaml: job 'ddpm': kind: Input should be 'train', 'sample', 'distill' or 'evaluate' (got 'trian')"),
+    (spec(train(), sample(sample={"sampler": "plms"})), "s.yaml: job 'grid': sample.sampler: Input should be 'ancestral' or 'ddim' (got 'plms')"),
+    (spec(train(data={"dataset": "csv"})), "s.yaml: job 'ddpm': data.dataset: Input should be 'digits', 'npz', 'idx' or 'folder' (got 'csv')"),
+    (spec(train(data={"channels": 2})), "s.yaml: job 'ddpm': data.channels: Input should be 1 or 3 (got 2)"),
+    (spec(train(), evaluate(evaluate={"sample": {"sampler": "euler"}})), "s.yaml: job 'score': evaluate.sample.sampler: Input should be 'ancestral' or 'ddim' (got 'euler')"),
+    (spec(train(), evaluate(evaluate={"per_source": {"ddpm": {"spacing": "cosine"}}})), "s.yaml: job 'score': evaluate.per_source.ddpm.spacing: Input should be 'linspace' or 'trailing' (got 'cosine')"),
+    (spec(train(), distill(distill={"prediction": "eps"})), "s.yaml: job 'fast': distill.prediction: Input should be 'v' or 'x' (got 'eps')"),
+    (spec(train(family="gan", model={"loss": "wasserstein"})), "s.yaml: job 'ddpm': model.loss: Input should be 'bce' or 'hinge' (got 'wasserstein')"),
+    # model-level checks name the field's value inside the message (not the whole section)
+    (spec(train(model={"beta_start": 0.1, "beta_end": 0.01})), "s.yaml: job 'ddpm': model: beta_start 0.1 must be smaller than beta_end 0.01"),
+    (spec(train(data={"dataset": "digits", "path": "x.npz"})), "s.yaml: job 'ddpm': data: dataset 'digits' is built in and takes no path, labels or split.heldout (got path 'x.npz')"),
+    (spec(train(data={"split": {"heldout": "h.npz"}})), "s.yaml: job 'ddpm': data: dataset 'digits' is built in and takes no path, labels or split.heldout (got split.heldout 'h.npz')"),
+    (spec(train(data={"dataset": "folder", "path": "imgs", "labels": "l.idx"})), "s.yaml: job 'ddpm': data: dataset 'folder' is a local directory whose subfolders are the classes (no labels file, no URI; got labels 'l.idx')"),
+    (spec(train(data={"dataset": "folder", "path": "s3://b/imgs"})), "s.yaml: job 'ddpm': data: dataset 'folder' is a local directory whose subfolders are the classes (no labels file, no URI; got path 's3://b/imgs')"),
+    (spec(train(data={"dataset": "npz", "path": "x.npz", "split": {"heldout_labels": "y.idx"}})), "s.yaml: job 'ddpm': data: split.heldout_labels is for dataset 'idx' only, not 'npz' (got 'y.idx')"),
+    # genforge's own checks
+    (spec(train(resources={"gpus_per_worker": 1})), "s.yaml: job 'ddpm': resources.gpus_per_worker: only data-parallel jobs (resources.workers > 1) have workers; use resources.gpus (got 1)"),
+    (spec(train(resources={"workers": 2, "gpus": 1})), "s.yaml: job 'ddpm': resources.gpus: a data-parallel job asks for GPUs per worker, in resources.gpus_per_worker (got 1)"),
+    (spec(train(), sample(resources={"workers": 2})), "s.yaml: job 'grid': resources.workers: only train jobs run data-parallel, not kind 'sample' (got 2)"),
+    (spec(train(kind="evaluate", train=None, **{"from": ["ddpm"]})), "s.yaml: job 'ddpm': family: an evaluate job scores jobs of any family; leave it out (got 'ddpm')"),
+    (spec(vq(), ar(), distill("small", "ar", "autoregressive", distill={"student": {"tokenizer": "x"}})), "s.yaml: job 'small': distill.student.tokenizer: the student keeps the teacher's tokenizer; it may change dim, layers, heads, dropout (got 'x')"),
+    (spec(vq(), ar(model={"tokenizer": "vq", "class_conditional": True}, data={"dataset": "idx", "path": "x.idx"})), "s.yaml: job 'ar': model.class_conditional: the data has no labels (dataset 'idx' without data.labels; set data.labels)"),
+    (spec(vq(), ar(model={"tokenizer": "vq", "class_conditional": True}, data={"dataset": "npz", "path": "x.npz", "y_key": None})), "s.yaml: job 'ar': model.class_conditional: the data has no labels (dataset 'npz' with data.y_key null; set data.y_key)"),
+    ({"experiment": "t", "jobs": 3}, "s.yaml: jobs: must be a non-empty list of jobs (got 3)"),
+    ({"experiment": "t", "jobs": []}, "s.yaml: jobs: must be a non-empty list of jobs (got [])"),
+    ({"experiment": "t"}, "s.yaml: jobs: must be a non-empty list of jobs"),
+    (spec(5), "s.yaml: jobs[0]: must be a mapping (got 5)"),
+    (["a", "list"], "s.yaml: the spec must be a mapping with 'experiment' and 'jobs' (got ['a', 'list'])"),
+    # long values are cut short
+    (spec(train(family="v" * 100)), "s.yaml: job 'ddpm': family: Input should be 'gan', 'ddpm', 'vqgan', 'autoregressive' or 'ldm' (got '" + "v" * 59 + "...)"),
+    (spec(ldm(model={"autoencoder": "ae", "stage": "s" * 100})), "s.yaml: job 'ldm': model.stage: must be one of 'diffusion', 'autoencoder' (got '" + "s" * 59 + "...)"),
+    (spec(train(), distill(distill={"method": "m" * 100})), "s.yaml: job 'fast': distill.method: family 'ddpm' distils with 'progressive', not '" + "m" * 59 + "..."),
+])
+def test_errors_name_the_value_they_got(data, expected):
+    lines = errors(data)
+    assert expected in lines, lines
+    assert all("\n" not in line and "{" not in line for line in lines), lines  # no dict dumps
 
 
 def test_every_problem_is_reported():
@@ -179,16 +222,67 @@ def test_topological_order_is_stable_and_respects_deps():
     assert topological_order(list(s.jobs), deps) == ["b", "a", "z"]
 
 
+def planned(data: dict, keys: dict[str, str] | None = None, metas: dict | None = None):
+    """The plan of `data` with its inputs resolved by fakes: every data set staged under
+    `keys` (by dataset name; default one key) and checkpoint URIs read from `metas`."""
+    parsed = parse_spec(data, "s.yaml")
+    keys, metas = keys or {}, metas or {}
+
+    def resolve(uri: str) -> ResolvedCheckpoint:
+        if uri not in metas:
+            raise FileNotFoundError(f"no complete checkpoint under {uri}")
+        meta = metas[uri]
+        return ResolvedCheckpoint(f"{uri}/checkpoints/step-{meta.get('step', 1):06d}",
+                                  meta.get("digest", "d0"), meta)
+
+    return build_plan(parsed, resolve_inputs(
+        parsed, lambda job: keys.get(job.data.dataset, "datasets/k0/data.npz"), resolve))
+
+
 def test_hash_changes_with_content_and_upstream_not_with_resources():
-    base = build_plan(parse_spec(spec(train(), sample())))
-    more_cpus = build_plan(parse_spec(spec(train(resources={"cpus": 2}), sample())))
-    other_lr = build_plan(parse_spec(spec(train(train={"steps": 10, "lr": 1e-3}), sample())))
+    base = planned(spec(train(), sample()))
+    more_cpus = planned(spec(train(resources={"cpus": 2}), sample()))
+    other_lr = planned(spec(train(train={"steps": 10, "lr": 1e-3}), sample()))
     assert base.by_name["ddpm"].hash == more_cpus.by_name["ddpm"].hash
     assert base.by_name["ddpm"].hash != other_lr.by_name["ddpm"].hash
     # the sample job did not change, but what it reads did
     assert base.by_name["grid"].hash != other_lr.by_name["grid"].hash
     job = base.by_name["ddpm"].job
-    assert job_hash(job, {}, "v1") != job_hash(job, {}, "v2")
+    assert job_hash(job, {}, "v1", "k") != job_hash(job, {}, "v2", "k")
+    # keeping fewer checkpoints does not change what a job computes
+    fewer = planned(spec(train(train={"steps": 10, "keep_checkpoints": 1}), sample()))
+    assert fewer.by_name["ddpm"].hash == base.by_name["ddpm"].hash
+    # without its inputs resolved a plan has no hashes
+    assert build_plan(parse_spec(spec(train(), sample()))).by_name["ddpm"].hash is None
+
+
+def test_hash_covers_the_content_of_what_a_job_reads_not_its_name():
+    """The data by its staged content key, whatever its path; a checkpoint URI by the digest
+    of the exact checkpoint it resolved to; the code by its family's digest."""
+    npz = {"dataset": "npz", "path": "s3://b/d.npz"}
+    one = planned(spec(train(data=npz), sample()), {"npz": "datasets/aa/data.npz"})
+    regenerated = planned(spec(train(data=npz), sample()), {"npz": "datasets/bb/data.npz"})
+    moved = planned(spec(train(data={**npz, "path": "s3://c/elsewhere.npz"}), sample()),
+                    {"npz": "datasets/aa/data.npz"})
+    assert one.by_name["ddpm"].hash != regenerated.by_name["ddpm"].hash
+    assert one.by_name["grid"].hash != regenerated.by_name["grid"].hash
+    assert one.by_name["ddpm"].hash == moved.by_name["ddpm"].hash
+    assert one.by_name["ddpm"].data_key == "datasets/aa/data.npz"
+
+    meta = {"family": "ddpm", "kind": "train", "model": {"timesteps": 1000},
+            "image_shape": [1, 16, 16]}
+    reader = spec(sample("s", "s3://b/ddpm"))
+    before = planned(reader, metas={"s3://b/ddpm": {**meta, "digest": "d1", "step": 10}})
+    after = planned(reader, metas={"s3://b/ddpm": {**meta, "digest": "d2", "step": 20}})
+    assert before.by_name["s"].hash != after.by_name["s"].hash
+    # the job reads the exact checkpoint resolved at planning, not whatever LATEST says later
+    assert before.by_name["s"].checkpoints == {"s3://b/ddpm": "s3://b/ddpm/checkpoints/step-000010"}
+
+    gan = planned(spec(train("g", family="gan"), train()))
+    assert gan.by_name["g"].code != gan.by_name["ddpm"].code
+    scores = planned(spec(train("g", family="gan"), train(), evaluate("e", ["g"]),
+                          evaluate("f", ["g", "ddpm"])))
+    assert len({scores.by_name[n].code for n in ("e", "f", "g")}) == 3
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -232,37 +326,30 @@ def test_cli_validate_exit_codes(tmp_path):
 
 
 def test_checkpoint_uris_are_checked_before_anything_runs():
-    from orchestrator.plan import check_uri_references
-
     metas = {"s3://b/vq": {"family": "vqgan", "model": {"channel_mult": [1, 2, 2]},
                            "image_shape": [1, 16, 16]},
              "s3://b/gan": {"family": "gan", "model": {}, "image_shape": [1, 16, 16]}}
 
-    def read_meta(uri):
-        if uri not in metas:
-            raise FileNotFoundError(f"no complete checkpoint under {uri}")
-        return metas[uri]
-
-    ok = build_plan(parse_spec(spec(ar(model={"tokenizer": "s3://b/vq"}),
-                                    sample("s", "s3://b/gan", family="gan")), "s.yaml"))
-    check_uri_references(ok, read_meta)
+    ok = planned(spec(ar(model={"tokenizer": "s3://b/vq"}), sample("s", "s3://b/gan", family="gan")),
+                 metas=metas)
+    check_uri_references(ok)
     assert ok.by_name["ar"].deps == ()  # a URI is not a job to wait for
 
-    bad = build_plan(parse_spec(spec(
+    bad = planned(spec(
         ar(model={"tokenizer": "s3://b/gan"}),
         ar("ar2", model={"tokenizer": "s3://b/none"}),
         ar("ar3", model={"tokenizer": "s3://b/vq"}, data={"image_size": 28}),
         sample("s", "s3://b/vq", family="ldm"),
-        evaluate("e", ["s3://b/gan"], data={"image_size": 28})), "s.yaml"))
+        evaluate("e", ["s3://b/gan"], data={"image_size": 28})), metas=metas)
     with pytest.raises(SpecError) as info:
-        check_uri_references(bad, read_meta)
+        check_uri_references(bad)
     metas["s3://b/ddpm"] = {"family": "ddpm", "kind": "train", "image_shape": [1, 16, 16],
                             "model": {"timesteps": 1000, "prediction": "v"}}
-    teachers = build_plan(parse_spec(spec(
+    teachers = planned(spec(
         distill("a", "s3://b/ddpm", distill={"teacher_steps": 64}),
-        distill("b", "s3://b/ddpm"), distill("c", "s3://b/gan")), "s.yaml"))
+        distill("b", "s3://b/ddpm"), distill("c", "s3://b/gan")), metas=metas)
     with pytest.raises(SpecError) as distills:
-        check_uri_references(teachers, read_meta)
+        check_uri_references(teachers)
     assert [line.split(": ")[2] for line in distills.value.lines] == [
         "distill.student_steps", "teacher"]
     assert info.value.lines == [

@@ -127,18 +127,18 @@ def test_a_run_opened_at_launch_is_running_and_one_opened_ahead_is_scheduled_wit
     client = driver.tracker.client
     at_launch, ahead, failed = (driver.jobs[f"s{i}"] for i in range(3))
 
-    opened = driver._open_run(at_launch.planned, ahead=False)
+    opened = driver._open_run(at_launch, ahead=False)
     run = client.get_run(opened.info.run_id)
     assert (opened.status, opened.params_logged, run.info.status) == ("RUNNING", False, "RUNNING")
     assert run.data.params == {} and run.data.tags["genforge.attempt"] == "1"
 
-    opened = driver._open_run(ahead.planned, ahead=True)
+    opened = driver._open_run(ahead, ahead=True)
     run = client.get_run(opened.info.run_id)
     assert (opened.status, opened.params_logged, run.info.status) == ("SCHEDULED", True, "SCHEDULED")
     assert run.data.params["sample.steps"] == "7" and run.data.params["kind"] == "sample"
 
     # a job whose worker never sent the params (it died first): they go with its error
-    opened = driver._open_run(failed.planned, ahead=False)
+    opened = driver._open_run(failed, ahead=False)
     failed.run_id, failed.status = opened.info.run_id, "running"
     driver._finish(failed, "failed", "worker died 4 times")
     driver._drain_tracking()
@@ -164,3 +164,45 @@ def test_mlflow_telemetry_is_off_in_genforge_processes_unless_asked_for():
     assert telemetry_client("import orchestrator, mlflow") == "False"
     assert telemetry_client("import workers.base") == "False"
     assert telemetry_client("import orchestrator, mlflow", MLFLOW_DISABLE_TELEMETRY="false") == "True"
+
+
+def test_unsent_metrics_are_the_buffered_and_the_in_flight_ones_and_what_is_lost_is_said(run):
+    import threading
+
+    uri, info = run
+    log = RunLogger(uri, info.run_id, flush_s=60)
+    sending, release = threading.Event(), threading.Event()
+
+    def log_batch(run_id, metrics=(), params=(), tags=()):
+        sending.set()
+        release.wait(30)
+        raise ConnectionError("the tracking server is away")
+
+    log.client.log_batch = log_batch
+    log.log_metrics({"loss": 0.5, "lr": 1e-3}, 1)
+    log.log_metrics({"loss": 0.25, "lr": 1e-3}, 2)
+    flush = threading.Thread(target=log.flush_metrics)
+    flush.start()
+    assert sending.wait(30)
+    log.log_metrics({"loss": 0.125}, 3)  # buffered while steps 1 and 2 are in flight
+    points = sorted((m.step, m.key, m.value) for m in log.unsent())
+    assert points == [(1, "loss", 0.5), (1, "lr", 1e-3), (2, "loss", 0.25), (2, "lr", 1e-3),
+                      (3, "loss", 0.125)]
+    release.set()
+    flush.join()
+    assert sorted((m.step, m.key) for m in log.unsent()) == [(s, k) for s, k, _ in points]
+    with pytest.raises(RuntimeError, match="logging to MLflow failed"):
+        log.close()
+    lost = log.lost()
+    assert len(lost) == 1 and lost[0].startswith("5 metric points of steps 1..3: ConnectionError")
+    assert MlflowClient(uri).get_metric_history(info.run_id, "loss") == []
+
+
+def test_points_logged_again_keep_their_step_and_time(run):
+    uri, info = run
+    log = RunLogger(uri, info.run_id, flush_s=60)
+    log.log_points([["loss", 0.5, 1_000_000, 7], ["lr", 0.001, 1_000_001, 7]])
+    log.close()
+    assert log.lost() == []
+    (loss,) = MlflowClient(uri).get_metric_history(info.run_id, "loss")
+    assert (loss.step, loss.value, loss.timestamp) == (7, 0.5, 1_000_000)

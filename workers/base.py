@@ -19,6 +19,10 @@ A family that can distil (`kind: distill`) also fills in
 and may override `begin_distillation` (by default the student is the family's model with the
 `distill.student` changes, built fresh). Distillation runs the same loop, checkpoints and resume
 as training.
+
+A job asked to stop (`request_stop`) stops at the next step boundary of the training loop, with
+a checkpoint; outside the loop (data loading, final metrics, sampling and evaluation jobs) at the
+next `check_stop()`, with nothing saved: a long phase calls it at its natural boundaries.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ RESULT = "result.json"  # written last: the job's output is complete
 
 class JobError(Exception):
     """An error in the job itself (bad data, NaN loss): not retried as an infrastructure fault."""
+
+
+class Stopped(Exception):
+    """Raised by `Worker.check_stop` when the job was asked to stop outside the training loop;
+    `Worker.run` turns it into the job's result. It never leaves the worker."""
 
 
 class CheckpointWriter:
@@ -153,6 +162,11 @@ class Worker:
         """Metrics of a finished distillation beyond the side-by-side comparison."""
         return {}
 
+    def on_resume(self, ckpt: Checkpoint) -> None:
+        """Called when a training or distill job resumes from `ckpt`, after its weights are
+        restored and `self.model_cfg` is the model section it was written with: restore what
+        the family derives from that section (e.g. how a distilled model samples)."""
+
     def learning_rate(self, step: int, cfg: dict[str, Any]) -> float:
         """The learning rate of `step`: linear warm-up, then constant."""
         return cfg["lr"] * min(1.0, step / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
@@ -193,11 +207,43 @@ class Worker:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def check_stop(self) -> None:
+        """Raise `Stopped` if the job was asked to stop: called at the natural boundaries of
+        every phase outside the training loop (which checks at each step boundary)."""
+        if self._stop.is_set():
+            raise Stopped
+
+    def _check_stop_agreed(self) -> None:
+        """`check_stop` where every rank of a data-parallel job runs the same code (before
+        the training loop): the ranks agree, so that none is left waiting in a collective."""
+        if self.collective is None:
+            self.check_stop()
+        elif self.collective.any(self._stop.is_set()):
+            raise Stopped
+
     def run(self) -> dict[str, Any]:
         try:
             result = getattr(self, self.task.kind)()
-        finally:
+        except Stopped:  # stopped outside training: nothing saved, no result.json
+            result = {"status": "stopped", "step": self._progress.get("step", 0),
+                      "phase": self._progress.get("phase")}
+        except BaseException as exc:
+            # The job's own error is what the job failed of; a logger that cannot deliver
+            # its last metrics is only context to it.
+            try:
+                self.log.close()
+            except Exception as problem:  # noqa: BLE001
+                note = f"and the run's logger could not close: {type(problem).__name__}: {problem}"
+                if hasattr(exc, "add_note"):
+                    exc.add_note(note[:500])
+            raise
+        try:
             self.log.close()
+        except Exception:  # noqa: BLE001 - what it could not send is in lost()
+            pass
+        lost = self.log.lost()
+        if lost:  # the result stands (result.json is written); the driver reports the loss
+            result = {**result, "tracking_lost": lost}
         return result
 
     # ---- shared pieces --------------------------------------------------------------------
@@ -239,6 +285,11 @@ class Worker:
         state = {
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "ema_updates": {name: e.num_updates for name, e in self.emas.items()},
+            # Metric points the tracking server has not acknowledged yet (buffered or in a
+            # request): should the upload's flush fail and the worker die, the attempt that
+            # resumes from this checkpoint logs them (see `_fit`), so the history has no gap.
+            "unsent_metrics": [[m.key, float(m.value), int(m.timestamp), int(m.step)]
+                               for m in self.log.unsent()],
         }
         return encode_checkpoint(step, tensors=tensors, state=state, meta=self._meta(step))
 
@@ -271,6 +322,16 @@ class Worker:
         self.log.flush_metrics()
         uri = write_checkpoint(self.storage, encoded)
         self.log.set_tags({"genforge.checkpoint": uri})
+        keep = self.job["train"].get("keep_checkpoints")
+        if keep:  # retention, here on the upload thread; a failed prune is retried next time
+            import logging
+
+            from orchestrator.checkpoints import prune_checkpoints
+            try:
+                prune_checkpoints(self.storage, keep)
+            except Exception as exc:  # noqa: BLE001 - old checkpoints left over fail nothing
+                logging.getLogger(__name__).warning(
+                    "could not prune the checkpoints of %s to %d: %s", self.storage.uri(), keep, exc)
         return uri
 
     def _log_grid(self, step: int, n: int) -> None:
@@ -316,7 +377,9 @@ class Worker:
 
         def seconds_per_image(generate: Callable[[int, torch.Generator], torch.Tensor]) -> float:
             with torch.no_grad():
+                self.check_stop()
                 generate(n, self._generator(0))  # warm-up: one-time allocations
+                self.check_stop()
                 t0 = time.perf_counter()
                 generate(n, self._generator(0))
             return (time.perf_counter() - t0) / n
@@ -338,18 +401,24 @@ class Worker:
         x = x.to(self.device)
         labels = labels.to(self.device) if labels is not None else None
         self.image_shape = tuple(x.shape[1:])
+        self._check_stop_agreed()
         build()
         for module in self.frozen.values():
             module.eval().requires_grad_(False)
         x, labels = self.prepare_data(x, labels)
         self.configure_optimizers(cfg)
+        self._check_stop_agreed()
 
-        start = 0
+        start, resumed = 0, None
         try:
-            ckpt = load_checkpoint(self.storage)
-            self._restore(ckpt)
-            start = ckpt.step
-            self.log.set_tags({"genforge.resumed_from": ckpt.uri,
+            resumed = load_checkpoint(self.storage)
+            self._restore(resumed)
+            start = resumed.step
+            # The model section the checkpoint was written with (a distillation's student
+            # changes it as it trains), and what the family derives from it.
+            self.model_cfg = resumed.meta.get("model", self.model_cfg)
+            self.on_resume(resumed)
+            self.log.set_tags({"genforge.resumed_from": resumed.uri,
                                "genforge.resumed_at_step": str(start + 1)})
         except NotFound:
             pass
@@ -359,15 +428,19 @@ class Worker:
         # Steps between the checkpoint and the death of an earlier attempt were logged then;
         # they are trained again (same per-step seeds) but not logged twice.
         self._logged_until = self.log.last_logged_step("steps_per_s") if self.task.attempt > 1 else 0
+        if resumed is not None:  # what had not reached the tracking server when it was saved
+            self.log.log_points([p for p in resumed.state.get("unsent_metrics", [])
+                                 if p[3] > self._logged_until])
 
         writer = CheckpointWriter(self._encode_checkpoint, self._upload_checkpoint)
         started = time.time()
         try:
             step = self._train_loop(x, labels, start, cfg, writer, step_fn)
             loop_s = time.time() - started
-            if self.rank0:
+            if self.rank0 and (resumed is None or step > start):
                 writer.submit(step)
-            uri = writer.wait()
+            # a resume that trained no step: its checkpoint is the job's, as it was written
+            uri = writer.wait() or (resumed.uri if resumed is not None else None)
         finally:
             writer.close()
         timing = {"started_unix": started, "loop_s": loop_s, "steps_run": step - start}
@@ -375,8 +448,12 @@ class Worker:
             return {"status": "finished" if step == self.total_steps else "stopped", "step": step}
         if step < self.total_steps:  # asked to stop: the checkpoint is saved, the job is not done
             return {"status": "stopped", "step": step, "checkpoint": uri}
+        if resumed is not None and step == start:
+            self.log.set_tags({"genforge.checkpoint": uri})
         self._progress.update(phase="sampling")
+        self.check_stop()
         final = final_metrics()
+        self.check_stop()  # before they are logged: the job that resumes logs them
         if final:
             self.log.log_metrics(final, step)
         self._log_grid(step, cfg["sample_images"])
@@ -487,6 +564,7 @@ class Worker:
         t0 = time.perf_counter()
         with torch.no_grad():
             for start in range(0, n, bs):
+                self.check_stop()
                 count = min(bs, n - start)
                 batches.append(imageio.to_uint8(self.generate(count, cfg, gen)))
                 self._progress["step"] = start + count

@@ -27,7 +27,9 @@ from workers.diffusion.schedules import make_schedule
 from workers.nn.ema import EMA
 from workers.nn.unet import UNet
 
-PREVIEW_STEPS = 50  # DDIM steps for the grids logged during training
+# DDIM's steps when a job does not set `sample.steps` (Song et al.'s and diffusers' default),
+# also those of the grids logged during training; a model with fewer timesteps takes them all
+DDIM_DEFAULT_STEPS = 50
 
 
 class DDPMWorker(Worker):
@@ -60,10 +62,17 @@ class DDPMWorker(Worker):
 
     def set_sampling(self, prediction: str, distilled_steps: int | None) -> None:
         """What the network predicts, and how it samples when a job does not say: a distilled
-        model with its own steps on the trailing grid, else every timestep (previews: 50)."""
+        model with its own steps on the trailing grid, else DDIM_DEFAULT_STEPS DDIM steps (the
+        ancestral sampler: every timestep) on the linspace grid."""
         self.prediction = prediction
         self.distilled_steps = distilled_steps
         self.spacing = "trailing" if distilled_steps else "linspace"
+
+    def on_resume(self, ckpt: Checkpoint) -> None:
+        # A distillation's model section names the student's parameterisation and steps
+        # (`_enter_round`); a resume that trains no further step enters no round.
+        self.set_sampling(self.model_cfg.get("prediction", "eps"),
+                          self.model_cfg.get("distilled_steps"))
 
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
         self.optimizers = {"net": torch.optim.Adam(self.modules["net"].parameters(), lr=train_cfg["lr"])}
@@ -75,14 +84,24 @@ class DDPMWorker(Worker):
         self.optimize(loss, "net")
         return {"loss": loss.detach()}
 
+    def default_steps(self, sampler: str) -> int:
+        """The steps of `sampler` when a job leaves `sample.steps` out: a distilled model's
+        own; DDIM's default (or every timestep, if fewer); ancestral: every timestep."""
+        if self.distilled_steps:
+            return self.distilled_steps
+        if sampler == "ancestral":
+            return self.schedule.timesteps
+        return min(DDIM_DEFAULT_STEPS, self.schedule.timesteps)
+
     def sampler_settings(self, sample_cfg: dict[str, Any] | None) -> dict[str, Any]:
-        """Sampler, steps, η and spacing of a sample job's settings (None: the previews')."""
+        """Sampler, steps, η and spacing of a sample job's settings, resolved as `generate`
+        applies them (None: the previews')."""
         if sample_cfg is None:
-            steps = self.distilled_steps or min(PREVIEW_STEPS, self.schedule.timesteps)
-            return {"sampler": "ddim", "steps": steps, "eta": 0.0, "spacing": self.spacing}
-        return {"sampler": sample_cfg["sampler"], "eta": sample_cfg["eta"],
-                "steps": (sample_cfg.get("steps") or self.distilled_steps
-                          or self.schedule.timesteps),
+            return {"sampler": "ddim", "steps": self.default_steps("ddim"), "eta": 0.0,
+                    "spacing": self.spacing}
+        sampler = sample_cfg["sampler"]
+        return {"sampler": sampler, "eta": sample_cfg["eta"],
+                "steps": sample_cfg.get("steps") or self.default_steps(sampler),
                 "spacing": sample_cfg.get("spacing") or self.spacing,
                 "use_ema": sample_cfg.get("use_ema", True)}
 

@@ -76,6 +76,7 @@ class EvaluateWorker(Worker):
             self._progress["step"] = step
             if step % 100 == 0 or step == cfg["steps"]:
                 self.log.log_metrics({"classifier_loss": loss}, step)
+            self.check_stop()  # between two steps: a stopped job caches no classifier
 
         train_classifier(net, x, y, cfg, on_step)
         test_accuracy = accuracy(net, hx, hy)
@@ -118,6 +119,7 @@ class EvaluateWorker(Worker):
         parts, t0 = [], time.perf_counter()
         with torch.no_grad():
             for start in range(0, n, sample_cfg["batch_size"]):
+                self.check_stop()
                 count = min(sample_cfg["batch_size"], n - start)
                 parts.append(as_uint8(worker.generate(count, sample_cfg, gen)).cpu())
                 self._progress["step"] = self._progress.get("step", 0) + count
@@ -152,6 +154,7 @@ class EvaluateWorker(Worker):
             raise JobError("data: evaluation needs labels (its feature network is a classifier)")
         if len(hx) < n:
             raise JobError(f"evaluate.num_samples: {n} but the held-out split has {len(hx)} images")
+        self.check_stop()
         x, y, hx, hy = (t.to(self.device) for t in (x, y, hx, hy))
         net, test_accuracy, cached = self.feature_network(x, y, hx, hy)
         self.log.set_tags({"genforge.classifier_cache": "hit" if cached else "miss"})
@@ -161,6 +164,7 @@ class EvaluateWorker(Worker):
         real = as_uint8(hx[:n]).cpu()
         # real vs real at the same sample count: what a perfect model would score
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))[:n]
+        self.check_stop()
         baseline = self._score(extractor, real, as_uint8(x[pick.to(x.device)]).cpu())
         results: dict[str, Any] = {"num_samples": n, "classifier_test_accuracy": test_accuracy,
                                    "baseline": baseline, "sources": []}
@@ -170,10 +174,12 @@ class EvaluateWorker(Worker):
         refs = self.job["from"] if isinstance(self.job["from"], list) else [self.job["from"]]
         self._progress.update(phase="sampling", step=0, total=n * len(refs))
         for ref, uri in zip(refs, self.task.sources):
+            self.check_stop()
             images, info = self.images_of(ref, uri, n)
             if tuple(images.shape[1:]) != tuple(real.shape[1:]):
                 raise JobError(f"from: {ref} makes {tuple(images.shape[1:])} images, the "
                                f"evaluation data is {tuple(real.shape[1:])}")
+            self.check_stop()
             metrics = self._score(extractor, real, images)
             label = ref if "://" not in ref else f"source{len(results['sources'])}"
             self.log.log_metrics({f"{label}.{k}": v for k, v in

@@ -9,8 +9,11 @@ Each rank runs the family's ordinary `Worker` with a `Collective`: every rank dr
 global batch of the step and trains on its own slice of it, gradients are averaged before each
 optimizer step (the all-reduce DistributedDataParallel does, written out so that a family may
 call its modules any number of times per step, as GANs do), and logged losses are averaged
-over the ranks. Rank 0 alone writes checkpoints, grids, metrics and the result, in the same
-layout as a single-worker job; every rank resumes from the same checkpoint.
+over the ranks. Floating buffers are not kept in step, with one exception: a vector
+quantiser's EMA codebook (workers/nn/bottleneck.py) is updated from the global batch's code
+statistics, summed over the ranks, so that every rank quantises with the same codebook. Rank 0
+alone writes checkpoints, grids, metrics and the result, in the same layout as a single-worker
+job; every rank resumes from the same checkpoint.
 
 Rank 0 reports its progress to the coordinator about twice a second and learns from the
 answer whether the job was asked to stop; the ranks then agree (one all-reduce per step) to

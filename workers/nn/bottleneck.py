@@ -5,6 +5,9 @@
 averages of the encoder outputs assigned to them (Razavi et al. 2019) instead of by gradient, and
 dead-code restart (Dhariwal et al. 2020, Jukebox): a code whose EMA usage falls below a threshold
 is moved onto a random encoder output of the current batch, so the codebook does not collapse.
+In a data-parallel job (workers/parallel.py) the codes' counts and sums are those of the global
+batch (summed over the ranks) and restarts use rank 0's picks, so every rank keeps the same
+codebook.
 
 `DiagonalGaussian`: the KL-regularised bottleneck of latent diffusion's autoencoder (Rombach et
 al. 2022): the encoder predicts a mean and log-variance, training samples from it, the KL to
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -68,19 +72,43 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _ema_update(self, flat: Tensor, idx: Tensor, generator: torch.Generator | None) -> None:
         onehot = F.one_hot(idx, self.codebook_size).type(flat.dtype)
-        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        counts, sums = onehot.sum(0), onehot.t() @ flat
+        # Dead-code restart candidates: one random encoder output per code, used only where the
+        # code is dead (a fixed-size pick and `where` instead of a boolean index: no host sync).
+        pick = torch.randint(len(flat), (self.codebook_size,), generator=generator,
+                             device=flat.device)
+        candidates = flat[pick]
+        if _world_size() > 1:
+            counts, sums, candidates = _global_statistics(counts, sums, candidates)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         # Laplace smoothing keeps rarely used codes from dividing by ~0.
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
         self.embed.copy_(self.embed_avg / smoothed[:, None])
         dead = self.cluster_size < self.restart_threshold
-        if dead.any():
-            pick = torch.randint(len(flat), (int(dead.sum()),), generator=generator,
-                                 device=flat.device)
-            self.embed[dead] = flat[pick]
-            self.embed_avg[dead] = flat[pick] * self.restart_threshold
-            self.cluster_size[dead] = self.restart_threshold
+        self.embed.copy_(torch.where(dead[:, None], candidates, self.embed))
+        self.embed_avg.copy_(torch.where(dead[:, None], candidates * self.restart_threshold,
+                                         self.embed_avg))
+        self.cluster_size.masked_fill_(dead, self.restart_threshold)
+
+
+def _world_size() -> int:
+    """The ranks of the data-parallel job this process is one of (1 outside one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_statistics(counts: Tensor, sums: Tensor, candidates: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """One all-reduce over the ranks of a data-parallel job: the per-code counts and sums of
+    the global batch, and rank 0's restart candidates (the other ranks add zeros), so that every
+    rank keeps the same codebook while its encoder and decoder gradients are averaged."""
+    if dist.get_rank() != 0:
+        candidates = torch.zeros_like(candidates)
+    buf = torch.cat([counts[:, None], sums, candidates], dim=1)
+    dist.all_reduce(buf)
+    dim = sums.shape[1]
+    return buf[:, 0], buf[:, 1:1 + dim], buf[:, 1 + dim:]
 
 
 class DiagonalGaussian(nn.Module):
