@@ -52,13 +52,13 @@ class ResolvedCheckpoint:
 def resolve_checkpoint(uri: str, credentials=None) -> ResolvedCheckpoint:
     """The exact checkpoint `uri` names now (a job prefix: its newest complete one); raises
     StorageError (NotFound, CheckpointError) when there is none."""
-    from orchestrator.checkpoints import read_manifest, resolve_checkpoint_uri
+    from orchestrator.checkpoints import checkpoint_name, read_manifest, resolve_checkpoint_uri
 
     storage, name = resolve_checkpoint_uri(uri, credentials)
-    manifest = read_manifest(storage, name)
+    manifest = read_manifest(storage, name)  # its step is checked against its folder's name
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    return ResolvedCheckpoint(storage.uri(f"checkpoints/{manifest['name']}"), digest,
-                              manifest.get("meta") or {})
+    return ResolvedCheckpoint(storage.uri(f"checkpoints/{checkpoint_name(manifest['step'])}"),
+                              digest, manifest.get("meta") or {})
 
 
 @dataclass

@@ -36,8 +36,8 @@ def runs_of(local_stack, experiment: str, submission: str) -> dict:
 
 
 def test_submit_runs_the_driver_as_a_ray_job(tmp_path, local_stack, stack_env, s3_client):
-    out = genforge(["submit", str(write_spec(tmp_path / "s.yaml", spec("e2e-submit", 4))),
-                    "--wait"], stack_env)
+    path = write_spec(tmp_path / "s.yaml", spec("e2e-submit", 4))
+    out = genforge(["submit", str(path), "--wait"], stack_env)
     submission = out.stdout.strip()
     assert out.returncode == 0, genforge(["logs", submission], stack_env).stdout[-3000:]
     assert submission.startswith("genforge-e2e-submit-")
@@ -56,6 +56,10 @@ def test_submit_runs_the_driver_as_a_ray_job(tmp_path, local_stack, stack_env, s
     listed = genforge(["jobs"], stack_env)
     line = next(l for l in listed.stdout.splitlines() if l.startswith(submission))
     assert "SUCCEEDED" in line and "2/2 done" in line
+    # `run` and `submit` of one spec share their cache: the jobs' hashes are the same
+    again = genforge(["run", str(path)], stack_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "job 'ddpm': cached" in again.stderr and "job 'grid': cached" in again.stderr
     # the credentials went to the job as environment, never into its output or the runs
     secret = stack_env_secret(local_stack)
     assert secret not in logs.stdout and secret not in str(runs["ddpm"].data.params)

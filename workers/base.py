@@ -28,6 +28,7 @@ next `check_stop()`, with nothing saved: a long phase calls it at its natural bo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -45,6 +46,7 @@ from orchestrator.checkpoints import (
     NotFound,
     encode_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     resolve_checkpoint_uri,
     write_checkpoint,
 )
@@ -57,6 +59,7 @@ from workers.nn.ema import EMA
 from workers.parallel import Collective, module_state
 
 RESULT = "result.json"  # written last: the job's output is complete
+log = logging.getLogger(__name__)
 
 
 class JobError(Exception):
@@ -324,13 +327,10 @@ class Worker:
         self.log.set_tags({"genforge.checkpoint": uri})
         keep = self.job["train"].get("keep_checkpoints")
         if keep:  # retention, here on the upload thread; a failed prune is retried next time
-            import logging
-
-            from orchestrator.checkpoints import prune_checkpoints
             try:
                 prune_checkpoints(self.storage, keep)
             except Exception as exc:  # noqa: BLE001 - old checkpoints left over fail nothing
-                logging.getLogger(__name__).warning(
+                log.warning(
                     "could not prune the checkpoints of %s to %d: %s", self.storage.uri(), keep, exc)
         return uri
 
