@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ServiceError as exc:  # nothing ran: the environment is wrong, as for bad input
         _err(f"{args.spec}: {exc}")
         return EXIT_INVALID
+    finally:  # every run is closed: a stop that comes now, while Ray shuts down, has no work
+        signals.handle(signal.SIG_IGN)
 
 
 def _job_server(args: argparse.Namespace) -> str | None:

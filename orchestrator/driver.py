@@ -47,6 +47,7 @@ OPEN_AHEAD_S = 3.0  # ...once the pipeline has launched nothing for this long
 PUBLISH_S = 2.0  # the pipeline's progress tag changes at most this often while it runs
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
 WATCH_S = 2.0  # how often a job that another driver runs is looked at
+STORAGE_PATIENCE_S = 300.0  # a job whose lookups fail this long (storage away) fails
 RESULT = "result.json"
 AUTOSCALING_ENV = "GENFORGE_AUTOSCALING"  # set: requests larger than any node wait for one
 
@@ -96,6 +97,7 @@ class JobState:
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     taken: lease.Taken | None = None  # elsewhere: the lease of the driver that runs it
+    unreachable_since: float | None = None  # its lookups have failed since (storage away)
     adopt: bool = False  # its run is looked up again at its launch (a driver before ran it)
 
     @property
@@ -275,32 +277,59 @@ class Driver:
             return
         self._watched = time.monotonic()
         for state in [s for s in self.jobs.values() if s.status == "elsewhere"]:
-            cached = self._cached(state)
-            if cached is not None:
-                state.taken = None
-                self._cache_hit(state, cached, "finished by another driver")
-                continue
-            storage = self._storage(state)
-            now = lease.look(storage, state.taken)
-            if now is None:
-                got = lease.acquire(storage, self.me)
-                if isinstance(got, lease.Lease):
-                    self.echo(f"job '{state.name}': the other driver let it go; running it here")
-                    state.adopt = True
-                    self._own(state, got)
-                elif got is not None:
-                    state.taken = got
-                continue
-            state.taken = now
-            if lease.stale(now, self._ray_jobs.dead):
-                got = lease.take_over(storage, now, self.me)
-                if got is not None:
-                    why = ("its driver has ended" if now.holder and self._ray_jobs.dead(now.holder)
-                           else f"not renewed for {lease.TTL_S:g} s")
-                    self.echo(f"job '{state.name}': taken over from {lease.describe(now)} ({why}); "
-                              f"resuming it here")
-                    state.adopt = True
-                    self._own(state, got)
+            self._tolerant(state, self._watch)
+        self._give_up_on_storage()
+
+    def _watch(self, state: JobState) -> None:
+        cached = self._cached(state)
+        if cached is not None:
+            state.taken = None
+            return self._cache_hit(state, cached, "finished by another driver")
+        storage = self._storage(state)
+        now = lease.look(storage, state.taken)
+        if now is None:
+            got = lease.acquire(storage, self.me)
+            if isinstance(got, lease.Lease):
+                self.echo(f"job '{state.name}': the other driver let it go; running it here")
+                state.adopt = True
+                self._own(state, got)
+            elif got is not None:
+                state.taken = got
+            return
+        state.taken = now
+        if lease.stale(now, self._ray_jobs.dead):
+            got = lease.take_over(storage, now, self.me)
+            if got is not None:
+                why = ("its driver has ended" if now.holder and self._ray_jobs.dead(now.holder)
+                       else f"not renewed for {lease.TTL_S:g} s")
+                self.echo(f"job '{state.name}': taken over from {lease.describe(now)} ({why}); "
+                          f"resuming it here")
+                state.adopt = True
+                self._own(state, got)
+
+    def _tolerant(self, state: JobState, look: Callable[[JobState], None]) -> None:
+        """`look(state)` (a cache lookup, a lease), with storage that is away for a while
+        tolerated: the job is looked at again on the next turn of the loop, and fails once
+        storage has been away for STORAGE_PATIENCE_S (see `_give_up_on_storage`)."""
+        try:
+            look(state)
+        except StorageError as exc:
+            if state.unreachable_since is None:
+                state.unreachable_since = time.monotonic()
+                self.echo(f"job '{state.name}': {exc}; trying again")
+            state.error = str(exc)
+            return
+        if state.unreachable_since is not None:
+            state.unreachable_since, state.error = None, None
+            self.echo(f"job '{state.name}': storage is back")
+
+    def _give_up_on_storage(self) -> None:
+        for state in self.jobs.values():
+            since = state.unreachable_since
+            if since is not None and time.monotonic() - since > STORAGE_PATIENCE_S:
+                state.unreachable_since = None
+                self._finish(state, "failed", f"storage unreachable for "
+                                              f"{time.monotonic() - since:.0f} s: {state.error}")
 
     def _lost_leases(self) -> None:
         """Jobs whose lease another driver took over (this one looked dead to it): stopped at
@@ -685,9 +714,12 @@ class Driver:
             if not self._ray_jobs.ended(ray_job, gcs):
                 continue
             tags = run.data.tags
-            done = "genforge.job" in tags and self.root.child(
-                f"{self.experiment}/{tags['genforge.job']}/{tags.get('genforge.hash')}"
-            ).exists(RESULT)
+            try:
+                done = "genforge.job" in tags and self.root.child(
+                    f"{self.experiment}/{tags['genforge.job']}/{tags.get('genforge.hash')}"
+                ).exists(RESULT)
+            except StorageError:  # storage away for now: left to a later driver
+                continue
             if not done:
                 self.tracker.set_tags(run.info.run_id, {
                     "genforge.error": f"its driver (Ray job {ray_job}) ended without closing it"})
@@ -781,8 +813,8 @@ class Driver:
         """Jobs whose inputs are all there (again after cache hits: their dependents) are
         cache hits, or queued once this driver holds their lease, or watched while another
         driver runs them. Their lookups go out on threads: each is a request or three."""
-        while ready := [s for s in self.jobs.values() if s.status == "pending" and all(
-                self.jobs[d].status in ("finished", "cached") for d in s.planned.deps)]:
+        tried: set[str] = set()
+        while ready := [s for s in self._waiting_to_settle() if s.name not in tried]:
             def settle(state: JobState) -> None:
                 cached = self._cached(state)
                 if cached is not None:
@@ -790,7 +822,14 @@ class Driver:
                 else:
                     self._claim(state)
 
-            list(self._lookups.map(settle, ready))
+            tried.update(s.name for s in ready)
+            list(self._lookups.map(lambda state: self._tolerant(state, settle), ready))
+        self._give_up_on_storage()
+
+    def _waiting_to_settle(self) -> list[JobState]:
+        """Jobs whose inputs are all there that are not yet cached, queued or watched."""
+        return [s for s in self.jobs.values() if s.status == "pending" and all(
+            self.jobs[d].status in ("finished", "cached") for d in s.planned.deps)]
 
     def _loop(self) -> None:
         with ThreadPoolExecutor(8, thread_name_prefix="lookup") as self._lookups:
@@ -800,7 +839,8 @@ class Driver:
                 self._lost_leases()
                 running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
                 if not running:
-                    if any(s.status in ("queued", "elsewhere") for s in self.jobs.values()):
+                    if (any(s.status in ("queued", "elsewhere") for s in self.jobs.values())
+                            or self._waiting_to_settle()):  # storage away for a moment
                         self._publish_progress(now=False)
                         time.sleep(POLL_S)  # the cluster is full, or another driver runs them
                         self._watch_elsewhere()

@@ -495,22 +495,22 @@ class FileStorage(Storage):
             self._atomic_write(target, key, lambda f: f.write(memoryview(data)))
         return self._etag(data)
 
+    def _matches(self, target: Path, etag: str) -> bool:
+        try:
+            return self._etag(target.read_bytes()) == etag
+        except FileNotFoundError:
+            return False
+
     def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
         with self._locked(key) as target:
-            try:
-                if self._etag(target.read_bytes()) != etag:
-                    return None
-            except FileNotFoundError:
+            if not self._matches(target, etag):
                 return None
             self._atomic_write(target, key, lambda f: f.write(memoryview(data)))
         return self._etag(data)
 
     def delete_if_match(self, key: str, etag: str) -> bool:
         with self._locked(key) as target:
-            try:
-                if self._etag(target.read_bytes()) != etag:
-                    return False
-            except FileNotFoundError:
+            if not self._matches(target, etag):
                 return False
             target.unlink()
         return True

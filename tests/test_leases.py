@@ -127,3 +127,35 @@ def test_a_forced_job_clears_what_an_earlier_run_left_once_it_holds_the_lease(tm
     assert sorted(store.list()) == ["LEASE", "pins/r1"]
     driver.leases.close()
     assert store.list() == ["pins/r1"]
+
+
+def test_storage_away_for_a_moment_delays_a_job_and_for_long_fails_it(tmp_path, monkeypatch):
+    from orchestrator import driver as driver_module
+    from orchestrator.storage import StorageError
+
+    driver = offline_driver(tmp_path, [{"name": "a", **TRAIN}, {"name": "b", **TRAIN},
+                                       {"name": "s", "kind": "sample", "family": "ddpm",
+                                        "from": "b"}])
+    away = {"a", "b"}
+    real = driver._cached
+
+    def cached(state):
+        if state.name in away:
+            raise StorageError("cannot reach S3 endpoint http://s3:1 to read result.json")
+        return real(state)
+
+    monkeypatch.setattr(driver, "_cached", cached)
+    with driver_module.ThreadPoolExecutor(2) as driver._lookups:
+        driver._ready()
+        assert {n: s.status for n, s in driver.jobs.items()} == {
+            "a": "pending", "b": "pending", "s": "pending"}
+        assert driver._waiting_to_settle()  # the loop goes on: it is looked at again
+        away.discard("a")  # back for a
+        driver._ready()
+        assert driver.jobs["a"].status == "queued" and driver.jobs["a"].unreachable_since is None
+        monkeypatch.setattr(driver_module, "STORAGE_PATIENCE_S", 0.0)
+        driver._ready()
+    b = driver.jobs["b"]
+    assert b.status == "failed" and b.error.startswith("storage unreachable for ")
+    assert driver.jobs["s"].status == "skipped"
+    driver.leases.close()
