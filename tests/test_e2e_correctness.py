@@ -5,6 +5,7 @@ phase with every run KILLED."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -13,12 +14,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from support import genforge, genforge_background, write_spec
+from support import genforge, genforge_background, keys, write_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 TINY = {"kind": "train", "family": "ddpm",
-        "model": {"channels": 8, "channel_mult": [1], "timesteps": 20},
+        "model": {"channels": 8, "channel_mult": [1], "timesteps": 100},
         "train": {"steps": 4, "batch_size": 8, "log_every": 1},
         "resources": {"cpus": 1}}
 # ~0.2-0.4 s a step on one core: slow enough to be stopped, or joined, while it trains
@@ -48,7 +49,8 @@ def write_images(path, seed: int) -> None:
     np.savez(path, x=rng.integers(0, 255, (48, 8, 8), dtype=np.uint8), y=np.arange(48) % 3)
 
 
-def test_the_cache_follows_content_and_force_starts_afresh(tmp_path, local_stack, stack_env):
+def test_the_cache_follows_content_and_force_starts_afresh(tmp_path, local_stack, stack_env,
+                                                           s3_client):
     write_images(tmp_path / "d.npz", seed=0)
     train = write_spec(tmp_path / "train.yaml", {"experiment": "content", "jobs": [
         {"name": "a", **TINY, "data": {"dataset": "npz", "path": "d.npz", "image_size": 8}}]})
@@ -68,9 +70,14 @@ def test_the_cache_follows_content_and_force_starts_afresh(tmp_path, local_stack
     # another spec reads that job by its prefix: the newest checkpoint there, pinned at planning
     reader = write_spec(tmp_path / "reader.yaml", {"experiment": "content-reader", "jobs": [
         {"name": "s", "kind": "sample", "family": "ddpm", "from": prefix,
-         "sample": {"num_images": 2, "steps": 2}}]})
+         "sample": {"num_images": 2}}]})
     assert outcome(run(reader)) == {"s": "started"}
     assert outcome(run(reader)) == {"s": "cached"}
+    # no steps given: DDIM's 50, not every one of the model's 100 timesteps
+    (key,) = [k for k in keys(s3_client, local_stack.bucket, "genforge/content-reader/s/")
+              if k.endswith("/result.json")]
+    result = json.loads(s3_client.get_object(Bucket=local_stack.bucket, Key=key)["Body"].read())
+    assert result["sampler"]["sampler"] == "ddim" and result["sampler"]["steps"] == 50
 
     # --force before the spec: the job trains again from step 0, in a run of its own
     forced = run(train, "--force")
@@ -83,6 +90,15 @@ def test_the_cache_follows_content_and_force_starts_afresh(tmp_path, local_stack
     assert "genforge.resumed_from" not in newest.data.tags
     # ...and what read its old checkpoint by URI is no longer a cache hit
     assert outcome(run(reader)) == {"s": "started"}
+
+
+def test_a_bad_value_is_echoed(tmp_path, stack_env):
+    spec = write_spec(tmp_path / "vae.yaml", {"experiment": "t", "jobs": [
+        {"name": "v", "kind": "train", "family": "vae"}]})
+    out = genforge(["run", str(spec)], stack_env)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"{spec}: job 'v': family: Input should be 'gan', 'ddpm', 'vqgan', 'autoregressive' or "
+        "'ldm' (got 'vae')"]
 
 
 def test_a_job_no_node_can_run_is_refused_before_anything_runs(tmp_path, local_stack, stack_env):
