@@ -714,10 +714,13 @@ class Driver:
             if not self._ray_jobs.ended(ray_job, gcs):
                 continue
             tags = run.data.tags
+            job = (self.root.child(f"{self.experiment}/{tags['genforge.job']}/"
+                                   f"{tags.get('genforge.hash')}") if "genforge.job" in tags
+                   else None)
             try:
-                done = "genforge.job" in tags and self.root.child(
-                    f"{self.experiment}/{tags['genforge.job']}/{tags.get('genforge.hash')}"
-                ).exists(RESULT)
+                done = job is not None and job.exists(RESULT)
+                if job is not None:  # the lease it held too (others take it over anyway)
+                    lease.drop_if_held_by(job, ray_job, gcs)
             except StorageError:  # storage away for now: left to a later driver
                 continue
             if not done:

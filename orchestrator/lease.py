@@ -115,6 +115,20 @@ def look(storage: Storage, taken: Taken) -> Taken | None:
     return taken if etag == taken.etag else Taken(Holder.decode(raw), etag)
 
 
+def drop_if_held_by(storage: Storage, ray_job: str, gcs: str) -> bool:
+    """Delete the job's lease if Ray job `ray_job` (of the cluster at `gcs`) holds it: for the
+    leases of a driver known to have ended, whose jobs may be finished and never looked at
+    again."""
+    try:
+        raw, etag = storage.get_tagged(LEASE_KEY)
+    except NotFound:
+        return False
+    holder = Holder.decode(raw)
+    if holder is None or (holder.ray_job, holder.gcs) != (ray_job, gcs):
+        return False
+    return storage.delete_if_match(LEASE_KEY, etag)
+
+
 def stale(taken: Taken, dead: Callable[[Holder], bool]) -> bool:
     """Whether a lease another driver holds may be taken over: its holder is known dead, or it
     has not changed for TTL_S."""
@@ -243,6 +257,6 @@ def describe(taken: Taken) -> str:
 
 
 __all__ = ["Holder", "Keeper", "Lease", "Taken", "RayJobs", "acquire", "take_over", "look",
-           "stale", "this_driver", "conditional_writes", "describe", "LEASE_KEY", "TTL_S",
+           "stale", "drop_if_held_by", "this_driver", "conditional_writes", "describe", "LEASE_KEY", "TTL_S",
            "RENEW_S"]
 

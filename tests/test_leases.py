@@ -159,3 +159,14 @@ def test_storage_away_for_a_moment_delays_a_job_and_for_long_fails_it(tmp_path, 
     assert b.status == "failed" and b.error.startswith("storage unreachable for ")
     assert driver.jobs["s"].status == "skipped"
     driver.leases.close()
+
+
+def test_the_lease_of_a_driver_that_ended_goes_with_its_runs(storage):
+    dead, alive = lease.this_driver("01000000", "gcs:1"), lease.this_driver("02000000", "gcs:1")
+    lease.acquire(storage, alive)
+    assert not lease.drop_if_held_by(storage, "01000000", "gcs:1")  # not the dead one's
+    storage.delete(lease.LEASE_KEY)
+    lease.acquire(storage, dead)
+    assert not lease.drop_if_held_by(storage, "01000000", "other:1")
+    assert lease.drop_if_held_by(storage, "01000000", "gcs:1")
+    assert not storage.exists(lease.LEASE_KEY)
