@@ -128,12 +128,13 @@ def test_a_training_job_keeps_its_newest_checkpoints(tmp_path):
 def test_a_failed_prune_does_not_fail_the_checkpoint(store, monkeypatch, caplog):
     from orchestrator.storage import StorageError
     from orchestrator.tracking import NullLogger
+    from workers import base
     from workers.base import Worker
 
     def broken(storage, keep_last):
         raise StorageError("storage went away")
 
-    monkeypatch.setattr(ck, "prune_checkpoints", broken)
+    monkeypatch.setattr(base, "prune_checkpoints", broken)
     worker = Worker.__new__(Worker)
     worker.job, worker.storage, worker.log = {"train": {"keep_checkpoints": 1}}, store, NullLogger()
     _save(store, 1)
