@@ -48,6 +48,7 @@ PUBLISH_S = 2.0  # the pipeline's progress tag changes at most this often while 
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
 WATCH_S = 2.0  # how often a job that another driver runs is looked at
 STORAGE_PATIENCE_S = 300.0  # a job whose lookups fail this long (storage away) fails
+RESTART_BACKOFF_S = 2.0  # a job that lost its storage restarts after 2, 4, 8 ... s
 RESULT = "result.json"
 AUTOSCALING_ENV = "GENFORGE_AUTOSCALING"  # set: requests larger than any node wait for one
 
@@ -75,7 +76,8 @@ class OpenedRun(NamedTuple):
 class JobState:
     planned: PlannedJob
     # pending | queued (ready, its lease held, waiting for room) | elsewhere (another driver
-    # runs it) | running | finished | cached | failed | skipped | killed
+    # runs it) | running | restarting (on its actor, once storage has had time to come back)
+    # | finished | cached | failed | skipped | killed
     status: str = "pending"
     run_id: str | None = None
     artifact_uri: str | None = None  # its run's artifact root
@@ -98,6 +100,7 @@ class JobState:
     error: str | None = None
     taken: lease.Taken | None = None  # elsewhere: the lease of the driver that runs it
     unreachable_since: float | None = None  # its lookups have failed since (storage away)
+    not_before: float = 0.0  # restarting: when it is launched again
     adopt: bool = False  # its run is looked up again at its launch (a driver before ran it)
 
     @property
@@ -331,12 +334,17 @@ class Driver:
                 self._finish(state, "failed", f"storage unreachable for "
                                               f"{time.monotonic() - since:.0f} s: {state.error}")
 
+    def _restart_due(self) -> None:
+        for state in self.jobs.values():
+            if state.status == "restarting" and time.monotonic() >= state.not_before:
+                self._launch(state, state.actor)  # its actor is alive
+
     def _lost_leases(self) -> None:
         """Jobs whose lease another driver took over (this one looked dead to it): stopped at
         once, without a grace period, since the other driver may be writing already."""
         for name in self.leases.lost():
             state = self.jobs[name]
-            if state.status in ("running", "queued"):
+            if state.status in ("running", "queued", "restarting"):
                 if state.status == "queued":
                     self.admission.started.remote([self._ticket(state)])  # withdrawn
                 self._finish(state, "killed", "lost its lease: another driver took the job over")
@@ -518,7 +526,8 @@ class Driver:
             counts[status] = counts.get(status, 0) + 1
         done = counts.get("finished", 0) + counts.get("cached", 0)
         parts = [f"{done}/{len(self.jobs)} done"]
-        parts += [f"{counts[k]} {k}" for k in ("running", "queued", "elsewhere", "pending",
+        parts += [f"{counts[k]} {k}" for k in ("running", "restarting", "queued", "elsewhere",
+                                               "pending",
                                                "failed", "skipped", "killed") if counts.get(k)]
         return ", ".join(parts)
 
@@ -611,6 +620,12 @@ class Driver:
                           and not isinstance(cause, (NotFound, CheckpointError)))
         if infrastructure and state.restarts < state.planned.job.resources.max_restarts:
             state.restarts += 1
+            if isinstance(cause, StorageError):  # give storage time to come back
+                wait = min(RESTART_BACKOFF_S * 2 ** (state.restarts - 1), 60.0)
+                self.echo(f"job '{state.name}': {message}; resuming from its last checkpoint "
+                          f"in {wait:g} s (restart {state.restarts})")
+                state.status, state.not_before = "restarting", time.monotonic() + wait
+                return None
             self.echo(f"job '{state.name}': {message}; resuming from its last checkpoint "
                       f"(restart {state.restarts})")
             return self._launch(state, state.actor)  # its actor is alive
@@ -757,6 +772,8 @@ class Driver:
             self.admission.started.remote([self._ticket(s) for s in queued])  # withdrawn
         for state in queued:
             self._finish(state, "killed", "cancelled while queued")
+        for state in [s for s in self.jobs.values() if s.status == "restarting"]:
+            self._finish(state, "killed", "cancelled while waiting to restart")
         self._drain_tracking()
         if self.parent_run is not None:
             self._publish_progress()
@@ -839,10 +856,12 @@ class Driver:
             while True:
                 self._ready()
                 self._admit()
+                self._restart_due()
                 self._lost_leases()
                 running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
                 if not running:
-                    if (any(s.status in ("queued", "elsewhere") for s in self.jobs.values())
+                    if (any(s.status in ("queued", "elsewhere", "restarting")
+                            for s in self.jobs.values())
                             or self._waiting_to_settle()):  # storage away for a moment
                         self._publish_progress(now=False)
                         time.sleep(POLL_S)  # the cluster is full, or another driver runs them

@@ -159,6 +159,7 @@ class Keeper:
         self.me = me
         self._held: dict[str, Lease] = {}
         self._lost: set[str] = set()
+        self._releasing: list[Lease] = []  # released while storage was away: tried again
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._on_error = on_error
@@ -180,24 +181,45 @@ class Keeper:
 
     def release(self, name: str) -> None:
         """Give the job's lease back (its result, if any, is written: a waiting driver then
-        finds it)."""
+        finds it). Storage away: tried again at each renewal and when the keeper closes."""
         with self._lock:
             lease = self._held.pop(name, None)
         if lease is not None:
-            try:
-                lease.storage.delete_if_match(LEASE_KEY, lease.etag)
-            except StorageError as exc:  # it goes stale, and is taken over, in TTL_S
-                self._on_error(f"could not release {lease.storage.uri(LEASE_KEY)}: {exc}")
+            self._release(lease)
 
-    def close(self) -> None:
+    def _release(self, lease: Lease) -> None:
+        try:
+            lease.storage.delete_if_match(LEASE_KEY, lease.etag)
+        except StorageError as exc:
+            with self._lock:
+                first = lease not in self._releasing
+                if first:
+                    self._releasing.append(lease)
+            if first:
+                self._on_error(f"could not release {lease.storage.uri(LEASE_KEY)} yet: {exc}")
+        else:
+            with self._lock:
+                if lease in self._releasing:
+                    self._releasing.remove(lease)
+
+    def close(self, patience: float = 30.0) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
         for name in list(self._held):
             self.release(name)
+        deadline = time.monotonic() + patience
+        while self._releasing and time.monotonic() < deadline:
+            time.sleep(1.0)
+            for lease in list(self._releasing):
+                self._release(lease)
+        for lease in self._releasing:  # it goes stale: taken over by the next driver
+            self._on_error(f"left {lease.storage.uri(LEASE_KEY)} behind: storage stayed away")
 
     def renew(self) -> None:
         with self._lock:
-            held = list(self._held.items())
+            held, releasing = list(self._held.items()), list(self._releasing)
+        for lease in releasing:
+            self._release(lease)
         for name, lease in held:
             try:
                 etag = lease.storage.put_if_match(LEASE_KEY, _stamped(self.me), lease.etag)

@@ -235,6 +235,18 @@ class RunLogger:
         except Exception:
             return False
 
+    def deliver(self, timeout: float) -> bool:
+        """Send every metric point logged so far, trying again for up to `timeout` seconds
+        while the server is away; whether none is left unsent (buffered or in flight)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.flush_metrics()
+            if not self.unsent():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(1.0)
+
     def _flush_metrics(self) -> None:
         with self._lock:
             pending, self._metrics = self._metrics, []
@@ -333,6 +345,9 @@ class NullLogger:
         pass
 
     def flush_metrics(self) -> bool:
+        return True
+
+    def deliver(self, timeout: float) -> bool:
         return True
 
     def log_points(self, points: list[list]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -102,4 +103,32 @@ def test_a_worker_ray_cannot_reach_is_killed_before_its_job_is_launched_again(tm
         ("launch", s.actor)))
     driver._collect(state)
     assert events == [("kill", "old actor"), ("launch", None)]
+    driver.leases.close()
+
+
+def test_a_job_that_lost_its_storage_restarts_after_a_wait(tmp_path, monkeypatch):
+    """Storage away past botocore's retries: the job restarts on its budget, not at once (a
+    restart that finds the storage still away would spend the budget in a second)."""
+    from ray.exceptions import RayTaskError
+
+    from orchestrator import driver as driver_module
+    from orchestrator.storage import StorageError
+
+    driver = offline_driver(tmp_path, [{"name": "a", "kind": "train", "family": "ddpm",
+                                        "data": {"dataset": "digits", "image_size": 8}}])
+    state = driver.jobs["a"]
+    state.actor, state.status = SimpleNamespace(name="actor"), "running"
+    launched = []
+    monkeypatch.setattr(driver, "_launch", lambda s, actor=None: launched.append(actor.name))
+    cause = StorageError("cannot reach S3 endpoint http://s3:1 to read data.npz")
+    error = RayTaskError("run", "traceback", cause)
+    driver._job_error(state, error)
+    assert state.status == "restarting" and launched == [] and state.restarts == 1
+    assert state.not_before - time.monotonic() == pytest.approx(driver_module.RESTART_BACKOFF_S,
+                                                                abs=0.5)
+    driver._restart_due()
+    assert launched == []
+    state.not_before = time.monotonic()
+    driver._restart_due()
+    assert launched == ["actor"]
     driver.leases.close()

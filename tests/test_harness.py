@@ -190,7 +190,10 @@ def test_a_jobs_own_error_is_raised_when_the_logger_cannot_close(tmp_path):
     assert "logging to MLflow failed" in notes
 
 
-def test_a_job_that_finished_reports_what_tracking_lost(tmp_path):
+def test_a_job_that_finished_reports_what_tracking_lost(tmp_path, monkeypatch):
+    from workers import base
+
+    monkeypatch.setattr(base, "DELIVER_S", 2.0)  # the server stays away past the wait
     task = make_task(tmp_path, steps=3)
     worker = DDPMWorker(task)
     tracking_away(worker)
@@ -201,6 +204,37 @@ def test_a_job_that_finished_reports_what_tracking_lost(tmp_path):
     assert all("\n" not in line for line in lost)
     stored = json.loads(job_store(task).get_bytes("result.json"))
     assert stored["step"] == 3 and "tracking_lost" not in stored
+
+
+def test_a_job_is_complete_only_once_its_metrics_are_in_its_run(tmp_path):
+    """A tracking server away at the end of the job: result.json (after which the job is a
+    cache hit, never run again) waits for the metrics, which would otherwise die with the
+    process if its driver were killed then."""
+    task = make_task(tmp_path, steps=3)
+    worker = DDPMWorker(task)
+    send = worker.log.client.log_batch
+    away = {"calls": 0}
+
+    def flaky(*args, **kwargs):
+        away["calls"] += 1
+        if away["calls"] <= 2:
+            raise ConnectionError("the tracking server is away")
+        return send(*args, **kwargs)
+
+    worker.log.client.log_batch = flaky
+    written = []
+    put = worker.storage.put_bytes
+
+    def put_bytes(key, data):
+        if key == "result.json":  # the run's history when the result is written
+            written.append(sorted(m.step for m in MlflowClient(task.tracking_uri)
+                                  .get_metric_history(task.run_id, "loss")))
+        return put(key, data)
+
+    worker.storage.put_bytes = put_bytes
+    result = worker.run()
+    assert result["status"] == "finished" and "tracking_lost" not in result
+    assert written == [[1, 2, 3]]
 
 
 def test_a_resumed_job_logs_the_metrics_its_checkpoint_saved_unsent(tmp_path):

@@ -170,3 +170,28 @@ def test_the_lease_of_a_driver_that_ended_goes_with_its_runs(storage):
     assert not lease.drop_if_held_by(storage, "01000000", "other:1")
     assert lease.drop_if_held_by(storage, "01000000", "gcs:1")
     assert not storage.exists(lease.LEASE_KEY)
+
+
+def test_a_release_while_storage_is_away_is_tried_again(storage):
+    from orchestrator.storage import StorageError
+
+    me = lease.this_driver()
+    errors: list[str] = []
+    keeper = lease.Keeper(me, on_error=errors.append)
+    held = lease.acquire(storage, me)
+    keeper.hold("job", held)
+    real, away = storage.delete_if_match, {"left": 2}
+
+    def delete_if_match(key, etag):
+        if away["left"]:
+            away["left"] -= 1
+            raise StorageError("cannot reach S3 endpoint http://s3:1 to delete LEASE")
+        return real(key, etag)
+
+    storage.delete_if_match = delete_if_match
+    keeper.release("job")
+    assert storage.exists(lease.LEASE_KEY) and len(errors) == 1
+    keeper.renew()  # still away: said once only
+    assert storage.exists(lease.LEASE_KEY) and len(errors) == 1
+    keeper.close(patience=5)
+    assert not storage.exists(lease.LEASE_KEY)

@@ -59,6 +59,7 @@ from workers.nn.ema import EMA
 from workers.parallel import Collective, module_state
 
 RESULT = "result.json"  # written last: the job's output is complete
+DELIVER_S = 60.0  # how long a finished job waits for the tracking server to take its metrics
 log = logging.getLogger(__name__)
 
 
@@ -343,6 +344,11 @@ class Worker:
         self.log.log_image(picture, key="samples", step=step)
 
     def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        # The job's metrics reach its run before the job is complete: once result.json exists
+        # the job is a cache hit and never runs again, so points still buffered here would be
+        # lost with this process (its driver killed, say). A tracking server that stays away
+        # longer does not hold the result back; what it missed is reported (`tracking_lost`).
+        self.log.deliver(DELIVER_S)
         result = {**result, "job": self.task.name, "hash": self.task.job_hash,
                   "finished": datetime.now(timezone.utc).isoformat()}
         self.storage.put_bytes(RESULT, json.dumps(result, indent=2).encode())
