@@ -152,6 +152,10 @@ class RunLogger:
         self._tags: dict[str, str] = {}  # sent with the metrics: one request for both
         self._params: dict[str, str] = {}  # likewise
         self._lock = threading.Lock()
+        # One flush at a time (the logger's thread, a checkpoint upload's, `deliver`): points
+        # reach the run in the order they were logged, so the run's highest step says that
+        # every earlier point arrived (what a resumed attempt relies on, see `last_logged_step`).
+        self._sending = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._error: Exception | None = None
@@ -248,6 +252,10 @@ class RunLogger:
             time.sleep(1.0)
 
     def _flush_metrics(self) -> None:
+        with self._sending:
+            self._send_buffered()
+
+    def _send_buffered(self) -> None:
         with self._lock:
             pending, self._metrics = self._metrics, []
             tags, self._tags = self._tags, {}

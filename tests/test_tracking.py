@@ -206,3 +206,43 @@ def test_points_logged_again_keep_their_step_and_time(run):
     assert log.lost() == []
     (loss,) = MlflowClient(uri).get_metric_history(info.run_id, "loss")
     assert (loss.step, loss.value, loss.timestamp) == (7, 0.5, 1_000_000)
+
+
+def test_a_flush_never_delivers_points_ahead_of_an_earlier_one_still_in_flight(run):
+    """Two threads flush (the logger's own and a checkpoint upload's). Were the second to send
+    step 3 while steps 1 and 2 were in a request that then failed, the run would hold step 3
+    and not 1 and 2: a resumed attempt, which logs only after the run's highest step, would
+    never log them."""
+    import threading
+
+    uri, info = run
+    log = RunLogger(uri, info.run_id, flush_s=60)
+    sending, release, send = threading.Event(), threading.Event(), log.client.log_batch
+    calls = []
+
+    def log_batch(run_id, metrics=(), params=(), tags=()):
+        calls.append(sorted({m.step for m in metrics}))
+        if len(calls) == 1:  # the first request hangs, then fails
+            sending.set()
+            release.wait(30)
+            raise ConnectionError("the tracking server went away")
+        send(run_id, metrics=metrics, params=params, tags=tags)
+
+    log.client.log_batch = log_batch
+    log.log_metrics({"loss": 0.5}, 1)
+    log.log_metrics({"loss": 0.25}, 2)
+    first = threading.Thread(target=log.flush_metrics)
+    first.start()
+    assert sending.wait(30)
+    log.log_metrics({"loss": 0.125}, 3)
+    second = threading.Thread(target=log.flush_metrics)
+    second.start()
+    second.join(1.0)  # it waits for the first, or (the defect) sends step 3 now
+    history = lambda: [m.step for m in MlflowClient(uri).get_metric_history(info.run_id, "loss")]
+    assert history() == []
+    release.set()
+    first.join(30)
+    second.join(30)
+    log.close()
+    assert calls == [[1, 2], [1, 2, 3]]
+    assert sorted(history()) == [1, 2, 3] and log.unsent() == []
