@@ -678,8 +678,9 @@ class Driver:
             self.prepare()
         _reachable(self.settings.ray_address)
         try:
-            ray.init(address=self.settings.ray_address, namespace="genforge",
-                     logging_level="ERROR", log_to_driver=False, configure_logging=False)
+            connected = ray.init(address=self.settings.ray_address, namespace="genforge",
+                                 logging_level="ERROR", log_to_driver=False,
+                                 configure_logging=False)
         except (ConnectionError, RuntimeError) as exc:
             raise ServiceError(f"cannot connect to Ray at {self.settings.ray_address}: "
                                f"{str(exc).splitlines()[0]}") from None
@@ -688,7 +689,9 @@ class Driver:
         signals.handle(self._on_signal)
         self.check_feasible([n["Resources"] for n in ray.nodes() if n.get("Alive")])
         context = ray.get_runtime_context()
-        self.open_leases(context.get_job_id(), context.gcs_address)
+        dashboard = connected.dashboard_url
+        self.open_leases(context.get_job_id(), context.gcs_address,
+                         f"http://{dashboard}" if dashboard else None)
         self.parent_run = None
         try:
             self.admission = admission.connect()
@@ -743,11 +746,12 @@ class Driver:
                     "genforge.error": f"its driver (Ray job {ray_job}) ended without closing it"})
             self.tracker.finish(run.info.run_id, "FINISHED" if done else "KILLED")
 
-    def open_leases(self, ray_job: str | None = None, gcs: str | None = None) -> None:
-        """Who this driver is to other drivers (its Ray job, on the cluster at `gcs`), and the
-        keeper of its leases."""
+    def open_leases(self, ray_job: str | None = None, gcs: str | None = None,
+                    dashboard: str | None = None) -> None:
+        """Who this driver is to other drivers (its Ray job, on the cluster at `gcs`, whose
+        dashboard says which jobs ended), and the keeper of its leases."""
         self.me = lease.this_driver(ray_job, gcs)
-        self._ray_jobs = lease.RayJobs(gcs)
+        self._ray_jobs = lease.RayJobs(gcs, dashboard)
         if not lease.conditional_writes(self.root):
             self.echo(f"storage {self.settings.storage} ignores conditional writes: two drivers "
                       f"of one spec cannot be kept from running a job twice")

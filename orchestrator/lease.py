@@ -242,10 +242,11 @@ class Keeper:
 
 class RayJobs:
     """Whether the Ray job of a lease's holder has ended, on this driver's cluster (from Ray's
-    state API, asked at most once per `every` seconds)."""
+    state API at `dashboard`, asked at most once per `every` seconds). The dashboard is named:
+    without it, Ray's state API asks "the latest" of the clusters running on the host."""
 
-    def __init__(self, gcs: str | None, every: float = 2.0):
-        self.gcs, self.every = gcs, every
+    def __init__(self, gcs: str | None, dashboard: str | None = None, every: float = 2.0):
+        self.gcs, self.dashboard, self.every = gcs, dashboard, every
         self._ended: set[str] = set()
         self._asked = -every
 
@@ -262,12 +263,12 @@ class RayJobs:
             self._ended = self._ask()
         return ray_job in self._ended
 
-    @staticmethod
-    def _ask() -> set[str]:
+    def _ask(self) -> set[str]:
         try:
             from ray.util.state import list_jobs
 
-            return {j.job_id for j in list_jobs(limit=10_000, raise_on_missing_output=False)
+            return {j.job_id for j in list_jobs(address=self.dashboard, limit=10_000,
+                                                raise_on_missing_output=False)
                     if j.job_id and str(getattr(j.status, "value", j.status)) in
                     ("SUCCEEDED", "FAILED", "STOPPED")}
         except Exception:  # noqa: BLE001 - no dashboard: staleness by TTL_S alone

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,6 +80,22 @@ def test_a_holder_known_dead_is_stale_at_once(storage):
     jobs = lease.RayJobs("gcs:1")
     jobs._ended, jobs._asked = {"01000000"}, time.monotonic()
     assert jobs.dead(seen.holder) and not jobs.ended("01000000", "another-cluster:1")
+
+
+def test_ray_jobs_asks_the_dashboard_of_the_drivers_own_cluster(monkeypatch):
+    """Without an address, Ray's state API picks "the latest" of the clusters running on the
+    host: a driver would judge the holders of its leases by another cluster's jobs."""
+    import ray.util.state
+
+    asked = []
+
+    def list_jobs(*, address=None, **kwargs):
+        asked.append(address)
+        return [SimpleNamespace(job_id="01000000", status="SUCCEEDED")]
+
+    monkeypatch.setattr(ray.util.state, "list_jobs", list_jobs)
+    jobs = lease.RayJobs("gcs:1", dashboard="http://127.0.0.1:8265")
+    assert jobs.ended("01000000", "gcs:1") and asked == ["http://127.0.0.1:8265"]
 
 
 def test_a_driver_waits_for_a_job_another_driver_runs_then_takes_its_result(tmp_path):
