@@ -177,9 +177,10 @@ class Chaos:
             return []
         return found
 
-    def checkpoints_written(self, experiment: str) -> int:
-        return sum(1 for k in self.keys(f"{experiment}/")
-                   if re.search(r"/checkpoints/step-\d+/manifest\.json$", k))
+    def checkpoints_written(self, experiment: str) -> set[str]:
+        """The manifests there now (a set: retention deletes old ones, so a count can fall)."""
+        return {k for k in self.keys(f"{experiment}/")
+                if re.search(r"/checkpoints/step-\d+/manifest\.json$", k)}
 
     def live_workers(self, experiment: str) -> list:
         try:
@@ -249,10 +250,28 @@ class Chaos:
             return True, f"second driver pid {second[0].pid} ({second[1].name})"
         raise ValueError(kind)
 
+    def dump_stacks(self, pipeline: Pipeline, drivers: list, label: str) -> None:
+        """Where the pipeline's drivers and workers are stuck: their Python stacks (py-spy,
+        when it is installed), in a log copied with the pipeline's."""
+        spy = shutil.which("py-spy")
+        if spy is None:
+            return
+        # every worker actor's process (Ray titles them `ray::JobActor...`): the state API
+        # may be the thing that is stuck
+        found = subprocess.run(["pgrep", "-f", "^ray::JobActor"], capture_output=True, text=True)
+        pids = [p.pid for p, _ in drivers if p.poll() is None] + \
+            [int(pid) for pid in found.stdout.split()]
+        log = self.logs / f"{label}-stacks-{pipeline.experiment}.log"
+        with open(log, "w") as out:
+            for pid in pids:
+                subprocess.run([spy, "dump", "--pid", str(pid)], stdout=out,
+                               stderr=subprocess.STDOUT, timeout=60, check=False)
+        pipeline.logs.append(log)
+
     def anomaly(self, label: str, pipeline: Pipeline, what: str) -> None:
         self.anomalies.append({"round": label, "pipeline": pipeline.experiment, "what": what})
 
-    def wait_for_trigger(self, pipeline: Pipeline, drivers: list, seen: int) -> str:
+    def wait_for_trigger(self, pipeline: Pipeline, drivers: list, seen: set[str]) -> str:
         """Sleep until the next fault's moment: a random delay, or a new checkpoint."""
         if self.rng.random() < 0.5:
             delay = self.rng.uniform(1, 8)
@@ -260,7 +279,7 @@ class Chaos:
             return f"after {delay:.1f} s"
         deadline = time.monotonic() + CHECKPOINT_WAIT_S
         while time.monotonic() < deadline and any(p.poll() is None for p, _ in drivers):
-            if self.checkpoints_written(pipeline.experiment) > seen:
+            if self.checkpoints_written(pipeline.experiment) - seen:
                 return "at a new checkpoint"
             time.sleep(0.3)
         return "no new checkpoint"
@@ -280,6 +299,10 @@ class Chaos:
         for kind in self.draw_faults(left):
             seen = self.checkpoints_written(pipeline.experiment)
             trigger = self.wait_for_trigger(pipeline, drivers, seen)
+            if trigger == "no new checkpoint" and any(p.poll() is None for p, _ in drivers):
+                self.anomaly(label, pipeline, f"no new checkpoint for {CHECKPOINT_WAIT_S} s "
+                                              "while a driver ran")
+                self.dump_stacks(pipeline, drivers, label)
             at = time.monotonic() - start
             hit, note = self.inject(kind, pipeline, drivers, label)
             hits += hit

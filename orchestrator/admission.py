@@ -10,7 +10,8 @@ autoscaler may add the node it needs).
 
 A grant holds its resources in the actor's books until the job has them in Ray's (the driver
 says so with `started`), or until it expires; a request no driver has repeated for a while is
-dropped, so a driver that died leaves nothing behind.
+dropped, and so is a grant its driver has stopped naming among those it holds, so a driver
+that died leaves nothing behind for longer than FORGET_S.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import ray
 
 NAME = "genforge:admission"
-FORGET_S = 30.0  # a request not repeated for this long is dropped
+FORGET_S = 30.0  # a request not repeated (a grant not named as held) for this long is dropped
 GRANT_HOLD_S = 120.0  # a grant whose job never said `started` is released after this
 SETTLE_S = 2.0  # after `started`, until Ray's resource view surely shows the job
 
@@ -72,16 +73,20 @@ class Admission:
         self._order = itertools.count()
         # ticket -> [priority, order, resources, last asked]
         self._waiting: dict[str, list[Any]] = {}
-        # ticket -> [resources, hold-until]
+        # ticket -> [resources, hold-until, last named by its driver]
         self._granted: dict[str, list[Any]] = {}
 
     def ask(self, requests: list[tuple[str, int, dict[str, float]]],
-            takes: list[tuple[str, int]] = ()) -> list[str]:
+            takes: list[tuple[str, int]] = (), holding: list[str] = ()) -> list[str]:
         """(ticket, priority, resources) of a driver's ready jobs, and (ticket, priority) of
         those that would take over an idle actor of the driver, whose resources are held
         already; returns the tickets that may start now. A take-over is refused while a job
-        of higher priority waits: the driver frees the actor for it instead."""
+        of higher priority waits: the driver frees the actor for it instead. `holding`: the
+        driver's granted jobs that have not `started` yet (their grants are kept)."""
         now = time.monotonic()
+        for ticket in holding:
+            if ticket in self._granted:
+                self._granted[ticket][2] = now
         self._expire(now)
         top = max((e[0] for e in self._waiting.values()), default=None)
         taken = [t for t, priority in takes if top is None or priority >= top]
@@ -111,7 +116,8 @@ class Admission:
     def _expire(self, now: float) -> None:
         for ticket in [t for t, e in self._waiting.items() if now - e[3] > FORGET_S]:
             del self._waiting[ticket]
-        for ticket in [t for t, g in self._granted.items() if now > g[1]]:
+        for ticket in [t for t, g in self._granted.items()
+                       if now > g[1] or now - g[2] > FORGET_S]:
             del self._granted[ticket]
 
     def _grant(self, now: float) -> None:
@@ -119,7 +125,7 @@ class Admission:
             return
         total = ray.cluster_resources()
         free = dict(ray.available_resources())
-        for need, _ in self._granted.values():  # granted, not yet in Ray's view
+        for need, *_ in self._granted.values():  # granted, not yet in Ray's view
             for k, v in need.items():
                 free[k] = free.get(k, 0.0) - v
         for ticket, (priority, _, need, _) in sorted(self._waiting.items(),
@@ -128,7 +134,7 @@ class Admission:
             if feasible and not _fits(need, free):
                 break  # strict priority: nothing jumps a job that waits for room
             del self._waiting[ticket]
-            self._granted[ticket] = [need, now + GRANT_HOLD_S]
+            self._granted[ticket] = [need, now + GRANT_HOLD_S, now]
             if feasible:
                 for k, v in need.items():
                     free[k] = free.get(k, 0.0) - v

@@ -814,14 +814,19 @@ class Driver:
             if idle is not None:
                 handover[self._ticket(state)] = self._idle.pop(idle)[1]
         granted: set[str] = set()
-        if queued:
+        # Launched on an actor that has not yet said it holds its resources: their grants are
+        # named as held, or admission lets them go (as it does those of a driver that died).
+        holding = [self._ticket(s) for s in self.jobs.values()
+                   if s.status == "running" and not s.alive]
+        if queued or holding:
             asks = [(self._ticket(s), s.planned.job.resources.priority,
                      admission.request(s.planned.job.resources))
                     for s in queued if self._ticket(s) not in handover]
             takes = [(self._ticket(s), s.planned.job.resources.priority)
                      for s in queued if self._ticket(s) in handover]
             try:
-                granted = set(ray.get(self.admission.ask.remote(asks, takes), timeout=30))
+                granted = set(ray.get(self.admission.ask.remote(asks, takes, holding),
+                                      timeout=30))
             except (RayActorError, ActorUnavailableError, GetTimeoutError):
                 # its node left: Ray restarts it elsewhere, and every driver asks again
                 self.admission = admission.connect()

@@ -79,6 +79,22 @@ def test_books_settle_and_forget(cluster):
     assert a.ask([("d", -1, gpus(1))]) == ["d"]
 
 
+def test_a_grant_of_a_driver_that_died_before_its_job_started_lapses_like_a_request(cluster):
+    """Its driver was killed between the grant and `started`: the grant held the cluster's
+    room in admission's books for GRANT_HOLD_S while Ray showed it free, and every other
+    pipeline's jobs waited (two minutes in bench/chaos.py). A live driver names the grants
+    it still holds each time it asks, so only a silent driver's grants lapse early."""
+    a = Admission()
+    assert a.ask([("dead", 0, gpus(2)), ("live", 0, {"CPU": 1.0})]) == ["dead", "live"]
+    cluster["now"] += admission.FORGET_S / 2
+    assert a.ask([], holding=["live"]) == []
+    cluster["now"] += admission.FORGET_S / 2 + 1
+    assert a.ask([("next", 0, gpus(2))], holding=["live"]) == ["next"]  # the dead one's room
+    cluster["now"] += admission.FORGET_S / 2
+    assert a.ask([("more", 0, {"CPU": 3.0})], holding=["live"]) == []  # live still holds 1
+    assert a.ask([], holding=["gone"]) == []  # a grant it no longer has is nothing
+
+
 def test_requests_of_a_data_parallel_job_count_every_worker():
     r = Resources(workers=4, cpus=2, gpus_per_worker=0.5)
     assert admission.request(r) == {"CPU": 8, "GPU": 2.0}
@@ -118,3 +134,24 @@ def test_a_pipeline_waiting_for_room_asks_once_a_poll_even_with_jobs_waiting_on_
     driver._loop()
     assert asked[0] == "queued" and driver.jobs["sample"].status == "skipped"
     assert 4 <= len(asked) <= 6  # once at the start, then once a POLL_S for a second
+
+
+def test_a_driver_names_the_grants_its_unconfirmed_jobs_hold(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from orchestrator import driver as driver_module
+
+    driver = offline_driver(tmp_path, [
+        {"name": "train", "kind": "train", "family": "ddpm",
+         "data": {"dataset": "digits", "image_size": 16}, "train": {"steps": 5}}])
+    state = driver.jobs["train"]
+    state.status, state.alive = "running", False  # launched; its actor has not answered yet
+    calls = []
+    driver.admission = SimpleNamespace(ask=SimpleNamespace(
+        remote=lambda *args: calls.append(args) or []))
+    monkeypatch.setattr(driver_module.ray, "get", lambda value, timeout=None: value)
+    driver._admit()
+    assert calls == [([], [], [driver._ticket(state)])]
+    state.alive = True  # it holds its resources in Ray's view: nothing to ask about
+    driver._admit()
+    assert len(calls) == 1
