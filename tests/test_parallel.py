@@ -34,10 +34,16 @@ def _rank(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_averaged_gradients_are_the_full_batch_gradient(tmp_path):
+def _two_ranks(fn, tmp_path) -> tuple[dict, dict]:
+    """What `fn(rank, init, out)` saved on each of two gloo ranks."""
     out = str(tmp_path / "rank")
-    mp.spawn(_rank, args=(f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
+    mp.spawn(fn, args=(f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
     r0, r1 = (torch.load(f"{out}-{r}.pt", weights_only=True) for r in (0, 1))
+    return r0, r1
+
+
+def test_averaged_gradients_are_the_full_batch_gradient(tmp_path):
+    r0, r1 = _two_ranks(_rank, tmp_path)
     for k in r0["start"]:
         assert torch.equal(r0["start"][k], r1["start"][k]), k
     torch.manual_seed(0)
@@ -87,9 +93,7 @@ def _vq_rank(rank: int, init: str, out: str) -> None:
 
 
 def test_data_parallel_vq_codebook_is_the_same_on_every_rank(tmp_path):
-    out = str(tmp_path / "vq")
-    mp.spawn(_vq_rank, args=(f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
-    r0, r1 = (torch.load(f"{out}-{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = _two_ranks(_vq_rank, tmp_path)
     for case in ("restart", "plain"):  # with dead-code restarts (every code, at step 1) and without
         for k in ("embed", "embed_avg", "cluster_size"):
             assert torch.equal(r0[case][k], r1[case][k]), (case, k)
