@@ -527,8 +527,8 @@ class Driver:
         done = counts.get("finished", 0) + counts.get("cached", 0)
         parts = [f"{done}/{len(self.jobs)} done"]
         parts += [f"{counts[k]} {k}" for k in ("running", "restarting", "queued", "elsewhere",
-                                               "pending",
-                                               "failed", "skipped", "killed") if counts.get(k)]
+                                               "pending", "failed", "skipped", "killed")
+                  if counts.get(k)]
         return ", ".join(parts)
 
     def _publish_progress(self, now: bool = True) -> None:
@@ -620,14 +620,14 @@ class Driver:
                           and not isinstance(cause, (NotFound, CheckpointError)))
         if infrastructure and state.restarts < state.planned.job.resources.max_restarts:
             state.restarts += 1
-            if isinstance(cause, StorageError):  # give storage time to come back
-                wait = min(RESTART_BACKOFF_S * 2 ** (state.restarts - 1), 60.0)
-                self.echo(f"job '{state.name}': {message}; resuming from its last checkpoint "
-                          f"in {wait:g} s (restart {state.restarts})")
+            # storage lost: give it time to come back before the next attempt needs it
+            wait = (min(RESTART_BACKOFF_S * 2 ** (state.restarts - 1), 60.0)
+                    if isinstance(cause, StorageError) else 0.0)
+            self.echo(f"job '{state.name}': {message}; resuming from its last checkpoint"
+                      f"{f' in {wait:g} s' if wait else ''} (restart {state.restarts})")
+            if wait:
                 state.status, state.not_before = "restarting", time.monotonic() + wait
                 return None
-            self.echo(f"job '{state.name}': {message}; resuming from its last checkpoint "
-                      f"(restart {state.restarts})")
             return self._launch(state, state.actor)  # its actor is alive
         if state.retries < state.planned.job.resources.max_retries:
             state.retries += 1
