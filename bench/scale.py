@@ -74,7 +74,7 @@ def through_genforge(home: Path, experiment: str, jobs: list[dict]) -> dict:
 
 @ray.remote
 def plain_sample(task: Task) -> float:
-    from workers import worker_class
+    from workers.registry import worker_class
 
     t0 = time.perf_counter()
     worker_class("ddpm")(task).sample()

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MODEL, ROOT, finish, launch, private_stack, take_result, train_spec, write_report  # noqa: E402
 from orchestrator.datasets import stage  # noqa: E402
-from orchestrator.spec import DataSpec, DDPMModel  # noqa: E402
+from orchestrator.spec import DataSpec  # noqa: E402
+from workers.ddpm.config import DDPMModel  # noqa: E402
 from workers.data import load_images  # noqa: E402
 from workers.diffusion.losses import ddpm_loss  # noqa: E402
 from workers.diffusion.schedules import make_schedule  # noqa: E402

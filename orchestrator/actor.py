@@ -10,12 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from orchestrator.task import Task
-
-
-class WorkersLost(Exception):
-    """A worker of a data-parallel job died (its node left, it ran out of memory): the job
-    resumes from its last checkpoint, like a single-worker job whose actor died."""
+from orchestrator.task import Task, WorkersLost  # noqa: F401  (the driver's import)
 
 
 class JobActor:
@@ -32,7 +27,7 @@ class JobActor:
 
             worker = DataParallelJob(task)
         else:
-            from workers import worker_class
+            from workers.registry import worker_class
 
             cls = worker_class(task.family or task.kind).for_task(task)
             _freeze_imports()

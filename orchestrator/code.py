@@ -1,12 +1,12 @@
 """The code a job's result depends on, as a digest: part of every job's hash.
 
-A job's result is computed by its family's worker module and the modules of the `workers`
-package that it imports, directly or through others (the harness, the shared networks and
-samplers): its family's *closure*. The digest covers the source of exactly those modules, by
-module name, so
+A job's result is computed by its family's package (`workers/<family>/`: its configuration,
+worker and networks) and the modules of the `workers` package that those import, directly or
+through others (the harness, the shared networks and samplers): its family's *closure*. The
+digest covers the source of exactly those modules, by module name, so
 
 - changing the GAN leaves every cached DDPM job cached (the DDPM's closure does not hold
-  `workers/gan.py`), while changing `workers/base.py` or the U-Net invalidates every family
+  `workers/gan/`), while changing `workers/base.py` or the U-Net invalidates every family
   that uses them;
 - it is the same wherever the code sits: a checkout, an installed package, or a submitted Ray
   job whose `py_modules` Ray unpacks into folders of its own (modules are found through the
@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "workers"
+REGISTRY = "workers.registry"
 
 
 @lru_cache(maxsize=None)
@@ -71,10 +72,10 @@ def _imports(name: str, path: Path) -> set[str]:
             found.add(origin)
             # `from workers.diffusion import samplers` imports a module, not a name
             found.update(f"{origin}.{alias.name}" for alias in node.names)
-    # The package's own __init__ is the registry of which module runs which family: the
-    # family's module is the root of its closure, so the registry is not part of it.
-    return {m for m in found
-            if m.split(".")[0] == PACKAGE and m != PACKAGE and module_file(m) is not None}
+    # The registry lists the families: each family's package is the root of its closure, so
+    # adding a family to the list changes no other family's digest.
+    return {m for m in found if m.split(".")[0] == PACKAGE and m not in (PACKAGE, REGISTRY)
+            and module_file(m) is not None}
 
 
 @lru_cache(maxsize=None)
@@ -103,14 +104,19 @@ def digest(*roots: str) -> str:
     return h.hexdigest()[:12]
 
 
-def worker_module(family: str) -> str:
-    """The module of the worker that runs `family` (or "evaluate") jobs."""
-    from workers import WORKERS
+def roots(family: str) -> tuple[str, ...]:
+    """The modules of `family`'s package (or the evaluation's worker module, for "evaluate")."""
+    from workers.registry import EVALUATE, FAMILIES
 
-    return WORKERS[family].partition(":")[0]
+    if family not in FAMILIES:
+        return (EVALUATE.partition(":")[0],) if family == "evaluate" else ()
+    package = f"{PACKAGE}.{family}"
+    return tuple(sorted(
+        package + ("" if path.stem == "__init__" else f".{path.stem}")
+        for base in _package_dirs() for path in (base / family).glob("*.py")))
 
 
 def family_digest(*families: str) -> str:
-    """The digest of the code that computes the results of jobs run by these families'
-    workers (an evaluation: its own worker and those of the families it samples)."""
-    return digest(*sorted({worker_module(f) for f in families}))
+    """The digest of the code that computes the results of jobs of these families (an
+    evaluation: its own worker and the families it samples)."""
+    return digest(*sorted({m for f in families for m in roots(f)}))

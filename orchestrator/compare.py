@@ -17,6 +17,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator.storage import NotFound, Storage
+from workers.registry import FAMILIES, family
 
 COLUMNS = [  # (key, header, format)
     ("evaluation", "evaluation", "{}"), ("model", "model", "{}"), ("family", "family", "{}"),
@@ -37,16 +38,7 @@ def _sampler(info: dict[str, Any]) -> str:
     s = info.get("sampler")
     if not s:
         return "(sample job)" if info.get("source_kind") == "sample" else "-"
-    family = info.get("family")
-    if family in ("ddpm", "ldm") and s.get("sampler"):
-        spacing = " trailing" if s.get("spacing") == "trailing" else ""
-        return f"{s['sampler']} {s.get('steps') or 'all'} steps{spacing}"
-    if family == "autoregressive":
-        parts = [f"T={s.get('temperature', 1.0):g}"]
-        parts += [f"top-k {s['top_k']}"] if s.get("top_k") else []
-        parts += [f"top-p {s['top_p']:g}"] if s.get("top_p") else []
-        return ", ".join(parts)
-    return "-"
+    return family(info["family"]).describe(s) if info.get("family") in FAMILIES else "-"
 
 
 def collect(client: MlflowClient, root: Storage, experiment: str) -> tuple[list[dict], str | None]:

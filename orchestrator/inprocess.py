@@ -16,7 +16,7 @@ from orchestrator.plan import (build_plan, check_uri_references, is_uri, resolve
 from orchestrator.spec import parse_spec
 from orchestrator.storage import S3Credentials, open_storage
 from orchestrator.task import Task
-from workers import worker_class
+from workers.registry import worker_class
 
 
 def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None,

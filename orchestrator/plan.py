@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 from orchestrator import __version__
 from orchestrator.code import family_digest
-from orchestrator.spec import (UNHASHED_TRAIN_FIELDS, Job, Spec, SpecError, Upstream,
-                               distill_section, model_section)
+from orchestrator.spec import UNHASHED_TRAIN_FIELDS, Job, SampleSpec, Spec, SpecError, Upstream
+from workers.registry import FAMILIES, family
 
 # Job kinds whose output is a checkpoint another job can read.
 PRODUCES_CHECKPOINT = frozenset({"train", "distill"})
@@ -252,7 +252,23 @@ def _check_evaluated(job: Job, up: Upstream) -> str | None:
     if up.kind == "sample" and up.num_images is not None and up.num_images < wanted:
         return (f"evaluate.num_samples: {wanted} but {up.label} made only {up.num_images} "
                 f"images")
-    return None
+    if up.kind == "sample":
+        return None
+    where = f"evaluate.per_source.{up.ref}" if up.ref in job.evaluate.per_source else "evaluate.sample"
+    return _check_sampling(job.evaluate.settings(up.ref), up, where)
+
+
+def _check_sampling(sample: SampleSpec, up: Upstream, where: str) -> str | None:
+    """Whether sampler settings fit the model `up` they sample (`where`: the settings' field)."""
+    if up.family not in FAMILIES:
+        return None
+    problem = family(up.family).check_sample(sample)
+    if problem is None and up.model:
+        try:
+            problem = family(up.family).section(up.model).check_sample(sample, up)
+        except ValueError:
+            return None
+    return problem and where + problem.removeprefix("sample")
 
 
 def _check_teacher(job: Job, up: Upstream) -> str | None:
@@ -270,10 +286,10 @@ def _check_teacher(job: Job, up: Upstream) -> str | None:
     if not up.model:  # a teacher whose own teacher is a URI: checked when the job runs
         return None
     try:
-        section = model_section(up.family, up.model)
+        section = family(up.family).section(up.model)
     except ValueError as exc:
         return f"teacher: {up.label}: {exc}"
-    if section is not distill_section(job.family):
+    if section is not family(job.family).distill_section():
         return (f"teacher: {up.label} is the {up.model.get('stage')} stage of '{up.family}', "
                 f"which cannot be distilled (use its diffusion stage)")
     return section.check_distill(job.distill, up)
@@ -290,12 +306,7 @@ def check_reference(job: Job, field: str, up: Upstream) -> str | None:
     if field == "from" and job.kind == "sample":
         if up.family != job.family:
             return f"from: {up.label} is family '{up.family}', this job is '{job.family}'"
-        limit = up.model.get("timesteps")
-        if job.sample.steps and limit and job.sample.steps > limit:
-            return f"sample.steps: {job.sample.steps} steps but {up.label} has {limit} timesteps"
-        if up.model.get("distilled_steps") and job.sample.sampler != "ddim":
-            return (f"sample.sampler: {up.label} is distilled for {up.model['distilled_steps']}"
-                    f"-step DDIM; sample it with sampler: ddim")
+        return _check_sampling(job.sample, up, "sample")
     if field.startswith("model."):
         return job.section().check_ref(field, up, job.data)
     return None

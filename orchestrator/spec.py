@@ -15,10 +15,11 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from workers.registry import FAMILIES, family
+
 JOB_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 EXPERIMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
-Family = Literal["gan", "ddpm", "vqgan", "autoregressive", "ldm"]
 Kind = Literal["train", "sample", "distill", "evaluate"]
 
 
@@ -134,15 +135,15 @@ class TrainSpec(Strict):
 
 class SampleSpec(Strict):
     num_images: int = Field(64, ge=1, le=1_000_000)
-    # diffusion (ddpm, ldm)
-    sampler: Literal["ancestral", "ddim"] = "ddim"
+    # the family's sampler (ddpm, ldm: "ddim" or "ancestral"); None: the family's default
+    sampler: str | None = None
     # None: a distilled model's own steps; else ddim: 50 (or every timestep, if fewer), and
     # ancestral: every timestep of the model
     steps: int | None = Field(None, ge=1, le=100_000)
     eta: float = Field(0.0, ge=0, le=1)
     # timesteps: "linspace" T-1..0, "trailing" T-1..T/n-1; None: the model's own (trailing for
     # a distilled model, whose grid it is)
-    spacing: Literal["linspace", "trailing"] | None = None
+    spacing: str | None = None
     # autoregressive
     temperature: float = Field(1.0, gt=0, le=100)
     top_k: int | None = Field(None, ge=1)
@@ -180,43 +181,6 @@ class EvaluateSpec(Strict):
         return SampleSpec.model_validate(merged)
 
 
-class ProgressiveDistill(Strict):
-    """Diffusion step distillation: the student starts as the teacher and learns, round by
-    round, to match two of its DDIM steps with one, halving the steps each round. Each round
-    trains `train.steps` steps."""
-
-    method: Literal["progressive"]
-    student_steps: int = Field(4, ge=1, le=10_000)
-    # DDIM steps of the first round's teacher; None: the teacher's own (its timesteps, or the
-    # steps it was itself distilled to)
-    teacher_steps: int | None = Field(None, ge=2, le=10_000)
-    prediction: Literal["v", "x"] = "v"  # what the student predicts (ε is unstable at few steps)
-
-
-class KDDistill(Strict):
-    """Knowledge distillation of an autoregressive model: the student (the teacher's model with
-    the `student` changes) learns the teacher's next-token distributions, T² KL(P_T || Q_T) at
-    temperature T, mixed with the hard-label cross-entropy: α CE + (1 - α) T² KL."""
-
-    method: Literal["kd"]
-    student: dict[str, Any] = Field(default_factory=dict)
-    temperature: float = Field(2.0, gt=0, le=100)
-    alpha: float = Field(0.5, ge=0, le=1)
-    allow_larger_student: bool = False
-
-
-class RegressDistill(Strict):
-    """Generator distillation: a student generator (the teacher's with the `student` changes)
-    regresses the teacher's G(z) for the same z, optionally also fooling the teacher's frozen
-    discriminator."""
-
-    method: Literal["regress"]
-    student: dict[str, Any] = Field(default_factory=dict)
-    loss: Literal["l1", "l2"] = "l1"
-    adversarial_weight: float = Field(0.0, ge=0, le=100)
-    allow_larger_student: bool = False
-
-
 @dataclass(frozen=True)
 class Upstream:
     """What a job reads, as far as validation needs it: a job of the spec or a checkpoint's
@@ -243,7 +207,7 @@ class Upstream:
             teacher = jobs.get(job.teacher or "")
             if teacher is not None and teacher.name not in _seen | {job.name}:
                 up = cls.of_job(teacher, jobs, _seen | {job.name})
-                section = distill_section(str(job.family))
+                section = family(str(job.family)).distill_section()
                 if up.model and section is not None and job.distill:
                     model = section.student_model(up.model, job.distill)
         data = source.data
@@ -289,6 +253,11 @@ class ModelSection(Strict):
         return None
 
     @classmethod
+    def check_sample(cls, sample: SampleSpec, up: Upstream) -> str | None:
+        """A problem of sampler settings with the trained model `up` of this section."""
+        return None
+
+    @classmethod
     def student_model(cls, teacher: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
         """The model section of a student distilled from a teacher with model `teacher`."""
         return {**teacher, **distill.get("student", {})}
@@ -312,251 +281,12 @@ class ModelSection(Strict):
         return None
 
 
-def _levels_divide(size: int, channel_mult: tuple[int, ...], what: str, where: str) -> str | None:
-    factor = 2 ** (len(channel_mult) - 1)
-    if size % factor:
-        return (f"{where}: {size} is not divisible by {factor}, which the {what}'s "
-                f"{len(channel_mult)} levels (model.channel_mult) need")
-    return None
-
-
-class DDPMModel(ModelSection):
-    channels: int = Field(32, ge=4, le=1024)
-    channel_mult: tuple[int, ...] = Field((1, 2), min_length=1, max_length=6)
-    num_res_blocks: int = Field(1, ge=1, le=8)
-    attn_resolutions: tuple[int, ...] = ()
-    dropout: float = Field(0.0, ge=0, lt=1)
-    timesteps: int = Field(1000, ge=2, le=10_000)
-    schedule: Literal["linear", "cosine"] = "linear"
-    beta_start: float = Field(1e-4, gt=0, lt=1)
-    beta_end: float = Field(0.02, gt=0, lt=1)
-    prediction: Literal["eps", "v", "x"] = "eps"  # what the U-Net predicts
-
-    DISTILL: ClassVar[type[Strict] | None] = ProgressiveDistill
-
-    @model_validator(mode="after")
-    def _betas_increase(self) -> DDPMModel:
-        if self.beta_start >= self.beta_end:
-            raise ValueError(f"beta_start {self.beta_start:g} must be smaller than beta_end "
-                             f"{self.beta_end:g}")
-        return self
-
-    def check_data(self, data: DataSpec) -> str | None:
-        return _levels_divide(data.image_size, self.channel_mult, "U-Net", "data.image_size")
-
-    @classmethod
-    def student_model(cls, teacher: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
-        # `distilled_steps` exists only in checkpoints: the steps the student samples with
-        return {**teacher, "prediction": distill["prediction"],
-                "distilled_steps": distill["student_steps"]}
-
-    @classmethod
-    def check_distill(cls, distill: dict[str, Any], up: Upstream) -> str | None:
-        timesteps = int(up.model.get("timesteps", 1000))
-        own = up.model.get("distilled_steps") or timesteps
-        start = distill.get("teacher_steps") or own
-        student = distill["student_steps"]
-        where = "distill.teacher_steps" if distill.get("teacher_steps") else "distill.student_steps"
-        if start > timesteps:
-            return f"distill.teacher_steps: {start} but {up.label} has {timesteps} timesteps"
-        rounds = distill_rounds(start, student)
-        if rounds is None or rounds == 0:
-            largest = student * 2 ** max(0, (timesteps // student).bit_length() - 1)
-            why = ("are not fewer than" if rounds == 0 else "cannot be reached by halving")
-            hint = (f"; set distill.teacher_steps to {student} times a power of two, e.g. "
-                    f"{largest}" if largest > student else "")
-            return (f"{where}: {student} steps {why} the {start} steps of the teacher "
-                    f"({up.label}){hint}")
-        return None
-
-
-class GANModel(ModelSection):
-    DISTILL: ClassVar[type[Strict] | None] = RegressDistill
-    STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("g_width",)
-    SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("g_width",)
-
-    z_dim: int = Field(64, ge=1, le=4096)
-    g_width: int = Field(64, ge=4, le=2048)  # channels of the generator's last hidden layer
-    d_width: int = Field(64, ge=4, le=2048)  # channels of the discriminator's first layer
-    loss: Literal["bce", "hinge"] = "bce"  # bce: non-saturating with BCEWithLogits
-    d_steps: int = Field(1, ge=1, le=10)  # k of Goodfellow et al.'s Algorithm 1
-    betas: tuple[float, float] = (0.5, 0.999)
-
-    def check_data(self, data: DataSpec) -> str | None:
-        try:
-            dcgan_layout(data.image_size)
-        except ValueError as exc:
-            return f"data.image_size: {exc}"
-        return None
-
-
-def dcgan_layout(image_size: int) -> tuple[int, int]:
-    """(base size, number of doublings) of a DCGAN for `image_size`: 28 = 7 -> 14 -> 28."""
-    depth = 0
-    while image_size % (2 ** (depth + 1)) == 0 and image_size // 2 ** (depth + 1) >= 4:
-        depth += 1
-    if depth == 0:
-        raise ValueError(f"{image_size} cannot be reached by doubling from 4..7 pixels "
-                         "(use a multiple of 8, or 28)")
-    return image_size // 2**depth, depth
-
-
-class AutoencoderModel(ModelSection):
-    """The first-stage autoencoder of VQGAN and latent diffusion."""
-
-    channels: int = Field(64, ge=4, le=1024)
-    channel_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1, max_length=6)
-    num_res_blocks: int = Field(1, ge=1, le=8)
-    latent_channels: int = Field(4, ge=1, le=1024)
-    disc_start: int = Field(1000, ge=0)  # the patch discriminator joins at this step
-    disc_weight: float = Field(0.5, ge=0, le=100)  # 0: no discriminator at all
-    disc_width: int = Field(64, ge=4, le=1024)
-    disc_layers: int = Field(2, ge=1, le=5)
-
-    def check_data(self, data: DataSpec) -> str | None:
-        return _levels_divide(data.image_size, self.channel_mult, "autoencoder",
-                              "data.image_size")
-
-
-class VQGANModel(AutoencoderModel):
-    latent_channels: int = Field(32, ge=1, le=1024)  # dimension of a codebook vector
-    codebook_size: int = Field(256, ge=2, le=65536)
-    beta: float = Field(0.25, ge=0, le=10)  # commitment
-    codebook_decay: float = Field(0.99, gt=0, lt=1)  # EMA of the codebook
-    restart_threshold: float = Field(1.0, ge=0)  # EMA usage below which a code is restarted
-
-
-class LDMAutoencoderModel(AutoencoderModel):
-    stage: Literal["autoencoder"]
-    kl_weight: float = Field(1e-4, ge=0, le=100)  # weight of the KL (mean per latent element)
-
-
-MAX_TOKENS = 1024  # longest token sequence an autoregressive model may be asked to learn
-
-
-def _first_stage_problem(field: str, up: Upstream, data: DataSpec, families: dict[str, str | None]
-                         ) -> tuple[str | None, int]:
-    """Whether `up` is a trained first stage of one of `families` (family -> required stage),
-    with the same image shape as `data`. Returns (problem, downsampling factor)."""
-    stage = up.model.get("stage")
-    wanted = " or ".join(f"'{f}'" + (f" (stage: {s})" if s else "") for f, s in families.items())
-    if up.kind not in ("train", "distill") or up.family not in families or (
-            families[up.family] and stage != families[up.family]):
-        what = f"a '{up.family}' {up.kind} job" + (f" (stage: {stage})" if stage else "")
-        return f"{field}: {up.label} is {what}; it must be a trained {wanted} model", 1
-    shape = (data.channels, data.image_size, data.image_size)
-    if up.image_shape and tuple(up.image_shape) != shape:
-        return (f"{field}: {up.label} works on {'x'.join(map(str, up.image_shape))} images, "
-                f"this job's data is {'x'.join(map(str, shape))} (channels x size x size)"), 1
-    return None, 2 ** (len(up.model.get("channel_mult", (1,))) - 1)
-
-
-class ARModel(ModelSection):
-    REFS: ClassVar[tuple[str, ...]] = ("tokenizer",)
-    DISTILL: ClassVar[type[Strict] | None] = KDDistill
-    STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers", "heads", "dropout")
-    SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers")
-
-    tokenizer: str = Field(min_length=1)  # a vqgan job of this spec, or its checkpoint URI
-    dim: int = Field(128, ge=8, le=8192)
-    layers: int = Field(4, ge=1, le=64)
-    heads: int = Field(4, ge=1, le=128)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    class_conditional: bool = False
-    num_classes: int = Field(10, ge=2, le=100_000)
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ARModel:
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        return self
-
-    def check_data(self, data: DataSpec) -> str | None:
-        if not self.class_conditional:
-            return None
-        if data.dataset == "idx" and not data.labels:
-            return ("model.class_conditional: the data has no labels (dataset 'idx' without "
-                    "data.labels; set data.labels)")
-        if data.dataset == "npz" and not data.y_key:
-            return ("model.class_conditional: the data has no labels (dataset 'npz' with "
-                    "data.y_key null; set data.y_key)")
-        return None
-
-    def needs_labels(self) -> bool:
-        return self.class_conditional
-
-    def check_ref(self, field: str, up: Upstream, data: DataSpec) -> str | None:
-        problem, factor = _first_stage_problem(field, up, data, {"vqgan": None})
-        tokens = (data.image_size // factor) ** 2
-        if problem is None and tokens > MAX_TOKENS:
-            problem = (f"{field}: {data.image_size}x{data.image_size} images make {tokens} tokens "
-                       f"with {up.label}; at most {MAX_TOKENS} are supported")
-        return problem
-
-
-def distill_rounds(teacher_steps: int, student_steps: int) -> int | None:
-    """Halving rounds from `teacher_steps` to `student_steps`, or None if unreachable."""
-    if student_steps < 1 or teacher_steps < student_steps or teacher_steps % student_steps:
-        return None
-    ratio = teacher_steps // student_steps
-    return ratio.bit_length() - 1 if ratio & (ratio - 1) == 0 else None
-
-
-class LDMModel(DDPMModel):
-    REFS: ClassVar[tuple[str, ...]] = ("autoencoder",)
-
-    stage: Literal["diffusion"] = "diffusion"
-    autoencoder: str = Field(min_length=1)  # an ldm autoencoder or a vqgan: a job or its URI
-
-    def check_data(self, data: DataSpec) -> str | None:
-        return None  # the latent size is known only with the autoencoder: see check_ref
-
-    def check_ref(self, field: str, up: Upstream, data: DataSpec) -> str | None:
-        problem, factor = _first_stage_problem(field, up, data,
-                                               {"ldm": "autoencoder", "vqgan": None})
-        if problem is None:
-            problem = _levels_divide(data.image_size // factor, self.channel_mult, "U-Net",
-                                     f"{field}: its latent size")
-        return problem
-
-
-# family -> (model section, or {stage: section}, and the job kinds it can run). A new family is
-# one entry here plus its worker module registered in workers/__init__.py.
-FAMILIES: dict[str, tuple[type[ModelSection] | dict[str, type[ModelSection]], frozenset[str]]] = {
-    "ddpm": (DDPMModel, frozenset({"train", "sample", "distill"})),
-    "gan": (GANModel, frozenset({"train", "sample", "distill"})),
-    "vqgan": (VQGANModel, frozenset({"train", "sample"})),
-    "autoregressive": (ARModel, frozenset({"train", "sample", "distill"})),
-    "ldm": ({"diffusion": LDMModel, "autoencoder": LDMAutoencoderModel},
-            frozenset({"train", "sample", "distill"})),
-}
-
-
-def model_section(family: str, model: dict[str, Any]) -> type[ModelSection]:
-    """The model section class for a family (and, for staged families, `model.stage`)."""
-    section = FAMILIES[family][0]
-    if isinstance(section, dict):
-        stage = model.get("stage", "diffusion")
-        if stage not in section:
-            raise ValueError(f"model.stage: must be one of {', '.join(map(repr, section))} "
-                             f"(got {_shown(stage)})")
-        return section[stage]
-    return section
-
-
-def distill_section(family: str) -> type[ModelSection] | None:
-    """The model section whose method distils a `family` model (ldm: its diffusion stage)."""
-    section = FAMILIES.get(family, (None,))[0]
-    candidates = section.values() if isinstance(section, dict) else [section]
-    return next((c for c in candidates if c is not None and c.DISTILL is not None), None)
-
-
 def model_needs_labels(job: Job, jobs: dict[str, Job]) -> bool:
     """Whether the model a train or distill job trains reads class labels."""
     model = job.model if job.kind == "train" else Upstream.of_job(job, jobs).model
     if not model or job.family not in FAMILIES:
         return False
-    return model_section(job.family, model).of(model).needs_labels()
+    return family(job.family).section(model).of(model).needs_labels()
 
 
 # The sections each kind reads; `defaults` fill only these, a job may set only these.
@@ -573,7 +303,7 @@ OPTIONAL_SECTIONS = frozenset({"model", "data", "train", "sample", "from", "teac
 class Job(Strict):
     name: str = Field(pattern=JOB_NAME)
     kind: Kind
-    family: Family | None = None  # every kind but evaluate, which scores jobs of any family
+    family: str | None = None  # one of workers.registry.FAMILIES; not for evaluate jobs
     model: dict[str, Any] = Field(default_factory=dict)
     data: DataSpec | None = None
     train: TrainSpec | None = None
@@ -594,7 +324,7 @@ class Job(Strict):
             out.append(("teacher", self.teacher))
         if self.kind == "train" and self.family in FAMILIES:
             try:
-                refs = model_section(self.family, self.model).REFS
+                refs = family(self.family).section(self.model).REFS
             except ValueError:
                 refs = ()
             out += [(f"model.{f}", self.model[f]) for f in refs if self.model.get(f)]
@@ -606,7 +336,7 @@ class Job(Strict):
 
     def section(self) -> ModelSection:
         """The validated model section of a train job."""
-        return model_section(self.family, self.model).model_validate(self.model)
+        return family(self.family).section(self.model).model_validate(self.model)
 
     def resolved(self) -> dict[str, Any]:
         """The job as plain data with every default filled in (what is hashed and logged)."""
@@ -733,7 +463,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     errors: list[str] = []
     top = {k: v for k, v in data.items() if k != "jobs"}
     try:
-        head = Spec.model_validate({**top, "jobs": [{"name": "x", "kind": "train", "family": "ddpm"}]})
+        head = Spec.model_validate({**top, "jobs": [{"name": "x", "kind": "train", "family": FAMILIES[0]}]})
         defaults = head.defaults
     except ValidationError as exc:
         errors += [f"{source}: {_loc(e['loc'])}: {_describe(e)}" for e in exc.errors()]
@@ -795,15 +525,15 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
     if job.family is None:
         return None, problems + ["family: required field is missing"]
     if job.family not in FAMILIES:
-        return None, problems + [f"family: '{job.family}' is not available in this version "
-                                 f"(available: {', '.join(sorted(FAMILIES))})"]
-    kinds = FAMILIES[job.family][1]
+        return None, problems + [f"family: must be one of {', '.join(FAMILIES)} "
+                                 f"(got {_shown(job.family)})"]
+    kinds = family(job.family).kinds
     if job.kind not in kinds:
         problems.append(f"kind: family '{job.family}' cannot run kind '{job.kind}' "
                         f"(it can: {', '.join(sorted(kinds))})")
     if job.kind == "train":
         try:
-            model = model_section(job.family, job.model).model_validate(job.model)
+            model = family(job.family).section(job.model).model_validate(job.model)
             job = job.model_copy(update={"model": model.model_dump(mode="json")})
             problem = model.check_data(job.data)
             if problem:
@@ -812,6 +542,10 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
             problems += [f"{_loc(('model', *e['loc']))}: {_describe(e)}" for e in exc.errors()]
         except ValueError as exc:
             problems.append(str(exc))
+    if job.kind == "sample":
+        problem = family(job.family).check_sample(job.sample)
+        if problem:
+            problems.append(problem)
     if job.kind == "distill" and job.family in FAMILIES and job.kind in kinds:
         job, found = _check_distill(job)
         problems += found
@@ -842,7 +576,7 @@ def _check_parallel(job: Job) -> list[str]:
 def _check_distill(job: Job) -> tuple[Job, list[str]]:
     """Validate the `distill` section of a distill job against its family's method."""
     problems = [] if job.teacher else ["teacher: required field is missing"]
-    section = distill_section(job.family)
+    section = family(job.family).distill_section()
     method = section.DISTILL.model_fields["method"].annotation.__args__[0]
     raw = job.distill
     if raw is None:

@@ -1,4 +1,5 @@
-"""What the driver hands a worker: everything one job needs, and nothing from the driver's disk."""
+"""What the driver hands a worker (everything one job needs, and nothing from the driver's disk),
+and what a worker tells the driver beyond its result."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.storage import S3Credentials
+
+
+class WorkersLost(Exception):
+    """A worker of a data-parallel job died (its node left, it ran out of memory): the job
+    resumes from its last checkpoint, like a single-worker job whose actor died."""
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def test_the_digest_is_the_same_wherever_the_code_is(tmp_path):
 def test_a_change_to_one_family_leaves_the_others_cached(tmp_path):
     paths = copy_packages(tmp_path, "checkout")
     before = digests(*paths)
-    gan = tmp_path / "workers" / "gan.py"
+    gan = tmp_path / "workers" / "gan" / "nets.py"
     gan.write_text(gan.read_text() + "\n# a change to the GAN\n")
     after = digests(*paths)
     assert after["gan"] != before["gan"]
@@ -67,7 +67,10 @@ def test_a_change_to_one_family_leaves_the_others_cached(tmp_path):
 
 
 def test_an_evaluation_covers_the_families_it_samples():
-    assert "workers.ddpm" in code.closure("workers.ddpm")
-    assert "workers.gan" not in code.closure("workers.ddpm")
-    assert "workers.ddpm" in code.closure("workers.ldm")  # a latent diffusion is a DDPM
+    ddpm = set().union(*map(code.closure, code.roots("ddpm")))
+    assert {"workers.ddpm", "workers.ddpm.config", "workers.ddpm.worker"} <= ddpm
+    assert not any(m.startswith("workers.gan") for m in ddpm)
+    assert "workers.registry" not in ddpm  # the list of families is no family's code
+    ldm = set().union(*map(code.closure, code.roots("ldm")))
+    assert "workers.ddpm.worker" in ldm  # a latent diffusion is a DDPM
     assert code.family_digest("evaluate", "gan") != code.family_digest("evaluate", "ddpm")

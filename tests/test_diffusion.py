@@ -463,7 +463,7 @@ def test_ema_shadow_is_frozen_copy_with_buffers_and_round_trips():
 def diffusion_worker(cls, timesteps: int, distilled_steps: int | None = None):
     """A DDPM-family worker as loaded for sampling a checkpoint with that model section (only
     what sampling reads: no task, no storage)."""
-    from orchestrator.spec import DDPMModel
+    from workers.ddpm.config import DDPMModel
 
     worker = cls.__new__(cls)
     worker.device, worker.job, worker.emas = torch.device("cpu"), {}, {}
@@ -475,8 +475,8 @@ def diffusion_worker(cls, timesteps: int, distilled_steps: int | None = None):
 
 
 def workers_of_ddpm_family():
-    from workers.ddpm import DDPMWorker
-    from workers.ldm import LDMWorker
+    from workers.ddpm.worker import DDPMWorker
+    from workers.ldm.worker import LDMWorker
 
     return [DDPMWorker, LDMWorker]
 
@@ -507,7 +507,7 @@ def test_sampler_steps_when_a_job_leaves_them_out(cls, timesteps, distilled, sam
 def test_an_evaluation_without_sampler_settings_runs_and_records_50_ddim_steps():
     """What the evaluate job generates with, and records, per source (EvaluateSpec.settings)."""
     from orchestrator.spec import EvaluateSpec
-    from workers.ddpm import DDPMWorker
+    from workers.ddpm.worker import DDPMWorker
 
     worker = diffusion_worker(DDPMWorker, 1000)
     cfg = EvaluateSpec().settings("ddpm").model_dump()

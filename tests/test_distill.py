@@ -256,7 +256,7 @@ def test_a_resumed_distillation_continues_from_the_last_finished_round(tmp_path,
     from orchestrator.plan import build_plan
     from orchestrator.spec import parse_spec
     from orchestrator.task import Task
-    from workers.ddpm import DDPMWorker
+    from workers.ddpm.worker import DDPMWorker
 
     src, teachers, results, _, _ = distilled
     spec = distill_spec()
@@ -301,7 +301,7 @@ def test_a_distillation_resumed_after_its_final_checkpoint_keeps_the_students_mo
     trains no step, leaves the final checkpoint as it is and compares the student that it
     holds (v, 2 steps), not the teacher's model section. Stopped during that comparison, it
     stops there, and the next run finishes it."""
-    from workers.ddpm import DDPMWorker
+    from workers.ddpm.worker import DDPMWorker
 
     spec = distill_spec()
     first = run_jobs(tmp_path, spec, only=["ddpm", "fast"])["fast"]

@@ -97,8 +97,8 @@ def test_a_bad_value_is_echoed(tmp_path, stack_env):
         {"name": "v", "kind": "train", "family": "vae"}]})
     out = genforge(["run", str(spec)], stack_env)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        f"{spec}: job 'v': family: Input should be 'gan', 'ddpm', 'vqgan', 'autoregressive' or "
-        "'ldm' (got 'vae')"]
+        f"{spec}: job 'v': family: must be one of ddpm, gan, vqgan, autoregressive, ldm "
+        "(got 'vae')"]
 
 
 def test_a_job_no_node_can_run_is_refused_before_anything_runs(tmp_path, local_stack, stack_env):

@@ -15,7 +15,7 @@ from orchestrator.inprocess import run_jobs
 from orchestrator.storage import open_storage
 from workers.nn.autoencoder import Autoencoder, PatchDiscriminator, adaptive_weight
 from workers.nn.bottleneck import VectorQuantizer
-from workers.nn.transformer import Transformer, filter_logits
+from workers.autoregressive.transformer import Transformer, filter_logits
 
 
 def digits(n: int = 32, size: int = 16) -> torch.Tensor:

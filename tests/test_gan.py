@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.spec import dcgan_layout
+from workers.gan.layout import dcgan_layout
 from workers.nn.adversarial import discriminator_loss, generator_loss
-from workers.nn.dcgan import Discriminator, Generator
+from workers.gan.nets import Discriminator, Generator
 
 
 @pytest.mark.parametrize("size, channels", [(8, 1), (16, 3), (28, 1), (32, 3), (64, 1)])

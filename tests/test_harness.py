@@ -17,7 +17,7 @@ from orchestrator.spec import parse_spec
 from orchestrator.storage import open_storage
 from orchestrator.task import Task
 from workers.base import JobError
-from workers.ddpm import DDPMWorker
+from workers.ddpm.worker import DDPMWorker
 
 
 def make_task(tmp_path, steps: int, attempt: int = 1, run_id: str | None = None, **train) -> Task:

@@ -86,7 +86,7 @@ def test_job_values_win_over_defaults():
     (spec(train(model={"channels": "many"})), "s.yaml: job 'ddpm': model.channels: Input should be a valid integer"),
     (spec(train(train={"steps": -5})), "s.yaml: job 'ddpm': train.steps: Input should be greater than or equal to 1"),
     (spec(train(kind="fly")), "s.yaml: job 'ddpm': kind: Input should be 'train', 'sample', 'distill' or 'evaluate'"),
-    (spec(train(family="vae")), "s.yaml: job 'ddpm': family: Input should be"),
+    (spec(train(family="vae")), "s.yaml: job 'ddpm': family: must be one of"),
     (spec(train(name="Bad_Name")), "s.yaml: job 'Bad_Name': name: String should match pattern"),
     (spec(train(), train()), "s.yaml: job 'ddpm': name: duplicate job name"),
     (spec(train(), sample(src="nope")), "s.yaml: job 'grid': from: no job named 'nope' in this spec"),
@@ -104,7 +104,7 @@ def test_job_values_win_over_defaults():
     (spec(train(), evaluate(data={"image_size": 28})), "s.yaml: job 'score': from: job 'ddpm' makes 1x16x16 images, the evaluation data is 1x28x28"),
     (spec(train(), evaluate(), evaluate("score2", ["score"])), "s.yaml: job 'score2': from: job 'score' is a 'evaluate' job and produces no images to evaluate"),
     (spec(train(), evaluate(evaluate={"per_source": {"other": {}}})), "s.yaml: job 'score': evaluate.per_source.other: not one of the jobs in 'from'"),
-    (spec(train(), evaluate(evaluate={"sample": {"sampler": "euler"}})), "s.yaml: job 'score': evaluate.sample.sampler: Input should be 'ancestral' or 'ddim'"),
+    (spec(train(), evaluate(evaluate={"sample": {"sampler": "euler"}})), "s.yaml: job 'score': evaluate.sample.sampler: must be one of 'ddim', 'ancestral' for family 'ddpm'"),
     (spec(train(), evaluate(**{"from": []})), "s.yaml: job 'score': from: required field is missing"),
     (spec(train(family="vqgan", model={"channel_mult": [1, 2, 2, 2]}, data={"image_size": 12})), "s.yaml: job 'ddpm': data.image_size: 12 is not divisible by 8, which the autoencoder's 4 levels"),
     (spec(vq(), ar(data={"image_size": 32})), "s.yaml: job 'ar': model.tokenizer: job 'vq' works on 1x16x16 images, this job's data is 1x32x32"),
@@ -163,13 +163,13 @@ def test_bad_input_is_one_clear_line(data, expected):
 
 @pytest.mark.parametrize("data, expected", [
     # pydantic's own messages: the value given, after the message
-    (spec(train(family="vae")), "s.yaml: job 'ddpm': family: Input should be 'gan', 'ddpm', 'vqgan', 'autoregressive' or 'ldm' (got 'vae')"),
+    (spec(train(family="vae")), "s.yaml: job 'ddpm': family: must be one of ddpm, gan, vqgan, autoregressive, ldm (got 'vae')"),
     (spec(train(kind="trian")), "s.yaml: job 'ddpm': kind: Input should be 'train', 'sample', 'distill' or 'evaluate' (got 'trian')"),
-    (spec(train(), sample(sample={"sampler": "plms"})), "s.yaml: job 'grid': sample.sampler: Input should be 'ancestral' or 'ddim' (got 'plms')"),
+    (spec(train(), sample(sample={"sampler": "plms"})), "s.yaml: job 'grid': sample.sampler: must be one of 'ddim', 'ancestral' for family 'ddpm' (got 'plms')"),
     (spec(train(data={"dataset": "csv"})), "s.yaml: job 'ddpm': data.dataset: Input should be 'digits', 'npz', 'idx' or 'folder' (got 'csv')"),
     (spec(train(data={"channels": 2})), "s.yaml: job 'ddpm': data.channels: Input should be 1 or 3 (got 2)"),
-    (spec(train(), evaluate(evaluate={"sample": {"sampler": "euler"}})), "s.yaml: job 'score': evaluate.sample.sampler: Input should be 'ancestral' or 'ddim' (got 'euler')"),
-    (spec(train(), evaluate(evaluate={"per_source": {"ddpm": {"spacing": "cosine"}}})), "s.yaml: job 'score': evaluate.per_source.ddpm.spacing: Input should be 'linspace' or 'trailing' (got 'cosine')"),
+    (spec(train(), evaluate(evaluate={"sample": {"sampler": "euler"}})), "s.yaml: job 'score': evaluate.sample.sampler: must be one of 'ddim', 'ancestral' for family 'ddpm' (got 'euler')"),
+    (spec(train(), evaluate(evaluate={"per_source": {"ddpm": {"spacing": "cosine"}}})), "s.yaml: job 'score': evaluate.per_source.ddpm.spacing: must be one of 'linspace', 'trailing' for family 'ddpm' (got 'cosine')"),
     (spec(train(), distill(distill={"prediction": "eps"})), "s.yaml: job 'fast': distill.prediction: Input should be 'v' or 'x' (got 'eps')"),
     (spec(train(family="gan", model={"loss": "wasserstein"})), "s.yaml: job 'ddpm': model.loss: Input should be 'bce' or 'hinge' (got 'wasserstein')"),
     # model-level checks name the field's value inside the message (not the whole section)
@@ -193,7 +193,7 @@ def test_bad_input_is_one_clear_line(data, expected):
     (spec(5), "s.yaml: jobs[0]: must be a mapping (got 5)"),
     (["a", "list"], "s.yaml: the spec must be a mapping with 'experiment' and 'jobs' (got ['a', 'list'])"),
     # long values are cut short
-    (spec(train(family="v" * 100)), "s.yaml: job 'ddpm': family: Input should be 'gan', 'ddpm', 'vqgan', 'autoregressive' or 'ldm' (got '" + "v" * 59 + "...)"),
+    (spec(train(family="v" * 100)), "s.yaml: job 'ddpm': family: must be one of ddpm, gan, vqgan, autoregressive, ldm (got '" + "v" * 59 + "...)"),
     (spec(ldm(model={"autoencoder": "ae", "stage": "s" * 100})), "s.yaml: job 'ldm': model.stage: must be one of 'diffusion', 'autoencoder' (got '" + "s" * 59 + "...)"),
     (spec(train(), distill(distill={"method": "m" * 100})), "s.yaml: job 'fast': distill.method: family 'ddpm' distils with 'progressive', not '" + "m" * 59 + "..."),
 ])

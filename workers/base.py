@@ -57,6 +57,7 @@ from workers import images as imageio
 from workers.data import load_images
 from workers.nn.ema import EMA
 from workers.parallel import Collective, module_state
+from workers.registry import family
 
 RESULT = "result.json"  # written last: the job's output is complete
 DELIVER_S = 60.0  # how long a finished job waits for the tracking server to take its metrics
@@ -155,11 +156,9 @@ class Worker:
     def begin_distillation(self, teacher: Checkpoint) -> None:
         """Called with the teacher restored as this worker's own model (`load_for_sampling`):
         keep its sampling modules as `self.teacher` and build the student in their place."""
-        from orchestrator.spec import distill_section
-
         self.teacher = {name: self.sampling_module(name) for name in self.modules}
-        self.model_cfg = distill_section(self.family).student_model(teacher.meta["model"],
-                                                                     self.job["distill"])
+        self.model_cfg = family(self.family).distill_section().student_model(
+            teacher.meta["model"], self.job["distill"])
         self.build(self.model_cfg, self.image_shape)
 
     def distill_metrics(self) -> dict[str, float]:

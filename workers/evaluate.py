@@ -30,7 +30,7 @@ from orchestrator.checkpoints import (
 from orchestrator.datasets import heldout_key
 from orchestrator.spec import EvaluateSpec
 from orchestrator.storage import open_storage
-from workers import worker_class
+from workers.registry import worker_class
 from workers.base import JobError, Worker
 from workers.data import load_images
 from workers.evaluation.inception import InceptionUnavailable, inception_fid

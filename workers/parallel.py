@@ -31,8 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.actor import WorkersLost
-from orchestrator.task import Task
+from orchestrator.task import Task, WorkersLost
 
 REPORT_S = 0.5
 
@@ -91,7 +90,7 @@ def _train_rank(config: dict[str, Any]) -> None:
     """One Ray Train worker: the family's worker on its rank."""
     import ray
 
-    from workers import worker_class
+    from workers.registry import worker_class
 
     task, coordinator = config["task"], config["coordinator"]
     collective = Collective()

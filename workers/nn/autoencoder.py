@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from workers.nn.bottleneck import DiagonalGaussian, VectorQuantizer
-from workers.nn.dcgan import dcgan_init
+from workers.nn.init import dcgan_init
 from workers.nn.unet import Downsample, ResBlock, Upsample, norm
 
 

@@ -18,7 +18,7 @@ from orchestrator.checkpoints import read_manifest, resolve_checkpoint_uri
 from orchestrator.task import Task
 from workers.autoencoder import AutoencoderWorker, encode_dataset, load_first_stage
 from workers.base import Worker
-from workers.ddpm import DDPMWorker
+from workers.ddpm.worker import DDPMWorker
 
 
 class KLAutoencoderWorker(AutoencoderWorker):

@@ -14,7 +14,7 @@ from workers.autoencoder import encode_dataset, load_first_stage
 from workers.base import JobError, Worker
 from workers.nn.distillation import kd_loss
 from workers.nn.ema import EMA
-from workers.nn.transformer import Transformer
+from workers.autoregressive.transformer import Transformer
 
 
 class ARWorker(Worker):

@@ -11,7 +11,7 @@ import torch
 from orchestrator.checkpoints import Checkpoint
 from workers.base import Worker
 from workers.nn.adversarial import discriminator_loss, generator_loss
-from workers.nn.dcgan import Discriminator, Generator
+from workers.gan.nets import Discriminator, Generator
 from workers.nn.distillation import regression_loss
 from workers.nn.ema import EMA
 

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from orchestrator.checkpoints import Checkpoint
-from orchestrator.spec import distill_rounds
+from workers.ddpm.config import distill_rounds
 from workers.base import Worker
+from workers.ddpm import SAMPLERS
 from workers.diffusion.losses import ddpm_loss
 from workers.diffusion.parameterization import eps_model
 from workers.diffusion.progressive import progressive_loss, round_of
@@ -97,9 +98,9 @@ class DDPMWorker(Worker):
         """Sampler, steps, η and spacing of a sample job's settings, resolved as `generate`
         applies them (None: the previews')."""
         if sample_cfg is None:
-            return {"sampler": "ddim", "steps": self.default_steps("ddim"), "eta": 0.0,
+            return {"sampler": SAMPLERS[0], "steps": self.default_steps(SAMPLERS[0]), "eta": 0.0,
                     "spacing": self.spacing}
-        sampler = sample_cfg["sampler"]
+        sampler = sample_cfg.get("sampler") or SAMPLERS[0]
         return {"sampler": sampler, "eta": sample_cfg["eta"],
                 "steps": sample_cfg.get("steps") or self.default_steps(sampler),
                 "spacing": sample_cfg.get("spacing") or self.spacing,

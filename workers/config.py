@@ -1,0 +1,61 @@
+"""Rules of the `model:` section that more than one family shares. Torch-free: validation
+imports it."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from orchestrator.spec import DataSpec, ModelSection, Upstream
+
+
+def levels_divide(size: int, channel_mult: tuple[int, ...], what: str, where: str) -> str | None:
+    """Whether `size` halves evenly through the levels of a U-Net or autoencoder."""
+    factor = 2 ** (len(channel_mult) - 1)
+    if size % factor:
+        return (f"{where}: {size} is not divisible by {factor}, which the {what}'s "
+                f"{len(channel_mult)} levels (model.channel_mult) need")
+    return None
+
+
+def labels_problem(data: DataSpec) -> str | None:
+    """Why a class-conditional model cannot train on `data`, or None."""
+    if data.dataset == "idx" and not data.labels:
+        return ("model.class_conditional: the data has no labels (dataset 'idx' without "
+                "data.labels; set data.labels)")
+    if data.dataset == "npz" and not data.y_key:
+        return ("model.class_conditional: the data has no labels (dataset 'npz' with "
+                "data.y_key null; set data.y_key)")
+    return None
+
+
+def first_stage_problem(field: str, up: Upstream, data: DataSpec, families: dict[str, str | None]
+                        ) -> tuple[str | None, int]:
+    """Whether `up` is a trained first stage of one of `families` (family -> required stage),
+    with the same image shape as `data`. Returns (problem, downsampling factor)."""
+    stage = up.model.get("stage")
+    wanted = " or ".join(f"'{f}'" + (f" (stage: {s})" if s else "") for f, s in families.items())
+    if up.kind not in ("train", "distill") or up.family not in families or (
+            families[up.family] and stage != families[up.family]):
+        what = f"a '{up.family}' {up.kind} job" + (f" (stage: {stage})" if stage else "")
+        return f"{field}: {up.label} is {what}; it must be a trained {wanted} model", 1
+    shape = (data.channels, data.image_size, data.image_size)
+    if up.image_shape and tuple(up.image_shape) != shape:
+        return (f"{field}: {up.label} works on {'x'.join(map(str, up.image_shape))} images, "
+                f"this job's data is {'x'.join(map(str, shape))} (channels x size x size)"), 1
+    return None, 2 ** (len(up.model.get("channel_mult", (1,))) - 1)
+
+
+class AutoencoderModel(ModelSection):
+    """The first-stage autoencoder of VQGAN and latent diffusion."""
+
+    channels: int = Field(64, ge=4, le=1024)
+    channel_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1, max_length=6)
+    num_res_blocks: int = Field(1, ge=1, le=8)
+    latent_channels: int = Field(4, ge=1, le=1024)
+    disc_start: int = Field(1000, ge=0)  # the patch discriminator joins at this step
+    disc_weight: float = Field(0.5, ge=0, le=100)  # 0: no discriminator at all
+    disc_width: int = Field(64, ge=4, le=1024)
+    disc_layers: int = Field(2, ge=1, le=5)
+
+    def check_data(self, data: DataSpec) -> str | None:
+        return levels_divide(data.image_size, self.channel_mult, "autoencoder", "data.image_size")
