@@ -25,6 +25,7 @@ COLUMNS = [  # (key, header, format)
     ("sampler", "sampler", "{}"), ("fd", "FD", "{:.2f}"), ("kid", "KID", "{:.3f}"),
     ("classifier_score", "CS", "{:.2f}"), ("class_kl", "class KL", "{:.3f}"),
     ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
+    ("label_accuracy", "label acc.", "{:.3f}"),  # class-conditional sources only
     ("s_per_image", "s/image", "{:.2e}"),
     ("inception_fid", "Inception FID", "{:.2f}"),  # only with evaluate.inception
 ]
@@ -65,7 +66,9 @@ def collect(client: MlflowClient, root: Storage, experiment: str) -> tuple[list[
                      "kind": "baseline", "step": "-", "params": None, "sampler": "-",
                      "s_per_image": None, **_metric_cells(results["baseline"])})
         for src in results["sources"]:
-            rows.append({"evaluation": name, "model": src["ref"], "family": src.get("family"),
+            swept = ", ".join(f"{k} {v}" for k, v in (src.get("swept") or {}).items())
+            rows.append({"evaluation": name, "model": src["ref"] + (f" ({swept})" if swept else ""),
+                         "family": src.get("family"),
                          "kind": src.get("source_kind"), "step": src.get("step"),
                          "params": src.get("params"), "sampler": _sampler(src),
                          "s_per_image": src.get("s_per_image"), **_metric_cells(src["metrics"])})
@@ -76,7 +79,7 @@ def collect(client: MlflowClient, root: Storage, experiment: str) -> tuple[list[
 def _metric_cells(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics.get(k) for k, _, _ in COLUMNS
             if k in ("fd", "kid", "classifier_score", "class_kl", "precision", "recall",
-                     "inception_fid")}
+                     "label_accuracy", "inception_fid")}
 
 
 def _cell(value: Any, fmt: str) -> str:

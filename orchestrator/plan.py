@@ -255,7 +255,11 @@ def _check_evaluated(job: Job, up: Upstream) -> str | None:
     if up.kind == "sample":
         return None
     where = f"evaluate.per_source.{up.ref}" if up.ref in job.evaluate.per_source else "evaluate.sample"
-    return _check_sampling(job.evaluate.settings(up.ref), up, where)
+    for _, settings in job.evaluate.variants(up.ref):
+        problem = _check_sampling(settings, up, where)
+        if problem:
+            return problem
+    return None
 
 
 def _check_sampling(sample: SampleSpec, up: Upstream, where: str) -> str | None:

@@ -7,6 +7,7 @@ Every problem found is reported as one line naming the file, the job and the fie
 from __future__ import annotations
 
 import collections.abc
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,9 @@ class SampleSpec(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     use_cache: bool = True
     label: int | None = Field(None, ge=0)  # class-conditional models: None cycles through classes
+    # classifier-free guidance scale s of a class-conditional diffusion or flow model: 0 is
+    # unconditional, 1 conditional, > 1 guided; None: the model's default
+    guidance: float | None = Field(None, ge=0, le=100)
     batch_size: int = Field(256, ge=1, le=65536)
     use_ema: bool = True
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -170,15 +174,25 @@ class EvaluateSpec(Strict):
     num_samples: int = Field(1000, ge=10, le=1_000_000)  # generated images per source
     sample: dict[str, Any] = Field(default_factory=dict)  # sampler settings for every source
     per_source: dict[str, dict[str, Any]] = Field(default_factory=dict)  # ...overridden by source
+    # sampler settings each source is scored at, one score per value (several fields: per
+    # combination), e.g. {guidance: [0, 1, 2, 4]}: a class-conditional model's trade-off
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
     knn_k: int = Field(3, ge=1, le=100)  # k of the k-NN precision/recall
     classifier: ClassifierSpec = ClassifierSpec()
     inception: bool = False  # also the Inception FID (the `inception` extra; slow on CPU)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
-    def settings(self, ref: str) -> SampleSpec:
-        """The sampler settings for source `ref`."""
-        merged = {**self.sample, **self.per_source.get(ref, {}), "num_images": self.num_samples}
+    def settings(self, ref: str | None, **swept: Any) -> SampleSpec:
+        """The sampler settings for source `ref` (with the swept values `swept`)."""
+        merged = {**self.sample, **self.per_source.get(ref, {}), **swept,
+                  "num_images": self.num_samples}
         return SampleSpec.model_validate(merged)
+
+    def variants(self, ref: str | None) -> list[tuple[dict[str, Any], SampleSpec]]:
+        """(swept values, settings) of each scoring of source `ref`: one without a sweep."""
+        combos = [dict(zip(self.sweep, values))
+                  for values in itertools.product(*self.sweep.values())]
+        return [(combo, self.settings(ref, **combo)) for combo in combos]
 
 
 @dataclass(frozen=True)
@@ -610,12 +624,18 @@ def _check_evaluate(job: Job, problems: list[str]) -> tuple[Job | None, list[str
     for ref in job.evaluate.per_source:
         if ref not in job.sources:
             problems.append(f"evaluate.per_source.{ref}: not one of the jobs in 'from'")
+    for key, values in job.evaluate.sweep.items():
+        if key not in SampleSpec.model_fields or key in ("num_images", "batch_size", "seed"):
+            problems.append(f"evaluate.sweep.{key}: not a sampler setting")
+        elif not values:
+            problems.append(f"evaluate.sweep.{key}: needs at least one value")
     for ref in [None, *job.evaluate.per_source]:
         try:
-            job.evaluate.settings(ref)
+            job.evaluate.variants(ref)
         except ValidationError as exc:
             where = "evaluate.sample" if ref is None else f"evaluate.per_source.{ref}"
             problems += [f"{_loc((where, *e['loc']))}: {_describe(e)}" for e in exc.errors()]
+            break
     return (None, problems) if problems else (job, [])
 
 

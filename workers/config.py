@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from orchestrator.spec import DataSpec, ModelSection, Upstream
+from orchestrator.spec import DataSpec, ModelSection, SampleSpec, Upstream
 
 
 def levels_divide(size: int, channel_mult: tuple[int, ...], what: str, where: str) -> str | None:
@@ -59,3 +59,42 @@ class AutoencoderModel(ModelSection):
 
     def check_data(self, data: DataSpec) -> str | None:
         return levels_divide(data.image_size, self.channel_mult, "autoencoder", "data.image_size")
+
+
+# `sample.guidance` of a class-conditional model when a job leaves it out: the classifier-free
+# guidance scale of diffusers' class-conditional DiT pipeline (Peebles & Xie 2023)
+DEFAULT_GUIDANCE = 4.0
+
+
+class ConditionalModel(ModelSection):
+    """Class conditioning with classifier-free guidance (Ho & Salimans 2022), for the
+    diffusion-type families: with `class_conditional`, training drops each label with
+    probability `label_dropout`, and sampling takes `sample.label` and `sample.guidance`."""
+
+    class_conditional: bool = False
+    num_classes: int = Field(10, ge=2, le=100_000)
+    label_dropout: float = Field(0.1, ge=0, lt=1)  # Ho & Salimans' p_uncond
+
+    def check_data(self, data: DataSpec) -> str | None:
+        return labels_problem(data) if self.class_conditional else None
+
+    def needs_labels(self) -> bool:
+        return self.class_conditional
+
+    @classmethod
+    def check_sample(cls, sample: SampleSpec, up: Upstream) -> str | None:
+        model = up.model
+        if not model.get("class_conditional"):
+            for name in ("label", "guidance"):
+                if getattr(sample, name) is not None:
+                    return (f"sample.{name}: {up.label} is not class-conditional (train it with "
+                            "model.class_conditional: true)")
+            return None
+        classes = model.get("num_classes", 10)
+        if sample.label is not None and sample.label >= classes:
+            return f"sample.label: {sample.label} but {up.label} has {classes} classes"
+        baked = model.get("distilled_guidance")
+        if baked is not None and sample.guidance not in (None, baked):
+            return (f"sample.guidance: {up.label} was distilled with guidance {baked:g}, which "
+                    f"its samples keep (got {sample.guidance:g})")
+        return None

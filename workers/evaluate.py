@@ -36,6 +36,7 @@ from workers.data import load_images
 from workers.evaluation.inception import InceptionUnavailable, inception_fid
 from workers.evaluation.metrics import score
 from workers.nn.classifier import Classifier, FeatureExtractor, accuracy, train_classifier
+from workers.nn.conditioning import class_labels
 
 CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes
 
@@ -95,8 +96,10 @@ class EvaluateWorker(Worker):
         worker.log.close()
         return worker
 
-    def images_of(self, ref: str, uri: str, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        """n uint8 images of source `ref` and what is known of it."""
+    def images_of(self, uri: str, n: int, sample_cfg: dict[str, Any]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """n uint8 images of the source at `uri` sampled with `sample_cfg`, the classes they
+        were asked for (a class-conditional model) and what is known of the source."""
         prefix = open_storage(uri, self.task.s3)
         try:
             made = json.loads(prefix.get_bytes("result.json"))
@@ -106,10 +109,9 @@ class EvaluateWorker(Worker):
             arrays = np.load(io.BytesIO(prefix.get_bytes("outputs/images.npz")))
             images = torch.from_numpy(arrays["images"][:n]).permute(0, 3, 1, 2).contiguous()
             meta = read_manifest(*resolve_checkpoint_uri(made["source"], self.task.s3)).get("meta", {})
-            return images, {"family": meta.get("family"), "source_kind": "sample",
+            return images, None, {"family": meta.get("family"), "source_kind": "sample",
                             "checkpoint": made["source"], "step": meta.get("step"),
                             "s_per_image": made.get("s_per_image"), "sampler": None}
-        sample_cfg = EvaluateSpec.model_validate(self.job["evaluate"]).settings(ref).model_dump()
         family = read_manifest(*resolve_checkpoint_uri(uri, self.task.s3))["meta"]["family"]
         worker = self._sub_worker(family, uri, sample_cfg)
         ckpt = worker.load_for_sampling(uri)
@@ -126,14 +128,17 @@ class EvaluateWorker(Worker):
         seconds = time.perf_counter() - t0
         params = sum(p.numel() for m in worker.modules.values() for p in m.parameters())
         sampler = worker.sampler_settings(sample_cfg)
-        return torch.cat(parts), {"family": family, "source_kind": ckpt.meta.get("kind", "train"),
+        # the classes asked for: `sample.label`, or cycling through them from the first sample
+        labels = (class_labels(n, worker.num_classes, sample_cfg.get("label"), 0, torch.device("cpu"))
+                  if getattr(worker, "num_classes", 0) else None)
+        return torch.cat(parts), labels, {"family": family, "source_kind": ckpt.meta.get("kind", "train"),
                                   "checkpoint": ckpt.uri, "step": ckpt.step, "params": params,
                                   "s_per_image": seconds / n, "sampler": sampler}
 
-    def _score(self, extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor
-               ) -> dict[str, Any]:
+    def _score(self, extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor,
+               labels: torch.Tensor | None = None) -> dict[str, Any]:
         cfg = self.job["evaluate"]
-        metrics = score(extractor, real, fake, cfg["knn_k"])
+        metrics = score(extractor, real, fake, cfg["knn_k"], labels)
         if cfg.get("inception"):
             try:
                 metrics["inception_fid"] = inception_fid(real, fake, self.device)
@@ -172,20 +177,26 @@ class EvaluateWorker(Worker):
                               if isinstance(v, float)}, 0)
 
         refs = self.job["from"] if isinstance(self.job["from"], list) else [self.job["from"]]
-        self._progress.update(phase="sampling", step=0, total=n * len(refs))
-        for ref, uri in zip(refs, self.task.sources):
+        spec = EvaluateSpec.model_validate(cfg)
+        scorings = [(ref, uri, swept, settings.model_dump())
+                    for ref, uri in zip(refs, self.task.sources)
+                    for swept, settings in spec.variants(ref)]
+        self._progress.update(phase="sampling", step=0, total=n * len(scorings))
+        for ref, uri, swept, settings in scorings:
             self.check_stop()
-            images, info = self.images_of(ref, uri, n)
+            images, labels, info = self.images_of(uri, n, settings)
             if tuple(images.shape[1:]) != tuple(real.shape[1:]):
                 raise JobError(f"from: {ref} makes {tuple(images.shape[1:])} images, the "
                                f"evaluation data is {tuple(real.shape[1:])}")
             self.check_stop()
-            metrics = self._score(extractor, real, images)
-            label = ref if "://" not in ref else f"source{len(results['sources'])}"
+            metrics = self._score(extractor, real, images, labels)
+            label = (ref if "://" not in ref else f"source{refs.index(ref)}") + "".join(
+                f".{key}-{value}" for key, value in swept.items())
             self.log.log_metrics({f"{label}.{k}": v for k, v in
                                   {**metrics, "s_per_image": info["s_per_image"]}.items()
                                   if isinstance(v, float)}, 0)
-            results["sources"].append({"ref": ref, "label": label, **info, "metrics": metrics})
+            results["sources"].append({"ref": ref, "label": label, "swept": swept, **info,
+                                       "metrics": metrics})
         self.storage.put_bytes("outputs/metrics.json", json.dumps(results, indent=2).encode())
         return self._finish({"status": "finished", "kind": "evaluate",
                              "outputs": [self.storage.uri("outputs/metrics.json")],

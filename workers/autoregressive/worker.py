@@ -12,6 +12,7 @@ import torch
 
 from workers.autoencoder import encode_dataset, load_first_stage
 from workers.base import JobError, Worker
+from workers.nn.conditioning import check_labels, class_labels
 from workers.nn.distillation import kd_loss
 from workers.nn.ema import EMA
 from workers.autoregressive.transformer import Transformer
@@ -38,12 +39,9 @@ class ARWorker(Worker):
     def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         codes = encode_dataset(self, "tokenizer", x, "codes").long().reshape(len(x), -1)
-        if self.num_classes:
-            if labels is None:
-                raise JobError("model.class_conditional: the data set has no labels")
-            if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
-                raise JobError(f"model.num_classes: labels run from {int(labels.min())} to "
-                               f"{int(labels.max())}, outside 0..{self.num_classes - 1}")
+        problem = check_labels(labels, self.num_classes) if self.num_classes else None
+        if problem:
+            raise JobError(problem)
         return codes, labels
 
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
@@ -80,8 +78,7 @@ class ARWorker(Worker):
             label = cfg.get("label")
             if label is not None and label >= self.num_classes:
                 raise JobError(f"sample.label: {label} but the model has {self.num_classes} classes")
-            labels = (torch.full((n,), label, device=self.device) if label is not None else
-                      torch.arange(self._sampled, self._sampled + n, device=self.device) % self.num_classes)
+            labels = class_labels(n, self.num_classes, label, self._sampled, self.device)
         net = net or self.sampling_module("net")
         was_training = net.training
         net.eval()

@@ -6,8 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.spec import DataSpec, ModelSection, SampleSpec, Strict, Upstream
-from workers.config import levels_divide
+from orchestrator.spec import DataSpec, SampleSpec, Strict, Upstream
+from workers.config import DEFAULT_GUIDANCE, ConditionalModel, levels_divide
 
 
 class ProgressiveDistill(Strict):
@@ -21,6 +21,9 @@ class ProgressiveDistill(Strict):
     # steps it was itself distilled to)
     teacher_steps: int | None = Field(None, ge=2, le=10_000)
     prediction: Literal["v", "x"] = "v"  # what the student predicts (ε is unstable at few steps)
+    # a class-conditional teacher's guidance scale, which the student learns to sample with;
+    # None: the default sampling guidance
+    guidance: float | None = Field(None, ge=0, le=100)
 
 
 def distill_rounds(teacher_steps: int, student_steps: int) -> int | None:
@@ -50,7 +53,7 @@ def halving_problem(distill: dict[str, Any], up: Upstream, timesteps: int) -> st
     return None
 
 
-class DDPMModel(ModelSection):
+class DDPMModel(ConditionalModel):
     channels: int = Field(32, ge=4, le=1024)
     channel_mult: tuple[int, ...] = Field((1, 2), min_length=1, max_length=6)
     num_res_blocks: int = Field(1, ge=1, le=8)
@@ -72,13 +75,18 @@ class DDPMModel(ModelSection):
         return self
 
     def check_data(self, data: DataSpec) -> str | None:
-        return levels_divide(data.image_size, self.channel_mult, "U-Net", "data.image_size")
+        return (levels_divide(data.image_size, self.channel_mult, "U-Net", "data.image_size")
+                or super().check_data(data))
 
     @classmethod
     def student_model(cls, teacher: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
         # `distilled_steps` exists only in checkpoints: the steps the student samples with
-        return {**teacher, "prediction": distill["prediction"],
-                "distilled_steps": distill["student_steps"]}
+        student = {**teacher, "prediction": distill["prediction"],
+                   "distilled_steps": distill["student_steps"]}
+        if teacher.get("class_conditional"):
+            student["distilled_guidance"] = (teacher.get("distilled_guidance")
+                                             or distill.get("guidance") or DEFAULT_GUIDANCE)
+        return student
 
     @classmethod
     def check_sample(cls, sample: SampleSpec, up: Upstream) -> str | None:
@@ -88,10 +96,17 @@ class DDPMModel(ModelSection):
         if up.model.get("distilled_steps") and sample.sampler not in (None, "ddim"):
             return (f"sample.sampler: {up.label} is distilled for {up.model['distilled_steps']}"
                     f"-step DDIM; sample it with sampler: ddim")
-        return None
+        return super().check_sample(sample, up)
 
     @classmethod
     def check_distill(cls, distill: dict[str, Any], up: Upstream) -> str | None:
+        if distill.get("guidance") is not None and not up.model.get("class_conditional"):
+            return (f"distill.guidance: {up.label} is not class-conditional; only a "
+                    "class-conditional teacher is guided")
+        baked = up.model.get("distilled_guidance")
+        if baked is not None and distill.get("guidance") not in (None, baked):
+            return (f"distill.guidance: {up.label} was distilled with guidance {baked:g}, which "
+                    f"its students keep (got {distill['guidance']:g})")
         return halving_problem(distill, up, int(up.model.get("timesteps", 1000)))
 
 
@@ -100,4 +115,5 @@ def describe_sampler(settings: dict[str, Any]) -> str:
     if not settings.get("sampler"):
         return "-"
     spacing = " trailing" if settings.get("spacing") == "trailing" else ""
-    return f"{settings['sampler']} {settings.get('steps') or 'all'} steps{spacing}"
+    guidance = f", guidance {settings['guidance']:g}" if settings.get("guidance") is not None else ""
+    return f"{settings['sampler']} {settings.get('steps') or 'all'} steps{spacing}{guidance}"

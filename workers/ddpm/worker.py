@@ -18,13 +18,15 @@ from torch import nn
 
 from orchestrator.checkpoints import Checkpoint
 from workers.ddpm.config import distill_rounds
-from workers.base import Worker
+from workers.conditional import ConditionalWorker
 from workers.ddpm import SAMPLERS
 from workers.diffusion.losses import ddpm_loss
 from workers.diffusion.parameterization import eps_model
 from workers.diffusion.progressive import progressive_loss, round_of
 from workers.diffusion.samplers import make_sampler, sample
 from workers.diffusion.schedules import make_schedule
+from workers.config import DEFAULT_GUIDANCE
+from workers.nn.conditioning import conditioned, guided
 from workers.nn.ema import EMA
 from workers.nn.unet import UNet
 
@@ -33,7 +35,7 @@ from workers.nn.unet import UNet
 DDIM_DEFAULT_STEPS = 50
 
 
-class DDPMWorker(Worker):
+class DDPMWorker(ConditionalWorker):
     family = "ddpm"
     clip_x0 = True  # pixels live in [-1, 1]; latents (ldm) do not
 
@@ -50,7 +52,7 @@ class DDPMWorker(Worker):
             channel_mult=tuple(model_cfg["channel_mult"]),
             num_res_blocks=model_cfg["num_res_blocks"],
             attn_resolutions=tuple(model_cfg["attn_resolutions"]),
-            dropout=model_cfg["dropout"],
+            dropout=model_cfg["dropout"], num_classes=self.conditioning(model_cfg),
         ).to(self.device)
         self.modules = {"net": net}
         self.schedule = make_schedule(
@@ -74,13 +76,18 @@ class DDPMWorker(Worker):
         # (`_enter_round`); a resume that trains no further step enters no round.
         self.set_sampling(self.model_cfg.get("prediction", "eps"),
                           self.model_cfg.get("distilled_steps"))
+        self.baked_guidance = self.model_cfg.get("distilled_guidance")
 
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
         self.optimizers = {"net": torch.optim.Adam(self.modules["net"].parameters(), lr=train_cfg["lr"])}
 
+    def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return x, self.checked_labels(labels)
+
     def train_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
                    gen: torch.Generator) -> dict[str, torch.Tensor]:
-        loss = ddpm_loss(self.modules["net"], self.schedule, batch, generator=gen,
+        loss = ddpm_loss(self.conditioned_net(labels, gen), self.schedule, batch, generator=gen,
                          prediction=self.prediction)
         self.optimize(loss, "net")
         return {"loss": loss.detach()}
@@ -104,25 +111,29 @@ class DDPMWorker(Worker):
         return {"sampler": sampler, "eta": sample_cfg["eta"],
                 "steps": sample_cfg.get("steps") or self.default_steps(sampler),
                 "spacing": sample_cfg.get("spacing") or self.spacing,
-                "use_ema": sample_cfg.get("use_ema", True)}
+                "use_ema": sample_cfg.get("use_ema", True), **self.guidance_settings(sample_cfg)}
 
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         s = self.sampler_settings(sample_cfg)
         return self.decode(self.diffuse(self.sampling_module("net"), self.prediction, n,
                                         s["sampler"], s["steps"], s["eta"], s["spacing"], gen,
-                                        progress))
+                                        progress, self.sample_labels(n, sample_cfg),
+                                        s.get("guidance", 1.0)))
 
     def diffuse(self, net: nn.Module, prediction: str, n: int, sampler: str, steps: int,
                 eta: float, spacing: str, gen: torch.Generator,
-                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Run a reverse process with `net` from pure noise."""
+                progress: Callable[[int, int], None] | None = None,
+                labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+        """Run a reverse process with `net` from pure noise (for a class-conditional `net`:
+        of classes `labels`, with classifier-free guidance at scale `guidance`)."""
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         chain = make_sampler(sampler, self.schedule, clip_x0=self.clip_x0, **kwargs)
         was_training = net.training
         net.eval()
         try:
-            return sample(eps_model(net, self.schedule, prediction), chain,
+            predict = guided(net, labels, guidance, self.num_classes)
+            return sample(eps_model(predict, self.schedule, prediction), chain,
                           (n, *self.sample_shape), num_steps=steps, spacing=spacing,
                           generator=gen, device=self.device, progress=progress)
         finally:
@@ -140,6 +151,11 @@ class DDPMWorker(Worker):
         self.start_steps = (cfg["teacher_steps"] or teacher_model.get("distilled_steps")
                             or teacher_model["timesteps"])
         self.rounds = distill_rounds(self.start_steps, cfg["student_steps"])
+        # a class-conditional teacher samples guided, and its student learns to sample with
+        # that guidance built in (a distilled teacher has it built in already)
+        baked = teacher_model.get("distilled_guidance")
+        self.teacher_guidance = 1.0 if baked is not None else cfg.get("guidance") or DEFAULT_GUIDANCE
+        self.distill_guidance = baked if baked is not None else self.teacher_guidance
         self.steps_per_round = self.job["train"]["steps"]
         self.total_steps = self.rounds * self.steps_per_round
         original = copy.deepcopy(self.sampling_module("net")).eval().requires_grad_(False)
@@ -165,6 +181,8 @@ class DDPMWorker(Worker):
         prediction = self.job["distill"]["prediction"]
         self.model_cfg = {**self.model_cfg, "prediction": prediction,
                           "distilled_steps": student_steps}
+        if self.num_classes:
+            self.model_cfg["distilled_guidance"] = self.baked_guidance = self.distill_guidance
         self.set_sampling(prediction, student_steps)
         self._round_loss = [torch.zeros((), device=self.device), 0]  # summed on the device
 
@@ -181,8 +199,12 @@ class DDPMWorker(Worker):
         if r != self._round:
             self._enter_round(r)
         teacher_steps, student_steps = self._round_steps(r)
+        # the first round's teacher is guided as the job asks; the later rounds' teachers
+        # (students of the earlier rounds) have that guidance built in
+        teacher = guided(self.frozen["round_teacher"], labels,
+                         self.teacher_guidance if r == 0 else 1.0, self.num_classes)
         loss = progressive_loss(
-            self.modules["net"], self.prediction, self.frozen["round_teacher"],
+            conditioned(self.modules["net"], labels), self.prediction, teacher,
             self.teacher_prediction if r == 0 else self.prediction, self.schedule, batch,
             teacher_steps, clip=self.clip_x0, generator=gen)
         self.optimize(loss, "net")
@@ -214,7 +236,9 @@ class DDPMWorker(Worker):
 
     def teacher_generate(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return self.decode(self.diffuse(self.teacher["net"], self.teacher_prediction, n, "ddim",
-                                        self.start_steps, 0.0, "trailing", gen))
+                                        self.start_steps, 0.0, "trailing", gen,
+                                        labels=self.sample_labels(n, None),
+                                        guidance=self.teacher_guidance))
 
     def distill_metrics(self) -> dict[str, float]:
         return {"teacher_sampling_steps": self.start_steps,

@@ -92,10 +92,12 @@ def _features_and_probs(extractor: FeatureExtractor, images: Tensor) -> tuple[Te
     return feats, extractor.classifier.head(feats).softmax(1)
 
 
-def score(extractor: FeatureExtractor, real: Tensor, fake: Tensor, k: int = 3) -> dict[str, Any]:
+def score(extractor: FeatureExtractor, real: Tensor, fake: Tensor, k: int = 3,
+          labels: Tensor | None = None) -> dict[str, Any]:
     """Every metric for uint8 (N, C, H, W) `fake` against `real`. The class histogram of the
     samples is compared with the classifier's histogram of the real images, so that the
-    classifier's own mistakes cancel out."""
+    classifier's own mistakes cancel out. With the classes `labels` the samples were asked
+    for (a class-conditional model), also the fraction the classifier puts in that class."""
     out: dict[str, Any] = frechet_and_kid(extractor, real, fake)
     feats_real, probs_real = _features_and_probs(extractor, real)
     feats_fake, probs_fake = _features_and_probs(extractor, fake)
@@ -105,4 +107,7 @@ def score(extractor: FeatureExtractor, real: Tensor, fake: Tensor, k: int = 3) -
     out["class_kl"] = histogram_kl(hist, class_histogram(probs_real))
     out["class_histogram"] = [round(float(h), 4) for h in hist]
     out["num_samples"] = len(fake)
+    if labels is not None:
+        out["label_accuracy"] = float((probs_fake.argmax(1) == labels.to(probs_fake.device))
+                                      .double().mean())
     return out

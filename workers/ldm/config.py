@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from orchestrator.spec import DataSpec, Upstream
-from workers.config import AutoencoderModel, first_stage_problem, levels_divide
+from workers.config import AutoencoderModel, ConditionalModel, first_stage_problem, levels_divide
 from workers.ddpm.config import DDPMModel
 
 
@@ -19,7 +19,8 @@ class LDMModel(DDPMModel):
     autoencoder: str = Field(min_length=1)  # an ldm autoencoder or a vqgan: a job or its URI
 
     def check_data(self, data: DataSpec) -> str | None:
-        return None  # the latent size is known only with the autoencoder: see check_ref
+        # the latent size is known only with the autoencoder: see check_ref
+        return ConditionalModel.check_data(self, data)
 
     def check_ref(self, field: str, up: Upstream, data: DataSpec) -> str | None:
         problem, factor = first_stage_problem(field, up, data,

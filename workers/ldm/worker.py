@@ -52,7 +52,7 @@ class LDMWorker(DDPMWorker):
         # the whole encoded data set, stored in the frozen autoencoder's buffer (checkpointed).
         self.ae.latent_scale.fill_(1.0 / float(latents.float().std()))
         self.log.set_tags({"genforge.latent_scale": f"{float(self.ae.latent_scale):.6g}"})
-        return latents * self.ae.latent_scale, labels
+        return latents * self.ae.latent_scale, self.checked_labels(labels)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.ae.decode_latents(z / self.ae.latent_scale).clamp(-1, 1)

@@ -100,7 +100,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """Predicts ε from (x_t, t).
+    """Predicts ε (or v, x_0, a velocity) from (x_t, t) and, with `num_classes`, a class label.
 
     Level i runs at resolution image_size / 2**i with channels * channel_mult[i] channels.
     The encoder pushes every intermediate activation on a skip stack; each decoder level
@@ -120,6 +120,7 @@ class UNet(nn.Module):
         attn_resolutions: tuple[int, ...] = (),
         dropout: float = 0.0,
         out_channels: int | None = None,
+        num_classes: int = 0,
     ):
         super().__init__()
         if not channel_mult:
@@ -142,6 +143,10 @@ class UNet(nn.Module):
         temb_dim = 4 * channels
 
         self.time_embed = nn.Sequential(nn.Linear(channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        # class conditioning: one row per class and a last one for "no label"
+        # (workers/nn/conditioning.py), added to the time embedding
+        self.num_classes = num_classes
+        self.label_embed = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         block = dict(temb_dim=temb_dim, dropout=dropout)
@@ -177,10 +182,14 @@ class UNet(nn.Module):
         self.norm_out = norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.time_embed(timestep_embedding(t, self.channels))
+        if self.label_embed is not None:
+            if y is None:  # unconditional: the null label
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            temb = temb + self.label_embed(y)
 
         h = self.conv_in(x)
         skips = [h]
