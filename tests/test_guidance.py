@@ -112,3 +112,31 @@ def test_guided_samples_are_more_often_of_their_class(tmp_path):
     assert rows["ddpm.guidance-3"]["sampler"]["guidance"] == 3
     assert acc[0] < 0.3  # unconditional: the asked-for class by chance (1 in 10) or so
     assert acc[3] > acc[0] + 0.3 and acc[3] >= acc[1]
+
+
+def test_a_guided_teachers_student_keeps_its_guidance(tmp_path):
+    """Progressive distillation of a class-conditional teacher at guidance 2: the student's
+    checkpoint records the scale, samples with it built in (the conditional prediction), and
+    a sample job asking it for another scale is refused before anything runs."""
+    from orchestrator.checkpoints import load_checkpoint, resolve_checkpoint_uri
+
+    data = spec(
+        {"name": "ddpm", "kind": "train", "family": "ddpm", "train": {"steps": 6, "batch_size": 16},
+         "model": {"channels": 8, "channel_mult": [1], "timesteps": 40, "class_conditional": True}},
+        {"name": "fast", "kind": "distill", "family": "ddpm", "teacher": "ddpm",
+         "train": {"steps": 2, "batch_size": 16, "sample_images": 4},
+         "distill": {"method": "progressive", "teacher_steps": 8, "student_steps": 2,
+                     "guidance": 2}},
+        {"name": "grid", "kind": "sample", "family": "ddpm", "from": "fast",
+         "sample": {"num_images": 4, "label": 3}})
+    results = run_jobs(tmp_path, data)
+    assert results["fast"]["status"] == "finished"
+    student = load_checkpoint(*resolve_checkpoint_uri(results["fast"]["checkpoint"], None))
+    assert student.meta["model"]["distilled_guidance"] == 2 and student.meta["model"]["distilled_steps"] == 2
+    assert results["grid"]["sampler"] == {"sampler": "ddim", "steps": 2, "eta": 0.0,
+                                          "spacing": "trailing", "use_ema": True, "label": 3,
+                                          "guidance": 1.0, "distilled_guidance": 2}
+    data["jobs"][2]["sample"]["guidance"] = 3
+    lines = errors(data)
+    assert lines == ["s.yaml: job 'grid': sample.guidance: job 'fast' was distilled with "
+                     "guidance 2, which its samples keep (got 3)"], lines

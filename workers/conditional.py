@@ -42,15 +42,17 @@ class ConditionalWorker(Worker):
 
     def guidance_settings(self, sample_cfg: dict[str, Any] | None) -> dict[str, Any]:
         """`label` and `guidance` as sampling applies them (none for an unconditional model;
-        a student distilled from a guided teacher samples with its guidance built in)."""
+        a student distilled from a guided teacher has its teacher's built in, and samples with
+        the conditional prediction)."""
         if not self.num_classes:
             return {}
         cfg = sample_cfg or {}
-        default = 1.0 if self.baked_guidance is not None else DEFAULT_GUIDANCE
+        if self.baked_guidance is not None:  # the conditional prediction: scale 1
+            return {"label": cfg.get("label"), "guidance": 1.0,
+                    "distilled_guidance": self.baked_guidance}
         guidance = cfg.get("guidance")
         return {"label": cfg.get("label"),
-                "guidance": default if guidance is None or self.baked_guidance is not None
-                else guidance}
+                "guidance": DEFAULT_GUIDANCE if guidance is None else guidance}
 
     def sample_labels(self, n: int, sample_cfg: dict[str, Any] | None) -> torch.Tensor | None:
         """The classes of the next `n` samples: `sample.label`, or cycling through them."""

@@ -115,5 +115,7 @@ def describe_sampler(settings: dict[str, Any]) -> str:
     if not settings.get("sampler"):
         return "-"
     spacing = " trailing" if settings.get("spacing") == "trailing" else ""
-    guidance = f", guidance {settings['guidance']:g}" if settings.get("guidance") is not None else ""
+    guidance = (f", guidance {settings['distilled_guidance']:g} (distilled)"
+                if settings.get("distilled_guidance") is not None else
+                f", guidance {settings['guidance']:g}" if settings.get("guidance") is not None else "")
     return f"{settings['sampler']} {settings.get('steps') or 'all'} steps{spacing}{guidance}"
