@@ -634,7 +634,10 @@ def _check_evaluate(job: Job, problems: list[str]) -> tuple[Job | None, list[str
             job.evaluate.variants(ref)
         except ValidationError as exc:
             where = "evaluate.sample" if ref is None else f"evaluate.per_source.{ref}"
-            problems += [f"{_loc((where, *e['loc']))}: {_describe(e)}" for e in exc.errors()]
+            for e in exc.errors():
+                swept = e["loc"][0] in job.evaluate.sweep
+                problems.append(f"{_loc(('evaluate.sweep' if swept else where, *e['loc']))}: "
+                                f"{_describe(e)}")
             break
     return (None, problems) if problems else (job, [])
 

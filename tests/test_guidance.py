@@ -79,6 +79,9 @@ def errors(data: dict) -> list[str]:
     (spec(train(class_conditional=True), {"name": "s", "kind": "evaluate", "from": "ddpm",
                                           "evaluate": {"sweep": {"seed": [1, 2]}}}),
      "s.yaml: job 's': evaluate.sweep.seed: not a sampler setting"),
+    (spec(train(class_conditional=True), {"name": "s", "kind": "evaluate", "from": "ddpm",
+                                          "evaluate": {"sweep": {"guidance": [1, -2]}}}),
+     "s.yaml: job 's': evaluate.sweep.guidance: Input should be greater than or equal to 0 (got -2)"),
 ])
 def test_guidance_settings_are_checked_before_anything_runs(data, expected):
     lines = errors(data)
