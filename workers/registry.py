@@ -20,6 +20,7 @@ FAMILIES = (
     "vqgan",
     "autoregressive",
     "ldm",
+    "flow",
 )
 
 EVALUATE = "workers.evaluate:EvaluateWorker"  # scores the families' models; not a family
