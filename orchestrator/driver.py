@@ -8,6 +8,9 @@ from the actors' `progress()` method, polled a few times a second, never from th
 
 A stop (SIGINT, or SIGTERM from a batch scheduler) asks every running job to stop at its next
 step boundary, marks every run KILLED and exits 128 + the signal's number.
+
+The job runs' lifecycle is `orchestrator/runs.py`'s, the progress display
+`orchestrator/progress.py`'s.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import signal
 import socket
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError,
@@ -34,22 +37,20 @@ from orchestrator.actor import JobActor, WorkersLost
 from orchestrator.checkpoints import CheckpointError, pin_checkpoint, resolve_checkpoint_uri
 from orchestrator.plan import (Plan, PlannedJob, build_plan, check_uri_references, is_uri,
                                resolve_checkpoint, resolve_inputs, stages_data)
+from orchestrator.progress import Progress
+from orchestrator.runs import RESULT, JobRuns, job_prefix, run_params
 from orchestrator.settings import ServiceError, Settings
 from orchestrator.spec import SpecError, model_needs_labels
 from orchestrator.storage import NotFound, Storage, StorageError, open_storage
 from orchestrator.submit import SUBMISSION_ENV
 from orchestrator.task import Task
-from orchestrator.tracking import RunInfo, Tracker, flatten
+from orchestrator.tracking import Tracker
 
 STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint
-PREOPEN = 16  # job runs opened ahead of their launch, at most
-OPEN_AHEAD_S = 3.0  # ...once the pipeline has launched nothing for this long
-PUBLISH_S = 2.0  # the pipeline's progress tag changes at most this often while it runs
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
 WATCH_S = 2.0  # how often a job that another driver runs is looked at
 STORAGE_PATIENCE_S = 300.0  # a job whose lookups fail this long (storage away) fails
 RESTART_BACKOFF_S = 2.0  # a job that lost its storage restarts after 2, 4, 8 ... s
-RESULT = "result.json"
 AUTOSCALING_ENV = "GENFORGE_AUTOSCALING"  # set: requests larger than any node wait for one
 
 
@@ -65,13 +66,6 @@ def _reachable(address: str, timeout: float = 10.0) -> None:
         raise ServiceError(f"cannot connect to Ray at {address}: {exc.strerror or exc}") from None
 
 
-class OpenedRun(NamedTuple):
-    info: RunInfo
-    attempts: int  # attempts the run has seen
-    status: str  # SCHEDULED (opened ahead of its launch) or RUNNING
-    params_logged: bool  # else the worker logs them with its first metrics
-
-
 @dataclass
 class JobState:
     planned: PlannedJob
@@ -79,19 +73,8 @@ class JobState:
     # runs it) | running | restarting (on its actor, once storage has had time to come back)
     # | finished | cached | failed | skipped | killed
     status: str = "pending"
-    run_id: str | None = None
-    artifact_uri: str | None = None  # its run's artifact root
-    run_status: str = ""  # what the driver last made its run's status
-    params_logged: bool = False  # its run has its params (else they go with the job's logs)
     actor: Any = None
     ref: Any = None
-    progress_ref: Any = None
-    progress_asked: float = 0.0  # when its actor was last asked for progress (monotonic)
-    run_opened: Future | None = None  # an OpenedRun, opened ahead while it is queued
-    tracking: Future | None = None  # the last tracking request about its run
-    bar: tqdm | None = None
-    attempt: int = 0
-    attempt_tag: int = 0  # what its run's genforge.attempt tag says
     restarts: int = 0
     retries: int = 0
     started: float = 0.0
@@ -101,7 +84,6 @@ class JobState:
     taken: lease.Taken | None = None  # elsewhere: the lease of the driver that runs it
     unreachable_since: float | None = None  # its lookups have failed since (storage away)
     not_before: float = 0.0  # restarting: when it is launched again
-    adopt: bool = False  # its run is looked up again at its launch (a driver before ran it)
 
     @property
     def name(self) -> str:
@@ -121,18 +103,13 @@ class Driver:
         self.experiment = plan.spec.experiment
         self.root = open_storage(settings.storage, settings.s3)
         self.tracker = Tracker(settings.tracking_uri)
+        self.runs = JobRuns(self.tracker, self.root, self.experiment, self._is_forced, echo)
+        self.progress = Progress(self.tracker)
         self.jobs = {p.name: JobState(p) for p in plan.jobs}
-        self._positions: list[int] = []
         # a Ray job submitted by `genforge submit`: every run says which submission made it
         submission = os.environ.get(SUBMISSION_ENV)
         self.submission_tags = {"genforge.submission": submission} if submission else {}
-        self._progress_tag, self._published = "", 0.0
         self._idle: list[tuple[tuple[float, float], Any]] = []  # finished jobs' actors, for reuse
-        # Requests to the tracking server about job runs leave the loop: each takes tens of ms,
-        # and a pipeline of many short jobs would wait on them, one after another.
-        self._tracking = ThreadPoolExecutor(4, thread_name_prefix="tracking")
-        self._tracking_done: list[Future] = []
-        self._last_launch = time.monotonic()
         self._watched = 0.0  # when the jobs other drivers run were last looked at
         self._stopping = False  # a stop is under way: another signal only hurries it
         self._hurry = False
@@ -140,7 +117,7 @@ class Driver:
 
     # ---- setup ------------------------------------------------------------------------------
     def prefix(self, planned: PlannedJob) -> str:
-        return f"{self.experiment}/{planned.name}/{planned.hash}"
+        return job_prefix(self.experiment, planned.name, planned.hash)
 
     def _storage(self, state: JobState) -> Storage:
         return self.root.child(self.prefix(state.planned))
@@ -294,7 +271,7 @@ class Driver:
             got = lease.acquire(storage, self.me)
             if isinstance(got, lease.Lease):
                 self.echo(f"job '{state.name}': the other driver let it go; running it here")
-                state.adopt = True
+                self.runs[state.name].adopt = True
                 self._own(state, got)
             elif got is not None:
                 state.taken = got
@@ -307,7 +284,7 @@ class Driver:
                        else f"not renewed for {lease.TTL_S:g} s")
                 self.echo(f"job '{state.name}': taken over from {lease.describe(now)} ({why}); "
                           f"resuming it here")
-                state.adopt = True
+                self.runs[state.name].adopt = True
                 self._own(state, got)
 
     def _tolerant(self, state: JobState, look: Callable[[JobState], None]) -> None:
@@ -362,30 +339,16 @@ class Driver:
         """Start the job's next attempt, on `actor` (an idle one of the same resources) or on a
         new one."""
         p = state.planned
-        if state.run_id is None:
-            opened = self._opened_run(state)
-            state.run_id, state.artifact_uri = opened.info.run_id, opened.info.artifact_uri
-            state.attempt, state.run_status = opened.attempts, opened.status
-            state.params_logged = opened.params_logged
-            state.attempt_tag = state.attempt + 1  # an opened run names its next attempt
-        state.attempt += 1
-        self._last_launch = time.monotonic()
-        if state.run_status != "RUNNING":  # opened ahead (a restart finds it RUNNING)
-            self._track(state, self.tracker.set_status, state.run_id, "RUNNING")
-            state.run_status = "RUNNING"
-        if state.attempt != state.attempt_tag:  # a retry or a restart in this pipeline run
-            state.attempt_tag = state.attempt
-            self._track(state, self.tracker.set_tags, state.run_id,
-                        {"genforge.attempt": str(state.attempt)})
+        run = self.runs.launch(p)
         reused = actor is not None
         task = Task(
             job=p.job.resolved(), job_hash=p.hash, experiment=self.experiment,
             storage_root=self.settings.storage, prefix=self.prefix(p),
-            tracking_uri=self.settings.tracking_uri, run_id=state.run_id,
-            artifact_uri=state.artifact_uri, params={} if state.params_logged else self._params(p),
+            tracking_uri=self.settings.tracking_uri, run_id=run.id,
+            artifact_uri=run.artifact_uri, params={} if run.params_logged else run_params(p),
             code_version=p.code, sources=tuple(self._uri(p, ref) for ref in p.job.sources),
             data_key=p.data_key, refs={field: self._uri(p, ref) for field, ref in p.job.references},
-            attempt=state.attempt, launched=time.time(), s3=self.settings.s3,
+            attempt=run.attempt, launched=time.time(), s3=self.settings.s3,
         )
         if actor is None:
             r = p.job.resources
@@ -394,111 +357,26 @@ class Driver:
             actor = ray.remote(JobActor).options(
                 num_cpus=0 if parallel else r.cpus, num_gpus=0 if parallel else r.gpus,
                 max_concurrency=4, max_restarts=0,
-                name=f"genforge:{self.experiment}:{p.name}:{state.run_id[:8]}:{state.attempt}",
+                name=f"genforge:{self.experiment}:{p.name}:{run.id[:8]}:{run.attempt}",
                 namespace="genforge",
             ).remote()
         state.actor = actor
         state.ref = actor.run.remote(task)
-        state.status, state.started, state.progress_ref = "running", time.monotonic(), None
+        state.status, state.started = "running", time.monotonic()
         # An actor that ran a job before holds its resources: it is first asked for progress
         # once the job has run for POLL_S. A new one is asked at once, to learn that it holds
         # them (a data-parallel job's workers are placed anew each time).
         state.alive = reused and p.job.resources.workers == 1
-        state.progress_asked = state.started if state.alive else 0.0
-        if state.bar is None:
-            position = next(i for i in range(len(self.jobs) + 1) if i not in self._positions)
-            self._positions.append(position)
-            # Bars only on a terminal; logs get the one-line events instead.
-            state.bar = tqdm(total=1, desc=f"{p.name:<14.14}", position=position, leave=True,
-                             dynamic_ncols=True, file=sys.stderr, unit="step",
-                             disable=not sys.stderr.isatty())
-        self.echo(f"job '{p.name}': started (attempt {state.attempt}, run {state.run_id})")
-        state.bar.set_postfix_str(f"attempt {state.attempt}" if state.attempt > 1 else "starting")
-
-    def _track(self, state: JobState, fn: Callable[..., Any], *args: Any) -> None:
-        """Send a request about the job's run from the tracking threads, after the ones before
-        it (a run must not be marked RUNNING after it was marked FINISHED)."""
-        before = state.tracking
-
-        def call() -> None:
-            if before is not None:
-                before.result()
-            fn(*args)
-
-        state.tracking = self._tracking.submit(call)
-        self._tracking_done.append(state.tracking)
-
-    def _opened_run(self, state: JobState) -> OpenedRun:
-        """The run opened ahead for the job, or one opened now, RUNNING."""
-        if state.run_opened is None:
-            return self._open_run(state, ahead=False)
-        return state.run_opened.result()
-
-    def _drain_tracking(self) -> None:
-        """Wait for every request about job runs; say which failed (the run may show a wrong
-        state; the job's own outcome stands)."""
-        self._tracking.shutdown(wait=True)
-        failed = [f.exception() for f in self._tracking_done if f.exception() is not None]
-        if failed:
-            self.echo(f"tracking: {len(failed)} requests about job runs failed, the first: "
-                      f"{str(failed[0]).splitlines()[0][:300]}")
-
-    def _params(self, p: PlannedJob) -> dict[str, str]:
-        return flatten({k: v for k, v in p.job.resolved().items() if k != "name"})
-
-    def _open_run(self, state: JobState, ahead: bool) -> OpenedRun:
-        """A new child run, or the unfinished run of the same job hash (a resumed job keeps its
-        metric history in one run; a forced job starts a new one). Opened `ahead` of its
-        launch, it says SCHEDULED and has its params; opened at the launch, it says RUNNING
-        (MLflow's default) and its params go with the job's first metrics: one request, where a
-        run opened ahead takes four with its RUNNING at the launch. Its `genforge.attempt` tag
-        names the attempt that the launch will be."""
-        p = state.planned
-        status = "SCHEDULED" if ahead else "RUNNING"
-        if state.adopt:  # another driver ran it since this one started: its run, if it left one
-            self._unfinished.update(self.tracker.unfinished_runs(self.experiment_id, p.name))
-        run = self._unfinished.pop((p.name, p.hash), None)
-        if run is not None and not self._is_forced(p.name):
-            attempts = int(run.data.tags.get("genforge.attempt", "0"))
-            self.tracker.set_status(run.info.run_id, status)
-            self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent_run,
-                                                    "genforge.attempt": str(attempts + 1),
-                                                    **self.driver_tags})
-            return OpenedRun(run.info, attempts, status, params_logged=True)
-        tags = {
-            **self.driver_tags,
-            "genforge.job": p.name, "genforge.family": p.job.family or "-", "genforge.kind": p.job.kind,
-            "genforge.hash": p.hash, "genforge.code_version": p.code,
-            "genforge.checkpoint": self.root.uri(f"{self.prefix(p)}/checkpoints"),
-            "genforge.attempt": "1",
-        }
-        info = self.tracker.start_run(self.experiment_id, p.name, tags,
-                                      self._params(p) if ahead else None, self.parent_run)
-        if ahead:
-            self.tracker.set_status(info.run_id, "SCHEDULED")
-        return OpenedRun(info, 0, status, params_logged=ahead)
+        self.progress.launched(state, len(self.jobs))
+        self.echo(f"job '{p.name}': started (attempt {run.attempt}, run {run.id})")
+        self.progress.show(p.name, f"attempt {run.attempt}" if run.attempt > 1 else "starting")
 
     # ---- watching ---------------------------------------------------------------------------
     def _poll_progress(self) -> None:
-        """Update the bars from each actor's last progress report, never blocking: a report
-        is asked for, at most every POLL_S (the loop turns once per finished job), and read
-        on a later pass once it has arrived."""
-        now = time.monotonic()
-        for state in self.jobs.values():
-            if state.status != "running":
-                continue
-            if state.progress_ref is None:
-                if now - state.progress_asked >= POLL_S:
-                    state.progress_ref, state.progress_asked = state.actor.progress.remote(), now
-                continue
-            ready, _ = ray.wait([state.progress_ref], timeout=0)
-            if not ready:
-                continue
-            try:
-                prog = ray.get(state.progress_ref)
-            except Exception:  # the actor is gone; its run() ref says why
-                prog = {}
-            state.progress_ref = None
+        """The actors' progress reports (see `Progress.poll`), and what they say of the
+        resources their jobs hold."""
+        for state, prog in self.progress.poll(
+                [s for s in self.jobs.values() if s.status == "running"], POLL_S):
             # It holds its resources, and admission's books can let go: a job's own actor holds
             # them once it answers at all (Ray placed it), even while it still imports its
             # family's worker, which takes seconds in a cold process; a data-parallel job's
@@ -508,60 +386,16 @@ class Driver:
             if not state.alive and prog and holds:
                 state.alive = True
                 self.admission.started.remote([self._ticket(state)])
-            if prog.get("total"):
-                state.bar.total = prog["total"]
-                state.bar.n = prog.get("step", 0)
-            post = prog.get("phase", "")
-            if "loss" in prog:
-                post += f" loss={prog['loss']:.4f}"
-            state.bar.set_postfix_str(post, refresh=False)
-            state.bar.refresh()
-
-    def progress_summary(self) -> str:
-        """One line: how many jobs are done, running, queued for resources and waiting."""
-        counts: dict[str, int] = {}
-        for state in self.jobs.values():
-            # queued: waiting for admission, or launched and waiting for Ray's resources
-            status = "queued" if state.status == "running" and not state.alive else state.status
-            counts[status] = counts.get(status, 0) + 1
-        done = counts.get("finished", 0) + counts.get("cached", 0)
-        parts = [f"{done}/{len(self.jobs)} done"]
-        parts += [f"{counts[k]} {k}" for k in ("running", "restarting", "queued", "elsewhere",
-                                               "pending", "failed", "skipped", "killed")
-                  if counts.get(k)]
-        return ", ".join(parts)
 
     def _publish_progress(self, now: bool = True) -> None:
-        """The summary as the pipeline run's `genforge.progress` tag, when it changes (in the
-        loop at most every PUBLISH_S: each is a request to the tracking server)."""
-        summary = self.progress_summary()
-        due = now or time.monotonic() - self._published >= PUBLISH_S
-        if summary != self._progress_tag and due:
-            self._progress_tag, self._published = summary, time.monotonic()
-            self.tracker.set_tags(self.parent_run, {"genforge.progress": summary})
-            for state in self.jobs.values():
-                if state.bar is not None and state.status == "running" and not state.alive:
-                    state.bar.set_postfix_str("queued for resources")
+        self.progress.publish(self.jobs.values(), self.runs.parent, now)
 
     def _finish(self, state: JobState, status: str, error: str | None = None,
                 keep_actor: bool = False) -> None:
         """Record the job's end; its actor is killed, or kept idle for the next job of the same
         resources (`keep_actor`)."""
         state.status, state.error = status, error
-        mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
-        tags = {"genforge.error": error[:4000]} if error else {}
-        if state.run_id is None and state.run_opened is not None:  # cancelled while queued
-            opened = state.run_opened.result()
-            state.run_id, state.params_logged = opened.info.run_id, opened.params_logged
-            tags["genforge.attempt"] = str(opened.attempts)  # it was not launched after all
-        if state.run_id:
-            # A job that failed may have ended before its worker sent the run's params: they
-            # go with the error (the same params again are no change).
-            params = ({} if state.params_logged or status == "finished"
-                      else self._params(state.planned))
-            if tags or params:
-                self._track(state, self.tracker.log, state.run_id, params, tags)
-            self._track(state, self.tracker.finish, state.run_id, mlflow_status)
+        self.runs.finish(state.planned, status, error)
         if state.actor is not None:
             if keep_actor:
                 self._idle.append((self._shape(state), state.actor))
@@ -571,9 +405,7 @@ class Driver:
             self.admission.started.remote([self._ticket(state)])  # what it holds is in Ray's view
         if self.leases is not None:
             self.leases.release(state.name)  # its result is written: a waiting driver finds it
-        if state.bar is not None:
-            state.bar.set_postfix_str(status if not error else f"{status}: {error[:60]}")
-            state.bar.close()
+        self.progress.ended(state.name, status if not error else f"{status}: {error[:60]}")
         if status != "failed":
             self.echo(f"job '{state.name}': {status}" + (f" ({error})" if error else ""))
         else:
@@ -605,8 +437,7 @@ class Driver:
         if result.get("tracking_lost"):  # the job's result stands; its run misses this
             lost = "; ".join(result["tracking_lost"])
             self.echo(f"job '{state.name}': tracking lost {lost}"[:1000])
-            self._track(state, self.tracker.set_tags, state.run_id,
-                        {"genforge.tracking_lost": lost[:4000]})
+            self.runs.tag(state.name, {"genforge.tracking_lost": lost[:4000]})
         if result.get("status") == "stopped":
             return self._finish(state, "killed", f"stopped at step {result['step']}")
         self._finish(state, "finished", keep_actor=True)
@@ -692,27 +523,20 @@ class Driver:
         dashboard = connected.dashboard_url
         self.open_leases(context.get_job_id(), context.gcs_address,
                          f"http://{dashboard}" if dashboard else None)
-        self.parent_run = None
         try:
             self.admission = admission.connect()
-            self.experiment_id = self.tracker.experiment_id(self.experiment)
-            self._close_orphans()
-            self._unfinished = self.tracker.unfinished_runs(self.experiment_id)
-            self.parent_run = self.tracker.start_run(
-                self.experiment_id, f"{self.experiment} pipeline",
-                {"genforge.spec": self.plan.spec.source,
-                 "genforge.code_version": self.plan.code_version, **self.driver_tags},
-            ).run_id
-            self._last_launch = time.monotonic()
+            self.runs.open_pipeline({"genforge.spec": self.plan.spec.source,
+                                     "genforge.code_version": self.plan.code_version},
+                                    self._ray_jobs.ended)
             self._loop()
         except KeyboardInterrupt as exc:
             return self._cancel(exc)
         finally:
             self.leases.close()
-        self._drain_tracking()
+        self.runs.drain()
         self._publish_progress()
         failed = [s for s in self.jobs.values() if s.status in ("failed", "skipped", "killed")]
-        self.tracker.finish(self.parent_run, "FAILED" if failed else "FINISHED")
+        self.tracker.finish(self.runs.parent, "FAILED" if failed else "FINISHED")
         self._report()
         return 1 if failed else 0
 
@@ -722,29 +546,6 @@ class Driver:
         job (so that a later driver can close the runs it leaves open if it dies)."""
         mine = {"genforge.driver": f"{self.me.ray_job}@{self.me.gcs}"} if self.me.ray_job else {}
         return {**self.submission_tags, **mine}
-
-    def _close_orphans(self) -> None:
-        """Runs left RUNNING or SCHEDULED by a driver of this cluster that has ended without
-        closing them (killed -9, its node gone): a job run whose job has its result is
-        FINISHED, any other KILLED, with the reason. A rerun then resumes in it."""
-        for run in self.tracker.open_runs(self.experiment_id):
-            ray_job, _, gcs = run.data.tags.get("genforge.driver", "").partition("@")
-            if not self._ray_jobs.ended(ray_job, gcs):
-                continue
-            tags = run.data.tags
-            job = (self.root.child(f"{self.experiment}/{tags['genforge.job']}/"
-                                   f"{tags.get('genforge.hash')}") if "genforge.job" in tags
-                   else None)
-            try:
-                done = job is not None and job.exists(RESULT)
-                if job is not None:  # the lease it held too (others take it over anyway)
-                    lease.drop_if_held_by(job, ray_job, gcs)
-            except StorageError:  # storage away for now: left to a later driver
-                continue
-            if not done:
-                self.tracker.set_tags(run.info.run_id, {
-                    "genforge.error": f"its driver (Ray job {ray_job}) ended without closing it"})
-            self.tracker.finish(run.info.run_id, "FINISHED" if done else "KILLED")
 
     def open_leases(self, ray_job: str | None = None, gcs: str | None = None,
                     dashboard: str | None = None) -> None:
@@ -756,6 +557,7 @@ class Driver:
             self.echo(f"storage {self.settings.storage} ignores conditional writes: two drivers "
                       f"of one spec cannot be kept from running a job twice")
         self.leases = lease.Keeper(self.me, on_error=lambda m: self.echo(f"lease: {m}"))
+        self.runs.driver_tags = self.driver_tags
 
     def _on_signal(self, signum, frame) -> None:
         if self._stopping:  # a second stop: the jobs that are still stopping are killed now
@@ -778,14 +580,14 @@ class Driver:
             self._finish(state, "killed", "cancelled while queued")
         for state in [s for s in self.jobs.values() if s.status == "restarting"]:
             self._finish(state, "killed", "cancelled while waiting to restart")
-        self._drain_tracking()
-        if self.parent_run is not None:
+        self.runs.drain()
+        if self.runs.parent is not None:
             self._publish_progress()
-            self.tracker.finish(self.parent_run, "KILLED")
+            self.tracker.finish(self.runs.parent, "KILLED")
         return signals.exit_code(exc)
 
     def _ticket(self, state: JobState) -> str:
-        return f"{self.parent_run}/{state.name}"
+        return f"{self.runs.parent}/{state.name}"
 
     @staticmethod
     def _shape(state: JobState) -> tuple[float, float]:
@@ -799,14 +601,7 @@ class Driver:
         priority waits for room; idle actors left over are killed, freeing their resources."""
         queued = sorted((s for s in self.jobs.values() if s.status == "queued"),
                         key=lambda s: -s.planned.job.resources.priority)
-        # A job's run is opened when it is launched. When the pipeline waits for room (it has
-        # launched nothing for OPEN_AHEAD_S), the runs of the jobs next in line are opened in the
-        # background, SCHEDULED, so that MLflow shows what waits; not all of them (a pipeline of
-        # thousands would flood the server). A run opened ahead costs two requests more.
-        if time.monotonic() - self._last_launch >= OPEN_AHEAD_S:
-            opened = sum(1 for s in queued if s.run_opened is not None)
-            for state in [s for s in queued if s.run_opened is None][:max(0, PREOPEN - opened)]:
-                state.run_opened = self._tracking.submit(self._open_run, state, True)
+        self.runs.open_ahead([s.planned for s in queued])
         handover: dict[str, Any] = {}
         for state in queued:
             idle = next((i for i, (shape, _) in enumerate(self._idle)

@@ -64,8 +64,7 @@ def offline_driver(tmp_path: Path, jobs: list[dict]):
     inputs = resolve_inputs(spec, lambda job: stage(job.data, open_storage(settings.storage)),
                             lambda uri: ResolvedCheckpoint(f"{uri}/checkpoints/step-000001", "d", {}))
     driver = Driver(build_plan(spec, inputs), settings, echo=lambda m: None)
-    driver.experiment_id = driver.tracker.experiment_id("t")
-    driver.parent_run = driver.tracker.start_run(driver.experiment_id, "pipeline", {}).run_id
-    driver._unfinished = {}
+    driver.runs.experiment_id = driver.tracker.experiment_id("t")
+    driver.runs.parent = driver.tracker.start_run(driver.runs.experiment_id, "pipeline", {}).run_id
     driver.open_leases()
     return driver

@@ -123,7 +123,7 @@ def test_a_job_let_go_by_another_driver_is_run_here_in_its_run(tmp_path):
     held.storage.delete_if_match(lease.LEASE_KEY, held.etag)  # stopped there, no result
     driver._watched = 0.0
     driver._watch_elsewhere()
-    assert state.status == "queued" and state.adopt and driver.leases.holds("a")
+    assert state.status == "queued" and driver.runs["a"].adopt and driver.leases.holds("a")
     driver.leases.close()
 
 

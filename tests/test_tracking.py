@@ -127,21 +127,21 @@ def test_a_run_opened_at_launch_is_running_and_one_opened_ahead_is_scheduled_wit
     client = driver.tracker.client
     at_launch, ahead, failed = (driver.jobs[f"s{i}"] for i in range(3))
 
-    opened = driver._open_run(at_launch, ahead=False)
+    opened = driver.runs.open(at_launch.planned, ahead=False)
     run = client.get_run(opened.info.run_id)
     assert (opened.status, opened.params_logged, run.info.status) == ("RUNNING", False, "RUNNING")
     assert run.data.params == {} and run.data.tags["genforge.attempt"] == "1"
 
-    opened = driver._open_run(ahead, ahead=True)
+    opened = driver.runs.open(ahead.planned, ahead=True)
     run = client.get_run(opened.info.run_id)
     assert (opened.status, opened.params_logged, run.info.status) == ("SCHEDULED", True, "SCHEDULED")
     assert run.data.params["sample.steps"] == "7" and run.data.params["kind"] == "sample"
 
     # a job whose worker never sent the params (it died first): they go with its error
-    opened = driver._open_run(failed, ahead=False)
-    failed.run_id, failed.status = opened.info.run_id, "running"
+    opened = driver.runs.open(failed.planned, ahead=False)
+    driver.runs[failed.name].id, failed.status = opened.info.run_id, "running"
     driver._finish(failed, "failed", "worker died 4 times")
-    driver._drain_tracking()
+    driver.runs.drain()
     run = client.get_run(opened.info.run_id)
     assert run.info.status == "FAILED" and run.data.tags["genforge.error"] == "worker died 4 times"
     assert run.data.params["sample.steps"] == "7"
