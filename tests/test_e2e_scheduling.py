@@ -73,10 +73,12 @@ def test_a_high_priority_pipeline_starts_before_an_earlier_low_one(tmp_path, loc
                            client.get_run(pipeline_run(client, exp).info.run_id).data.tags.get("genforge.progress"))
             assert run == "0/1 done, 1 queued", run
         # their runs are opened ahead once their pipelines have waited: SCHEDULED, with their
-        # params, and no launch yet
+        # params, and no launch yet (MLflow creates a run RUNNING; the next request of its
+        # opening sets it SCHEDULED)
         for name in ("low", "high"):
-            run = wait_for(lambda: job_runs(client, f"e2e-prio-{name}").get(name))
-            assert run.info.status == "SCHEDULED" and "genforge.launched" not in run.data.tags
+            run = wait_for(lambda: (r := job_runs(client, f"e2e-prio-{name}").get(name)) and
+                           r.info.status == "SCHEDULED" and r)
+            assert "genforge.launched" not in run.data.tags
             assert run.data.params["train.steps"] == "10"
         procs["fill"].send_signal(signal.SIGINT)  # the GPUs come free
         assert procs["fill"].wait(timeout=120) == 130

@@ -3,6 +3,8 @@ imports it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from orchestrator.spec import DataSpec, ModelSection, SampleSpec, Upstream
@@ -98,3 +100,39 @@ class ConditionalModel(ModelSection):
             return (f"sample.guidance: {up.label} was distilled with guidance {baked:g}, which "
                     f"its samples keep (got {sample.guidance:g})")
         return None
+
+    @classmethod
+    def guided_student(cls, teacher: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
+        """The guidance a student of `teacher` has built in (its model section's
+        `distilled_guidance`): a distilled teacher's own, else `distill.guidance`."""
+        if not teacher.get("class_conditional"):
+            return {}
+        return {"distilled_guidance": (teacher.get("distilled_guidance")
+                                       or distill.get("guidance") or DEFAULT_GUIDANCE)}
+
+    @classmethod
+    def check_guided_distill(cls, distill: dict[str, Any], up: Upstream) -> str | None:
+        """Whether `distill.guidance` fits the teacher `up`."""
+        guidance = distill.get("guidance")
+        if guidance is not None and not up.model.get("class_conditional"):
+            return (f"distill.guidance: {up.label} is not class-conditional; only a "
+                    "class-conditional teacher is guided")
+        baked = up.model.get("distilled_guidance")
+        if baked is not None and guidance not in (None, baked):
+            return (f"distill.guidance: {up.label} was distilled with guidance {baked:g}, which "
+                    f"its students keep (got {guidance:g})")
+        return None
+
+
+class UNetModel(ConditionalModel):
+    """The U-Net of the diffusion-type families (workers/nn/unet.py)."""
+
+    channels: int = Field(32, ge=4, le=1024)
+    channel_mult: tuple[int, ...] = Field((1, 2), min_length=1, max_length=6)
+    num_res_blocks: int = Field(1, ge=1, le=8)
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    def check_data(self, data: DataSpec) -> str | None:
+        return (levels_divide(data.image_size, self.channel_mult, "U-Net", "data.image_size")
+                or super().check_data(data))

@@ -6,8 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.spec import DataSpec, SampleSpec, Strict, Upstream
-from workers.config import DEFAULT_GUIDANCE, ConditionalModel, levels_divide
+from orchestrator.spec import SampleSpec, Strict, Upstream
+from workers.config import UNetModel
 
 
 class ProgressiveDistill(Strict):
@@ -53,12 +53,7 @@ def halving_problem(distill: dict[str, Any], up: Upstream, timesteps: int) -> st
     return None
 
 
-class DDPMModel(ConditionalModel):
-    channels: int = Field(32, ge=4, le=1024)
-    channel_mult: tuple[int, ...] = Field((1, 2), min_length=1, max_length=6)
-    num_res_blocks: int = Field(1, ge=1, le=8)
-    attn_resolutions: tuple[int, ...] = ()
-    dropout: float = Field(0.0, ge=0, lt=1)
+class DDPMModel(UNetModel):
     timesteps: int = Field(1000, ge=2, le=10_000)
     schedule: Literal["linear", "cosine"] = "linear"
     beta_start: float = Field(1e-4, gt=0, lt=1)
@@ -74,19 +69,11 @@ class DDPMModel(ConditionalModel):
                              f"{self.beta_end:g}")
         return self
 
-    def check_data(self, data: DataSpec) -> str | None:
-        return (levels_divide(data.image_size, self.channel_mult, "U-Net", "data.image_size")
-                or super().check_data(data))
-
     @classmethod
     def student_model(cls, teacher: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
         # `distilled_steps` exists only in checkpoints: the steps the student samples with
-        student = {**teacher, "prediction": distill["prediction"],
-                   "distilled_steps": distill["student_steps"]}
-        if teacher.get("class_conditional"):
-            student["distilled_guidance"] = (teacher.get("distilled_guidance")
-                                             or distill.get("guidance") or DEFAULT_GUIDANCE)
-        return student
+        return {**teacher, "prediction": distill["prediction"],
+                "distilled_steps": distill["student_steps"], **cls.guided_student(teacher, distill)}
 
     @classmethod
     def check_sample(cls, sample: SampleSpec, up: Upstream) -> str | None:
@@ -100,14 +87,7 @@ class DDPMModel(ConditionalModel):
 
     @classmethod
     def check_distill(cls, distill: dict[str, Any], up: Upstream) -> str | None:
-        if distill.get("guidance") is not None and not up.model.get("class_conditional"):
-            return (f"distill.guidance: {up.label} is not class-conditional; only a "
-                    "class-conditional teacher is guided")
-        baked = up.model.get("distilled_guidance")
-        if baked is not None and distill.get("guidance") not in (None, baked):
-            return (f"distill.guidance: {up.label} was distilled with guidance {baked:g}, which "
-                    f"its students keep (got {distill['guidance']:g})")
-        return halving_problem(distill, up, int(up.model.get("timesteps", 1000)))
+        return cls.check_guided_distill(distill, up) or halving_problem(distill, up, int(up.model.get("timesteps", 1000)))
 
 
 def describe_sampler(settings: dict[str, Any]) -> str:

@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import Field
 
-from orchestrator.spec import DataSpec, SampleSpec, Strict, Upstream
-from workers.config import DEFAULT_GUIDANCE, ConditionalModel, levels_divide
+from orchestrator.spec import SampleSpec, Strict, Upstream
+from workers.config import UNetModel
 from workers.ddpm.config import distill_rounds
 
 Sampler = Literal["euler", "heun"]
@@ -54,15 +54,10 @@ class HalvingDistill(Strict):
     guidance: float | None = Field(None, ge=0, le=100)
 
 
-class FlowModel(ConditionalModel):
+class FlowModel(UNetModel):
     """Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023): x_t = (1 - t) x0 +
     t x1 between noise x0 ~ N(0, I) and data x1; a U-Net regresses the velocity x1 - x0."""
 
-    channels: int = Field(32, ge=4, le=1024)
-    channel_mult: tuple[int, ...] = Field((1, 2), min_length=1, max_length=6)
-    num_res_blocks: int = Field(1, ge=1, le=8)
-    attn_resolutions: tuple[int, ...] = ()
-    dropout: float = Field(0.0, ge=0, lt=1)
     # How training draws t. "logit_normal" (sigmoid of N(logit_mean, logit_std²)), the default:
     # Esser et al. 2024 ranked rectified flow with logit-normal(0, 1) first of all the
     # formulations they compared; it weights the middle of the path, where the velocity is
@@ -74,20 +69,13 @@ class FlowModel(ConditionalModel):
 
     DISTILL: ClassVar[type[Strict] | None] = HalvingDistill
 
-    def check_data(self, data: DataSpec) -> str | None:
-        return (levels_divide(data.image_size, self.channel_mult, "U-Net", "data.image_size")
-                or super().check_data(data))
-
     @classmethod
     def student_model(cls, teacher: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
         # the `distilled_*` fields exist only in checkpoints: how the student samples
-        student = {**teacher, "distilled_steps": distill["student_steps"],
-                   "distilled_spacing": (distill.get("spacing") or
-                                         teacher.get("distilled_spacing") or SPACINGS[0])}
-        if teacher.get("class_conditional"):
-            student["distilled_guidance"] = (teacher.get("distilled_guidance")
-                                             or distill.get("guidance") or DEFAULT_GUIDANCE)
-        return student
+        return {**teacher, "distilled_steps": distill["student_steps"],
+                "distilled_spacing": (distill.get("spacing") or
+                                      teacher.get("distilled_spacing") or SPACINGS[0]),
+                **cls.guided_student(teacher, distill)}
 
     @classmethod
     def check_sample(cls, sample: SampleSpec, up: Upstream) -> str | None:
@@ -99,15 +87,14 @@ class FlowModel(ConditionalModel):
 
     @classmethod
     def check_distill(cls, distill: dict[str, Any], up: Upstream) -> str | None:
-        model, guidance = up.model, distill.get("guidance")
-        if guidance is not None and not model.get("class_conditional"):
-            return (f"distill.guidance: {up.label} is not class-conditional; only a "
-                    "class-conditional teacher is guided")
-        for name in ("guidance", "spacing"):
-            own = model.get(f"distilled_{name}")
-            if own is not None and distill.get(name) not in (None, own):
-                return (f"distill.{name}: {up.label} was distilled with {name} {own}, which its "
-                        f"students keep (got {distill[name]})")
+        model = up.model
+        own = model.get("distilled_spacing")
+        if own is not None and distill.get("spacing") not in (None, own):
+            return (f"distill.spacing: {up.label} was distilled with spacing {own}, which its "
+                    f"students keep (got {distill['spacing']})")
+        problem = cls.check_guided_distill(distill, up)
+        if problem:
+            return problem
         student = distill["student_steps"]
         start = (distill.get("teacher_steps") or model.get("distilled_steps")
                  or DISTILL_TEACHER_STEPS)
