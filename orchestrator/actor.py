@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from orchestrator.task import Task, WorkersLost  # noqa: F401  (the driver's import)
+from orchestrator.task import Task
 
 
 class JobActor:

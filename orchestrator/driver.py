@@ -33,7 +33,7 @@ from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutErr
 from tqdm import tqdm
 
 from orchestrator import admission, datasets, lease, signals
-from orchestrator.actor import JobActor, WorkersLost
+from orchestrator.actor import JobActor
 from orchestrator.checkpoints import CheckpointError, pin_checkpoint, resolve_checkpoint_uri
 from orchestrator.plan import (Plan, PlannedJob, build_plan, check_uri_references, is_uri,
                                resolve_checkpoint, resolve_inputs, stages_data)
@@ -43,7 +43,7 @@ from orchestrator.settings import ServiceError, Settings
 from orchestrator.spec import SpecError, model_needs_labels
 from orchestrator.storage import NotFound, Storage, StorageError, open_storage
 from orchestrator.submit import SUBMISSION_ENV
-from orchestrator.task import Task
+from orchestrator.task import Task, WorkersLost
 from orchestrator.tracking import Tracker
 
 STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint

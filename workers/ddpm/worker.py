@@ -10,32 +10,29 @@ samples with that many DDIM steps on the "trailing" grid it was distilled on.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from orchestrator.checkpoints import Checkpoint
-from workers.ddpm.config import distill_rounds
-from workers.conditional import ConditionalWorker
 from workers.ddpm import SAMPLERS
 from workers.diffusion.losses import ddpm_loss
 from workers.diffusion.parameterization import eps_model
 from workers.diffusion.progressive import progressive_loss, round_of
 from workers.diffusion.samplers import make_sampler, sample
 from workers.diffusion.schedules import make_schedule
-from workers.config import DEFAULT_GUIDANCE
 from workers.nn.conditioning import conditioned, guided
 from workers.nn.ema import EMA
 from workers.nn.unet import UNet
+from workers.rounds import RoundsWorker
 
 # DDIM's steps when a job does not set `sample.steps` (Song et al.'s and diffusers' default),
 # also those of the grids logged during training; a model with fewer timesteps takes them all
 DDIM_DEFAULT_STEPS = 50
 
 
-class DDPMWorker(ConditionalWorker):
+class DDPMWorker(RoundsWorker):
     family = "ddpm"
     clip_x0 = True  # pixels live in [-1, 1]; latents (ldm) do not
 
@@ -148,28 +145,8 @@ class DDPMWorker(ConditionalWorker):
         cfg = self.job["distill"]
         teacher_model = teacher.meta["model"]
         self.teacher_prediction = teacher_model.get("prediction", "eps")
-        self.start_steps = (cfg["teacher_steps"] or teacher_model.get("distilled_steps")
-                            or teacher_model["timesteps"])
-        self.rounds = distill_rounds(self.start_steps, cfg["student_steps"])
-        # a class-conditional teacher samples guided, and its student learns to sample with
-        # that guidance built in (a distilled teacher has it built in already)
-        baked = teacher_model.get("distilled_guidance")
-        self.teacher_guidance = 1.0 if baked is not None else cfg.get("guidance") or DEFAULT_GUIDANCE
-        self.distill_guidance = baked if baked is not None else self.teacher_guidance
-        self.steps_per_round = self.job["train"]["steps"]
-        self.total_steps = self.rounds * self.steps_per_round
-        original = copy.deepcopy(self.sampling_module("net")).eval().requires_grad_(False)
-        self.teacher = {"net": original}
-        student = self.modules["net"]
-        student.load_state_dict(original.state_dict())
-        self.emas = {"net": EMA(student, decay=self.job["train"]["ema_decay"])}
-        # The teacher of the running round, saved with every checkpoint so that a resumed
-        # round goes on against the same teacher.
-        self.frozen["round_teacher"] = copy.deepcopy(original)
-        self.frozen_meta["round_teacher"] = {"role": "the teacher of the round being trained"}
-        self._round = -1
-        self.log.set_tags({"genforge.distill.rounds": str(self.rounds),
-                           "genforge.distill.teacher_steps": str(self.start_steps)})
+        self.begin_rounds(teacher_model, cfg["teacher_steps"] or teacher_model.get("distilled_steps")
+                          or teacher_model["timesteps"])
 
     def _round_steps(self, r: int) -> tuple[int, int]:
         """(teacher steps, student steps) of round `r`."""
@@ -181,8 +158,8 @@ class DDPMWorker(ConditionalWorker):
         prediction = self.job["distill"]["prediction"]
         self.model_cfg = {**self.model_cfg, "prediction": prediction,
                           "distilled_steps": student_steps}
-        if self.num_classes:
-            self.model_cfg["distilled_guidance"] = self.baked_guidance = self.distill_guidance
+        self.model_cfg.update(self.student_guidance)
+        self.baked_guidance = self.model_cfg.get("distilled_guidance")
         self.set_sampling(prediction, student_steps)
         self._round_loss = [torch.zeros((), device=self.device), 0]  # summed on the device
 
@@ -201,8 +178,8 @@ class DDPMWorker(ConditionalWorker):
         teacher_steps, student_steps = self._round_steps(r)
         # the first round's teacher is guided as the job asks; the later rounds' teachers
         # (students of the earlier rounds) have that guidance built in
-        teacher = guided(self.frozen["round_teacher"], labels,
-                         self.teacher_guidance if r == 0 else 1.0, self.num_classes)
+        teacher = guided(self.frozen["round_teacher"], labels, self.round_guidance(r),
+                         self.num_classes)
         loss = progressive_loss(
             conditioned(self.modules["net"], labels), self.prediction, teacher,
             self.teacher_prediction if r == 0 else self.prediction, self.schedule, batch,
@@ -220,19 +197,8 @@ class DDPMWorker(ConditionalWorker):
         self.log.log_metrics({"round_loss": float(total) / max(count, 1),
                               "round_student_steps": self._round_steps(self._round)[1]},
                              self._round + 1)
-        if step == self.total_steps:
-            return
-        # Round over: its student (EMA weights) is the next round's teacher and student.
-        averaged = self.emas["net"].module.state_dict()
-        self.frozen["round_teacher"].load_state_dict(averaged)
-        self.modules["net"].load_state_dict(averaged)
-        self.emas["net"] = EMA(self.modules["net"], decay=self.job["train"]["ema_decay"])
-        self._log_grid(step, self.job["train"]["sample_images"])
-        self.modules["net"].train()
-
-    def checkpoint_due(self, step: int, cfg: dict[str, Any]) -> bool:
-        round_end = self.task.kind == "distill" and step % self.steps_per_round == 0
-        return round_end or super().checkpoint_due(step, cfg)
+        if step < self.total_steps:
+            self.next_round(step)
 
     def teacher_generate(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return self.decode(self.diffuse(self.teacher["net"], self.teacher_prediction, n, "ddim",

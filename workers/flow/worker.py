@@ -14,16 +14,12 @@ Euler steps on that grid, its guidance built in.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from orchestrator.checkpoints import Checkpoint
-from workers.conditional import ConditionalWorker
-from workers.config import DEFAULT_GUIDANCE
-from workers.ddpm.config import distill_rounds
 from workers.diffusion.progressive import round_of
 from workers.flow.config import (DEFAULT_STEPS, DISTILL_TEACHER_STEPS, SAMPLERS, SPACINGS,
                                  FlowModel, nfe)
@@ -31,11 +27,12 @@ from workers.flow.ode import flow_loss, halving_loss, integrate, time_grid, time
 from workers.nn.conditioning import conditioned, guided
 from workers.nn.ema import EMA
 from workers.nn.unet import UNet
+from workers.rounds import RoundsWorker
 
 UNET_FIELDS = ("channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout")
 
 
-class FlowWorker(ConditionalWorker):
+class FlowWorker(RoundsWorker):
     family = "flow"
 
     def build(self, model_cfg: dict[str, Any], image_shape: tuple[int, int, int]) -> None:
@@ -111,27 +108,10 @@ class FlowWorker(ConditionalWorker):
     # ---- progressive halving of Euler steps --------------------------------------------
     def begin_distillation(self, teacher: Checkpoint) -> None:
         cfg, model = self.job["distill"], teacher.meta["model"]
-        self.start_steps = (cfg["teacher_steps"] or model.get("distilled_steps")
-                            or DISTILL_TEACHER_STEPS)
-        self.rounds = distill_rounds(self.start_steps, cfg["student_steps"])
-        self.steps_per_round = self.job["train"]["steps"]
-        self.total_steps = self.rounds * self.steps_per_round
-        # a guided teacher's scale is applied in the first round and built into every student
-        # (a distilled teacher has it built in already: it is applied at 1)
-        baked = model.get("distilled_guidance")
-        self.teacher_guidance = 1.0 if baked is not None else cfg["guidance"] or DEFAULT_GUIDANCE
         self.model_cfg = FlowModel.student_model(model, cfg)
         self.set_sampling(self.model_cfg)
-        original = copy.deepcopy(self.sampling_module("net")).eval().requires_grad_(False)
-        self.teacher = {"net": original}
-        self.modules["net"].load_state_dict(original.state_dict())
-        self.emas = {"net": EMA(self.modules["net"], decay=self.job["train"]["ema_decay"])}
-        # the running round's teacher, in every checkpoint: a resumed round keeps its teacher
-        self.frozen["round_teacher"] = copy.deepcopy(original)
-        self.frozen_meta["round_teacher"] = {"role": "the teacher of the round being trained"}
-        self._round = -1
-        self.log.set_tags({"genforge.distill.rounds": str(self.rounds),
-                           "genforge.distill.teacher_steps": str(self.start_steps)})
+        self.begin_rounds(model, cfg["teacher_steps"] or model.get("distilled_steps")
+                          or DISTILL_TEACHER_STEPS)
 
     def distill_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
                      gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -141,8 +121,8 @@ class FlowWorker(ConditionalWorker):
             self.model_cfg = {**self.model_cfg,
                               "distilled_steps": self.start_steps // 2 ** (r + 1)}
             self.set_sampling(self.model_cfg)
-        teacher = guided(timed(self.frozen["round_teacher"]), labels,
-                         self.teacher_guidance if r == 0 else 1.0, self.num_classes)
+        teacher = guided(timed(self.frozen["round_teacher"]), labels, self.round_guidance(r),
+                         self.num_classes)
         grid = time_grid(2 * self.distilled_steps, self.distilled_spacing, self.device)
         loss = halving_loss(timed(conditioned(self.modules["net"], labels)), teacher, batch,
                             grid, gen)
@@ -151,19 +131,9 @@ class FlowWorker(ConditionalWorker):
                 "student_steps": torch.tensor(float(self.distilled_steps))}
 
     def end_step(self, step: int) -> None:
-        if self.task.kind != "distill" or step % self.steps_per_round or step == self.total_steps:
-            return
-        # Round over: its student (EMA weights) is the next round's teacher and student.
-        averaged = self.emas["net"].module.state_dict()
-        self.frozen["round_teacher"].load_state_dict(averaged)
-        self.modules["net"].load_state_dict(averaged)
-        self.emas["net"] = EMA(self.modules["net"], decay=self.job["train"]["ema_decay"])
-        self._log_grid(step, self.job["train"]["sample_images"])
-        self.modules["net"].train()
-
-    def checkpoint_due(self, step: int, cfg: dict[str, Any]) -> bool:
-        round_end = self.task.kind == "distill" and step % self.steps_per_round == 0
-        return round_end or super().checkpoint_due(step, cfg)
+        if self.task.kind == "distill" and step % self.steps_per_round == 0 \
+                and step < self.total_steps:
+            self.next_round(step)
 
     def teacher_generate(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return self.flow(self.teacher["net"], n, "euler", self.start_steps,
