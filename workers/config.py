@@ -19,6 +19,14 @@ def levels_divide(size: int, channel_mult: tuple[int, ...], what: str, where: st
     return None
 
 
+def distill_rounds(teacher_steps: int, student_steps: int) -> int | None:
+    """Halving rounds from `teacher_steps` to `student_steps`, or None if unreachable."""
+    if student_steps < 1 or teacher_steps < student_steps or teacher_steps % student_steps:
+        return None
+    ratio = teacher_steps // student_steps
+    return ratio.bit_length() - 1 if ratio & (ratio - 1) == 0 else None
+
+
 def labels_problem(data: DataSpec) -> str | None:
     """Why a class-conditional model cannot train on `data`, or None."""
     if data.dataset == "idx" and not data.labels:

@@ -12,8 +12,7 @@ import copy
 from typing import Any
 
 from workers.conditional import ConditionalWorker
-from workers.config import DEFAULT_GUIDANCE, ConditionalModel
-from workers.ddpm.config import distill_rounds
+from workers.config import DEFAULT_GUIDANCE, ConditionalModel, distill_rounds
 from workers.nn.ema import EMA
 
 

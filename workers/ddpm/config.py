@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from orchestrator.spec import SampleSpec, Strict, Upstream
-from workers.config import UNetModel
+from workers.config import UNetModel, distill_rounds
 
 
 class ProgressiveDistill(Strict):
@@ -24,14 +24,6 @@ class ProgressiveDistill(Strict):
     # a class-conditional teacher's guidance scale, which the student learns to sample with;
     # None: the default sampling guidance
     guidance: float | None = Field(None, ge=0, le=100)
-
-
-def distill_rounds(teacher_steps: int, student_steps: int) -> int | None:
-    """Halving rounds from `teacher_steps` to `student_steps`, or None if unreachable."""
-    if student_steps < 1 or teacher_steps < student_steps or teacher_steps % student_steps:
-        return None
-    ratio = teacher_steps // student_steps
-    return ratio.bit_length() - 1 if ratio & (ratio - 1) == 0 else None
 
 
 def halving_problem(distill: dict[str, Any], up: Upstream, timesteps: int) -> str | None:

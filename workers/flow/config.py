@@ -19,8 +19,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import Field
 
 from orchestrator.spec import SampleSpec, Strict, Upstream
-from workers.config import UNetModel
-from workers.ddpm.config import distill_rounds
+from workers.config import UNetModel, distill_rounds
 
 Sampler = Literal["euler", "heun"]
 Spacing = Literal["uniform", "shifted"]
