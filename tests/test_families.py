@@ -203,9 +203,10 @@ def chain_spec(**ar_model) -> dict:
             {"name": "ae", "kind": "train", "family": "ldm", "train": {"steps": 8},
              "model": {"stage": "autoencoder", **TINY_AE}},
             {"name": "ldm", "kind": "train", "family": "ldm", "train": {"steps": 4},
-             "model": {"autoencoder": "ae", "channels": 8, "channel_mult": [1, 2], "timesteps": 20}},
+             "model": {"autoencoder": "ae", "channels": 8, "channel_mult": [1, 2], "timesteps": 20,
+                       "class_conditional": True}},
             {"name": "ldm-s", "kind": "sample", "family": "ldm", "from": "ldm",
-             "sample": {"num_images": 3, "steps": 5}},
+             "sample": {"num_images": 3, "steps": 5, "label": 2, "guidance": 2.0}},
             {"name": "ldm-fast", "kind": "distill", "family": "ldm", "teacher": "ldm",
              "train": {"steps": 2},
              "distill": {"method": "progressive", "teacher_steps": 4, "student_steps": 1}},
@@ -274,6 +275,9 @@ def test_latent_diffusion_scales_latents_and_decodes_samples(chain):
     assert ckpt.tensors["net/conv_in.weight"].shape[1] == 4
     images = outputs(results["ldm-s"])
     assert images.shape == (3, 16, 16, 1) and images.dtype == np.uint8
+    # class-conditional: 10 classes and "no label" embedded; sampled guided, of class 2
+    assert ckpt.tensors["net/label_embed.weight"].shape[0] == 11
+    assert results["ldm-s"]["sampler"]["label"] == 2 and results["ldm-s"]["sampler"]["guidance"] == 2
     assert outputs(results["ldm-s"]).std() > 0
 
 
@@ -285,6 +289,7 @@ def test_latent_diffusion_distils_in_latent_space(chain):
     student = load_checkpoint(*resolve_checkpoint_uri(results["ldm-fast"]["checkpoint"]))
     assert results["ldm-fast"]["step"] == 4  # 4 -> 2 -> 1: two rounds of 2 steps
     assert student.meta["model"]["distilled_steps"] == 1
+    assert student.meta["model"]["distilled_guidance"] == 4.0  # the default guidance, built in
     for name, tensor in teacher.tensors.items():
         if name.startswith("frozen.autoencoder/"):
             assert torch.equal(student.tensors[name], tensor), name
