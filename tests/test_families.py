@@ -289,7 +289,7 @@ def test_latent_diffusion_distils_in_latent_space(chain):
     student = load_checkpoint(*resolve_checkpoint_uri(results["ldm-fast"]["checkpoint"]))
     assert results["ldm-fast"]["step"] == 4  # 4 -> 2 -> 1: two rounds of 2 steps
     assert student.meta["model"]["distilled_steps"] == 1
-    assert student.meta["model"]["distilled_guidance"] == 4.0  # the default guidance, built in
+    assert student.meta["model"]["distilled_guidance"] == 1.5  # the default guidance, built in
     for name, tensor in teacher.tensors.items():
         if name.startswith("frozen.autoencoder/"):
             assert torch.equal(student.tensors[name], tensor), name

@@ -18,6 +18,7 @@ from orchestrator.plan import build_plan
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.storage import open_storage
 from orchestrator.task import Task
+from workers.config import DEFAULT_GUIDANCE
 from workers.flow.config import DEFAULT_STEPS, describe_sampler, nfe
 from workers.flow.ode import (flow_loss, halving_target, integrate, interpolate, sample_times,
                               target_velocity, time_grid, timed)
@@ -231,7 +232,7 @@ def test_train_sample_and_evaluate_record_the_sampler(ran):
     plain = results["plain"]["sampler"]  # the defaults: Euler, uniform, the default guidance
     assert (plain["sampler"], plain["steps"], plain["nfe"], plain["spacing"]) == \
         ("euler", 2, 2, "uniform")
-    assert plain["label"] is None and plain["guidance"] == 4.0
+    assert plain["label"] is None and plain["guidance"] == DEFAULT_GUIDANCE
     by_ref = {s["ref"]: s for s in results["score"]["metrics"]["sources"]}
     assert by_ref["flow"]["family"] == "flow" and by_ref["flow"]["sampler"]["nfe"] == 3
     assert by_ref["fast"]["sampler"]["steps"] == 2 and by_ref["fast"]["source_kind"] == "distill"
