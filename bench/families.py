@@ -31,6 +31,7 @@ PAIRS = {
     "gan": [("dcgan", "samples")],
     "vqgan-ar": [("vqgan", "reconstructions"), ("transformer", "samples")],
     "ldm": [("autoencoder", "reconstructions"), ("diffusion", "samples")],
+    "flow": [("flow", "samples")],
 }
 
 
@@ -42,7 +43,8 @@ def load(name: str, steps: int, limit: int, images: int, threads: int) -> dict:
         data["path"] = str((path.parent / data["path"]).resolve())
         data["limit"] = limit
     spec.setdefault("defaults", {})["resources"] = {"cpus": threads, "gpus": 0}
-    spec["jobs"] = [j for j in spec["jobs"] if j["kind"] != "evaluate"]
+    spec["jobs"] = [j for j in spec["jobs"] if j["kind"] in ("train", "sample")
+                    and j.get("from", j["name"]) in {t for t, _ in PAIRS[name]}]
     for job in spec["jobs"]:
         if job["kind"] == "train":
             job["train"].update(steps=steps, checkpoint_every=None, sample_every=None,
