@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
+from orchestrator import compare
 from orchestrator.inprocess import run_jobs
 from orchestrator.spec import SpecError, parse_spec
+from orchestrator.storage import open_storage
 from workers.nn.conditioning import class_labels, drop_labels, guided
 from workers.nn.unet import UNet
 
@@ -115,6 +118,14 @@ def test_guided_samples_are_more_often_of_their_class(tmp_path):
     assert rows["ddpm.guidance-3"]["sampler"]["guidance"] == 3
     assert acc[0] < 0.3  # unconditional: the asked-for class by chance (1 in 10) or so
     assert acc[3] > acc[0] + 0.3 and acc[3] >= acc[1]
+    # genforge compare: a row per scale, the scale in the model and sampler cells
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rows, _ = compare.collect(client, open_storage(f"file://{tmp_path / 'store'}"), "g")
+    assert [r["model"] for r in rows] == ["real vs real (held-out)", "ddpm (guidance 0)",
+                                          "ddpm (guidance 1)", "ddpm (guidance 3)"]
+    assert rows[3]["sampler"] == "ddim 10 steps, guidance 3"
+    assert rows[3]["label_accuracy"] == acc[3] and rows[0]["label_accuracy"] is None
+    assert "label acc." in compare.render(rows, "table")
 
 
 def test_a_guided_teachers_student_keeps_its_guidance(tmp_path):
