@@ -581,6 +581,10 @@ def _check_parallel(job: Job) -> list[str]:
     if r.gpus:
         return ["resources.gpus: a data-parallel job asks for GPUs per worker, in "
                 f"resources.gpus_per_worker (got {r.gpus:g})"]
+    if r.gpus_per_worker % 1:
+        return ["resources.gpus_per_worker: ranks with a fraction of a GPU would share one, "
+                "which NCCL refuses; give each rank whole GPUs (got "
+                f"{r.gpus_per_worker:g})"]
     if job.train is not None and job.train.batch_size % r.workers:
         return [f"train.batch_size: {job.train.batch_size} does not split evenly over "
                 f"{r.workers} workers"]

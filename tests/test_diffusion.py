@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -419,6 +420,24 @@ def test_ema_update_rule_without_warmup():
             shadow[name] = 0.9 * shadow[name] + 0.1 * p.detach()
             torch.testing.assert_close(dict(ema.module.named_parameters())[name], shadow[name])
     assert ema.num_updates == 3
+
+
+def test_ema_fused_update_is_bit_identical_to_one_lerp_per_parameter():
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, image_size=8, channels=8, channel_mult=(1, 2))
+    ema = EMA(model, decay=0.999)
+    reference = copy.deepcopy(ema.module)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        d = ema.current_decay()
+        with torch.no_grad():
+            for ref, p in zip(reference.parameters(), model.parameters()):
+                ref.lerp_(p, 1.0 - d)
+        ema.update(model)
+    for (name, a), b in zip(ema.module.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_ema_warmup_schedule_and_first_update():

@@ -182,6 +182,7 @@ def test_bad_input_is_one_clear_line(data, expected):
     (spec(train(data={"dataset": "npz", "path": "x.npz", "split": {"heldout_labels": "y.idx"}})), "s.yaml: job 'ddpm': data: split.heldout_labels is for dataset 'idx' only, not 'npz' (got 'y.idx')"),
     # genforge's own checks
     (spec(train(resources={"gpus_per_worker": 1})), "s.yaml: job 'ddpm': resources.gpus_per_worker: only data-parallel jobs (resources.workers > 1) have workers; use resources.gpus (got 1)"),
+    (spec(train(resources={"workers": 2, "gpus_per_worker": 0.5})), "s.yaml: job 'ddpm': resources.gpus_per_worker: ranks with a fraction of a GPU would share one, which NCCL refuses; give each rank whole GPUs (got 0.5)"),
     (spec(train(resources={"workers": 2, "gpus": 1})), "s.yaml: job 'ddpm': resources.gpus: a data-parallel job asks for GPUs per worker, in resources.gpus_per_worker (got 1)"),
     (spec(train(), sample(resources={"workers": 2})), "s.yaml: job 'grid': resources.workers: only train jobs run data-parallel, not kind 'sample' (got 2)"),
     (spec(train(kind="evaluate", train=None, **{"from": ["ddpm"]})), "s.yaml: job 'ddpm': family: an evaluate job scores jobs of any family; leave it out (got 'ddpm')"),

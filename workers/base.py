@@ -131,6 +131,12 @@ class Worker:
         self._progress: dict[str, Any] = {"phase": "starting", "step": 0, "total": 0}
         self._stop = threading.Event()
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on the job's device: CUDA runs kernels asynchronously, so
+        a timing without this measures their launch, not the work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---- the family's hooks -------------------------------------------------------------
     def build(self, model_cfg: dict[str, Any], image_shape: tuple[int, int, int]) -> None:
         raise NotImplementedError
@@ -385,8 +391,10 @@ class Worker:
                 self.check_stop()
                 generate(n, self._generator(0))  # warm-up: one-time allocations
                 self.check_stop()
+                self.synchronize()
                 t0 = time.perf_counter()
                 generate(n, self._generator(0))
+                self.synchronize()
             return (time.perf_counter() - t0) / n
 
         student_s = seconds_per_image(lambda k, g: self.generate(k, None, g))

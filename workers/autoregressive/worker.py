@@ -82,6 +82,7 @@ class ARWorker(Worker):
         net = net or self.sampling_module("net")
         was_training = net.training
         net.eval()
+        self.synchronize()
         t0 = time.perf_counter()
         try:
             tokens = net.generate(n, labels=labels, temperature=cfg.get("temperature", 1.0),
@@ -91,6 +92,7 @@ class ARWorker(Worker):
         finally:
             net.train(was_training)
         if sample_cfg is not None:
+            self.synchronize()
             self._sampled += n
             self._tokens += tokens.numel()
             self._token_s += time.perf_counter() - t0

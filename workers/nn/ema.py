@@ -33,15 +33,21 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One averaging step: every parameter in one fused call (a loop of one small kernel
+        per parameter costs more than the arithmetic on a GPU), the same numbers as
+        ``shadow.lerp_(param, 1 - d)`` one by one."""
         d = self.current_decay()
         shadow = dict(self.module.named_parameters())
-        for name, param in model.named_parameters():
-            # lerp: shadow <- shadow + (1 - d) (param - shadow) = d shadow + (1 - d) param
-            shadow[name].lerp_(param.detach().to(shadow[name].dtype), 1.0 - d)
+        names = [name for name, _ in model.named_parameters()]
+        params = [p.detach().to(shadow[name].dtype) for name, p in model.named_parameters()]
+        # lerp: shadow <- shadow + (1 - d) (param - shadow) = d shadow + (1 - d) param
+        torch._foreach_lerp_([shadow[name] for name in names], params, 1.0 - d)
         # Buffers (e.g. BatchNorm statistics) are not averaged, just tracked.
         shadow_buffers = dict(self.module.named_buffers())
-        for name, buf in model.named_buffers():
-            shadow_buffers[name].copy_(buf)
+        buffers = list(model.named_buffers())
+        if buffers:
+            torch._foreach_copy_([shadow_buffers[name] for name, _ in buffers],
+                                 [buf for _, buf in buffers])
         self.num_updates += 1
 
     def copy_to(self, model: nn.Module) -> None:
