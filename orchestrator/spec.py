@@ -131,6 +131,8 @@ class TrainSpec(Strict):
     sample_every: int | None = Field(None, ge=1)  # None: one grid at the end
     sample_images: int = Field(16, ge=1, le=1024)
     log_every: int = Field(10, ge=1)
+    # fp32, or mixed precision: bf16 (autocast) or fp16 (autocast and a gradient scaler)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

@@ -57,6 +57,7 @@ from workers import images as imageio
 from workers.data import load_images
 from workers.nn.ema import EMA
 from workers.parallel import Collective, module_state
+from workers.precision import Precision
 from workers.registry import family
 
 RESULT = "result.json"  # written last: the job's output is complete
@@ -109,6 +110,8 @@ class Worker:
         self.rank0 = collective is None or collective.rank == 0
         self.job = task.job
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":  # TF32 matrix products: float32's range, 10-bit mantissa
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.set_num_threads(max(1, int(self.job["resources"]["cpus"])))
         self.root = open_storage(task.storage_root, task.s3)
         self.storage = self.root.child(task.prefix)
@@ -117,6 +120,7 @@ class Worker:
                     if self.rank0 and task.run_id else NullLogger())
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.precision = Precision("fp32", self.device)  # a training job's: see `_fit`
         self.emas: dict[str, EMA] = {}
         self.frozen: dict[str, nn.Module] = {}
         self.frozen_meta: dict[str, dict[str, Any]] = {}  # name -> the checkpoint meta it came from
@@ -258,15 +262,22 @@ class Worker:
     # ---- shared pieces --------------------------------------------------------------------
     def optimize(self, loss: torch.Tensor, name: str, grad_clip: float | None = None) -> None:
         """Zero, backward, clip and step the optimizer of module `name`."""
-        opt = self.optimizers[name]
+        opt, scaler = self.optimizers[name], self.precision.scaler(name)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.collective is not None:
-            self.collective.average_gradients(self.modules[name])
-        clip = grad_clip if grad_clip is not None else self.job.get("train", {}).get("grad_clip")
-        if clip:
-            nn.utils.clip_grad_norm_(self.modules[name].parameters(), clip)
-        opt.step()
+        with torch.autocast(self.device.type, enabled=False):  # autocast is for the forward pass
+            (scaler.scale(loss) if scaler else loss).backward()
+            if self.collective is not None:
+                self.collective.average_gradients(self.modules[name])
+            if scaler:
+                scaler.unscale_(opt)  # clip the true gradients
+            clip = grad_clip if grad_clip is not None else self.job.get("train", {}).get("grad_clip")
+            if clip:
+                nn.utils.clip_grad_norm_(self.modules[name].parameters(), clip)
+            if scaler:
+                scaler.step(opt)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
 
     def sampling_module(self, name: str) -> nn.Module:
         """The EMA weights of `name` when it has them, else the raw module."""
@@ -294,6 +305,7 @@ class Worker:
         state = {
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "ema_updates": {name: e.num_updates for name, e in self.emas.items()},
+            "grad_scalers": self.precision.state_dict(),  # fp16 only
             # Metric points the tracking server has not acknowledged yet (buffered or in a
             # request): should the upload's flush fail and the worker die, the attempt that
             # resumes from this checkpoint logs them (see `_fit`), so the history has no gap.
@@ -324,6 +336,7 @@ class Worker:
         if not weights_only:
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(ckpt.state["optimizers"][name])
+            self.precision.load_state_dict(ckpt.state.get("grad_scalers", {}))
 
     def _upload_checkpoint(self, encoded: EncodedCheckpoint) -> str:
         # Metrics up to this step reach MLflow before the checkpoint exists, so an attempt that
@@ -420,6 +433,8 @@ class Worker:
             module.eval().requires_grad_(False)
         x, labels = self.prepare_data(x, labels)
         self.configure_optimizers(cfg)
+        self.precision = Precision(cfg.get("precision", "fp32"), self.device)
+        self.log.set_tags(self.precision.tags())
         self._check_stop_agreed()
 
         start, resumed = 0, None
@@ -501,7 +516,8 @@ class Worker:
             # ranks of a data-parallel job: training uses batch statistics, and only rank 0's
             # buffers are ever read (its grids, metrics and checkpoints; every rank resumes
             # from those), so a broadcast per buffer per step would buy nothing.
-            losses = step_fn(x[idx], labels[idx] if labels is not None else None, gen)
+            with self.precision.autocast():
+                losses = step_fn(x[idx], labels[idx] if labels is not None else None, gen)
             for name, ema in self.emas.items():
                 ema.update(self.modules[name])
             self.end_step(step)
