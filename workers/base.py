@@ -461,6 +461,8 @@ class Worker:
                                  if p[3] > self._logged_until])
 
         writer = CheckpointWriter(self._encode_checkpoint, self._upload_checkpoint)
+        if self.device.type == "cuda":  # the peak of this job, not of the actor's earlier ones
+            torch.cuda.reset_peak_memory_stats(self.device)
         started = time.time()
         try:
             step = self._train_loop(x, labels, start, cfg, writer, step_fn)
@@ -481,6 +483,8 @@ class Worker:
         self._progress.update(phase="sampling")
         self.check_stop()
         final = final_metrics()
+        if self.device.type == "cuda":
+            final["peak_device_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.check_stop()  # before they are logged: the job that resumes logs them
         if final:
             self.log.log_metrics(final, step)

@@ -108,6 +108,7 @@ class EvaluateWorker(Worker):
         if made.get("kind") == "sample":  # a sample job: its images, as they were made
             arrays = np.load(io.BytesIO(prefix.get_bytes("outputs/images.npz")))
             images = torch.from_numpy(arrays["images"][:n]).permute(0, 3, 1, 2).contiguous()
+            images = images.to(self.device)
             meta = read_manifest(*resolve_checkpoint_uri(made["source"], self.task.s3)).get("meta", {})
             return images, None, {"family": meta.get("family"), "source_kind": "sample",
                             "checkpoint": made["source"], "step": meta.get("step"),
@@ -123,13 +124,13 @@ class EvaluateWorker(Worker):
             for start in range(0, n, sample_cfg["batch_size"]):
                 self.check_stop()
                 count = min(sample_cfg["batch_size"], n - start)
-                parts.append(as_uint8(worker.generate(count, sample_cfg, gen)).cpu())
+                parts.append(as_uint8(worker.generate(count, sample_cfg, gen)))
                 self._progress["step"] = self._progress.get("step", 0) + count
         seconds = time.perf_counter() - t0
         params = sum(p.numel() for m in worker.modules.values() for p in m.parameters())
         sampler = worker.sampler_settings(sample_cfg)
         # the classes asked for: `sample.label`, or cycling through them from the first sample
-        labels = (class_labels(n, worker.num_classes, sample_cfg.get("label"), 0, torch.device("cpu"))
+        labels = (class_labels(n, worker.num_classes, sample_cfg.get("label"), 0, self.device)
                   if getattr(worker, "num_classes", 0) else None)
         return torch.cat(parts), labels, {"family": family, "source_kind": ckpt.meta.get("kind", "train"),
                                   "checkpoint": ckpt.uri, "step": ckpt.step, "params": params,
@@ -166,11 +167,12 @@ class EvaluateWorker(Worker):
         self.log.log_metrics({"classifier_test_accuracy": test_accuracy}, 0)
         extractor = FeatureExtractor(net)
 
-        real = as_uint8(hx[:n]).cpu()
+        # everything stays on the job's device: images, features and the metrics' states
+        real = as_uint8(hx[:n])
         # real vs real at the same sample count: what a perfect model would score
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))[:n]
         self.check_stop()
-        baseline = self._score(extractor, real, as_uint8(x[pick.to(x.device)]).cpu())
+        baseline = self._score(extractor, real, as_uint8(x[pick.to(x.device)]))
         results: dict[str, Any] = {"num_samples": n, "classifier_test_accuracy": test_accuracy,
                                    "baseline": baseline, "sources": []}
         self.log.log_metrics({f"baseline.{k}": v for k, v in baseline.items()

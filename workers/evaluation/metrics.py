@@ -27,10 +27,11 @@ def _batches(x: Tensor):
 
 def frechet_and_kid(extractor: FeatureExtractor, real: Tensor, fake: Tensor) -> dict[str, float]:
     """FD and KID (mean, std over subsets) between uint8 (N, C, H, W) image sets."""
-    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True)
+    # the metrics' states on the images' device (torchmetrics builds them on the CPU)
+    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(real.device)
     # subsets of half the images (at most 1000) vary, so KID's std means something
     subset = max(2, min(len(real), len(fake), 2000) // 2)
-    kid = KernelInceptionDistance(feature=extractor, subsets=50, subset_size=subset)
+    kid = KernelInceptionDistance(feature=extractor, subsets=50, subset_size=subset).to(real.device)
     for metric in (fid, kid):
         for part in _batches(real):
             metric.update(part, real=True)

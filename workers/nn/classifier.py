@@ -49,6 +49,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        images = images.to(next(self.classifier.parameters()).device)  # where the network is
         return self.classifier.features(images.float() / 127.5 - 1.0)
 
 
