@@ -264,7 +264,7 @@ class Worker:
         """Zero, backward, clip and step the optimizer of module `name`."""
         opt, scaler = self.optimizers[name], self.precision.scaler(name)
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=False):  # autocast is for the forward pass
+        with self.precision.outside_autocast():
             (scaler.scale(loss) if scaler else loss).backward()
             if self.collective is not None:
                 self.collective.average_gradients(self.modules[name])

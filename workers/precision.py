@@ -30,6 +30,12 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.used])
 
+    def outside_autocast(self) -> contextlib.AbstractContextManager:
+        """Where backward and the optimizer step run: autocast is for the forward pass."""
+        if self.used == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
     def scaler(self, name: str) -> torch.amp.GradScaler | None:
         """The gradient scaler of optimizer `name` (fp16 only)."""
         if self.used != "fp16":

@@ -23,6 +23,21 @@ class EMA:
         self.warmup = warmup
         self.num_updates = 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._paired: nn.Module | None = None
+        self._pairs_of: tuple[list[torch.Tensor], ...] = ()
+
+    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
+        """The shadow's parameters and buffers beside `model`'s, by name; paired once per
+        model (training updates its tensors in place), not on every step."""
+        if self._paired is not model:
+            shadow = dict(self.module.named_parameters())
+            shadow_buffers = dict(self.module.named_buffers())
+            params = list(model.named_parameters())
+            buffers = list(model.named_buffers())
+            self._pairs_of = ([shadow[n] for n, _ in params], [p for _, p in params],
+                              [shadow_buffers[n] for n, _ in buffers], [b for _, b in buffers])
+            self._paired = model
+        return self._pairs_of
 
     def current_decay(self) -> float:
         """Decay the next ``update`` will use."""
@@ -37,17 +52,12 @@ class EMA:
         per parameter costs more than the arithmetic on a GPU), the same numbers as
         ``shadow.lerp_(param, 1 - d)`` one by one."""
         d = self.current_decay()
-        shadow = dict(self.module.named_parameters())
-        names = [name for name, _ in model.named_parameters()]
-        params = [p.detach().to(shadow[name].dtype) for name, p in model.named_parameters()]
+        shadow, params, shadow_buffers, buffers = self._pairs(model)
         # lerp: shadow <- shadow + (1 - d) (param - shadow) = d shadow + (1 - d) param
-        torch._foreach_lerp_([shadow[name] for name in names], params, 1.0 - d)
+        torch._foreach_lerp_(shadow, params, 1.0 - d)
         # Buffers (e.g. BatchNorm statistics) are not averaged, just tracked.
-        shadow_buffers = dict(self.module.named_buffers())
-        buffers = list(model.named_buffers())
         if buffers:
-            torch._foreach_copy_([shadow_buffers[name] for name, _ in buffers],
-                                 [buf for _, buf in buffers])
+            torch._foreach_copy_(shadow_buffers, buffers)
         self.num_updates += 1
 
     def copy_to(self, model: nn.Module) -> None:
