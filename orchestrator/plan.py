@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from orchestrator import __version__
 from orchestrator.code import family_digest
-from orchestrator.spec import UNHASHED_TRAIN_FIELDS, Job, SampleSpec, Spec, SpecError, Upstream
+from orchestrator.spec import UNHASHED_FIELDS, Job, SampleSpec, Spec, SpecError, Upstream
 from workers.registry import FAMILIES, family
 
 # Job kinds whose output is a checkpoint another job can read.
@@ -169,8 +169,9 @@ def job_hash(job: Job, upstream: dict[str, str], code: str, data_key: str | None
     resolved = job.resolved()
     for key in ("name", "resources"):
         resolved.pop(key, None)
-    for key in UNHASHED_TRAIN_FIELDS:
-        resolved.get("train", {}).pop(key, None)
+    for section, keys in UNHASHED_FIELDS.items():
+        for key in keys:
+            resolved.get(section, {}).pop(key, None)
     if data_key is not None:
         resolved["data"] = {"staged": data_key,
                             **{k: v for k, v in resolved["data"].items() if k in DATA_READ_FIELDS}}

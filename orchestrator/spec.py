@@ -112,8 +112,9 @@ class Resources(Strict):
     priority: int = Field(0, ge=-1000, le=1000)
 
 
-# Fields of `train` that do not change a job's result: `plan.job_hash` leaves them out.
-UNHASHED_TRAIN_FIELDS = frozenset({"keep_checkpoints"})
+# Fields that do not change a job's result, by section: `plan.job_hash` leaves them out.
+UNHASHED_FIELDS = {"train": frozenset({"keep_checkpoints", "compile"}),
+                   "sample": frozenset({"compile"})}
 
 
 class TrainSpec(Strict):
@@ -133,6 +134,9 @@ class TrainSpec(Strict):
     log_every: int = Field(10, ge=1)
     # fp32, or mixed precision: bf16 (autocast) or fp16 (autocast and a gradient scaler)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # torch.compile the networks (where the tool chain works here; else eager, and the run
+    # says why): fewer, fused kernels, after a first step that compiles
+    compile: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
@@ -158,6 +162,7 @@ class SampleSpec(Strict):
     guidance: float | None = Field(None, ge=0, le=100)
     batch_size: int = Field(256, ge=1, le=65536)
     use_ema: bool = True
+    compile: bool = False  # torch.compile the sampling network, as train.compile
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

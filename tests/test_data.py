@@ -13,7 +13,7 @@ import torch
 from orchestrator.datasets import DataError, heldout_key, parse_idx, stage
 from orchestrator.spec import DataSpec
 from orchestrator.storage import FileStorage
-from workers.data import load_images
+from workers.data import as_float, load_images
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 MNIST = DATA / "mnist" / "t10k-images-idx3-ubyte.gz"
@@ -200,3 +200,16 @@ def test_evaluation_needs_enough_held_out_images_and_labels(tmp_path):
         staged({"dataset": "npz", "path": "plain.npz"}, 10)
     assert info.value.lines == [f"{tmp_path / 's.yaml'}: job 'score': data: plain.npz has no "
                                 "labels ('y'), which the evaluation's feature classifier needs"]
+
+
+def test_uint8_pixels_are_the_float_images_rounded(storage):
+    """What a training job keeps on its device: uint8, a quarter of float32's memory, which
+    `as_float` turns into the [-1, 1] images batch by batch, to within half a grey level."""
+    key = stage(DataSpec(dataset="digits", image_size=8), storage)
+    for size, channels in ((8, 1), (16, 1), (8, 3)):  # as stored, resized, made RGB
+        x, y = load_images(storage, key, image_size=size, channels=channels)
+        pixels, labels = load_images(storage, key, image_size=size, channels=channels, uint8=True)
+        assert pixels.dtype == torch.uint8 and pixels.shape == x.shape
+        assert torch.equal(labels, y)
+        assert (as_float(pixels) - x).abs().max() <= 0.5 / 127.5 + 1e-6
+    assert as_float(x) is x  # anything but uint8 passes through (token codes, latents)

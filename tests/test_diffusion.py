@@ -535,3 +535,24 @@ def test_an_evaluation_without_sampler_settings_runs_and_records_50_ddim_steps()
     calls = []
     out = worker.generate(2, cfg, gen(0), progress=lambda i, n: calls.append(n))
     assert out.shape == (2, 1, 4, 4) and calls == [50] * 50
+
+
+def test_ema_restart_is_a_fresh_average_in_the_same_shadow():
+    """A distillation round's end restarts the average from the student in place (a new EMA
+    would deep-copy the student, which may be compiled)."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = EMA(model, decay=0.9)
+    shadow = ema.module
+    for _ in range(3):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update(model)
+    ema.restart(model)
+    fresh = EMA(model, decay=0.9)
+    assert ema.module is shadow and ema.num_updates == 0
+    torch.testing.assert_close(ema.module.state_dict(), fresh.module.state_dict())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    fresh.update(model)
+    torch.testing.assert_close(ema.module.state_dict(), fresh.module.state_dict())

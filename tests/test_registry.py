@@ -58,7 +58,7 @@ def test_validating_every_example_spec_imports_no_torch():
               "from orchestrator.plan import build_plan\n"
               "from workers.registry import FAMILIES, family\n"
               "[family(f) for f in FAMILIES]\n"
-              "for path in sorted(glob.glob('jobspecs/*.yaml')):\n"
+              "for path in sorted(glob.glob('jobspecs/**/*.yaml', recursive=True)):\n"
               "    try:\n"
               "        build_plan(load_spec(path))\n"
               "    except SpecError as exc:  # without the shared data folder beside the checkout\n"

@@ -241,6 +241,17 @@ def planned(data: dict, keys: dict[str, str] | None = None, metas: dict | None =
         parsed, lambda job: keys.get(job.data.dataset, "datasets/k0/data.npz"), resolve))
 
 
+def test_keep_checkpoints_and_compile_change_no_hash():
+    """Settings that change how a job runs, not its result, leave its cache entry alone."""
+    base = planned(spec(train(), sample()))
+    same = planned(spec(train(train={"steps": 10, "keep_checkpoints": 1, "compile": True}),
+                        sample(sample={"compile": True})))
+    bf16 = planned(spec(train(train={"steps": 10, "precision": "bf16"}), sample()))
+    for name in ("ddpm", "grid"):
+        assert same.by_name[name].hash == base.by_name[name].hash
+        assert bf16.by_name[name].hash != base.by_name[name].hash
+
+
 def test_hash_changes_with_content_and_upstream_not_with_resources():
     base = planned(spec(train(), sample()))
     more_cpus = planned(spec(train(resources={"cpus": 2}), sample()))

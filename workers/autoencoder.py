@@ -25,7 +25,7 @@ from orchestrator.checkpoints import load_checkpoint, resolve_checkpoint_uri
 from orchestrator.datasets import heldout_key
 from orchestrator.storage import NotFound
 from workers.base import JobError, Worker
-from workers.data import load_images
+from workers.data import as_float, load_images
 from workers.nn.adversarial import discriminator_loss, generator_loss
 from workers.nn.autoencoder import Autoencoder, PatchDiscriminator, adaptive_weight
 from workers.nn.bottleneck import code_stats
@@ -206,7 +206,7 @@ def encode_dataset(worker: Worker, name: str, x: torch.Tensor, what: str) -> tor
     parts = []
     with torch.no_grad():
         for i in range(0, len(x), ENCODE_BATCH):
-            parts.append(fn(x[i:i + ENCODE_BATCH]))
+            parts.append(fn(as_float(x[i:i + ENCODE_BATCH])))
             worker._progress["step"] = min(i + ENCODE_BATCH, len(x))
     out = torch.cat(parts)
     out = out.to(torch.int16 if what == "codes" and ae.bottleneck.codebook_size <= 32767

@@ -52,9 +52,9 @@ from orchestrator.checkpoints import (
 )
 from orchestrator.storage import open_storage
 from orchestrator.task import Task
-from orchestrator.tracking import NullLogger, RunLogger
 from workers import images as imageio
-from workers.data import load_images
+from workers.compile import Compilation, compile_failed
+from workers.data import as_float, load_images
 from workers.nn.ema import EMA
 from workers.parallel import Collective, module_state
 from workers.precision import Precision
@@ -100,6 +100,49 @@ class CheckpointWriter:
         self._pool.shutdown(wait=True)
 
 
+class NullLogger:
+    """A `RunLogger` (orchestrator/tracking.py) that logs nothing: the ranks of a data-parallel
+    job other than rank 0, and a task without a run (a benchmark's), which so needs no MLflow."""
+
+    dropped: list[str] = []
+
+    def last_logged_step(self, key: str) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, image, key: str, step: int) -> None:
+        pass
+
+    def log_file(self, data: bytes, path: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def flush_metrics(self) -> bool:
+        return True
+
+    def deliver(self, timeout: float) -> bool:
+        return True
+
+    def log_points(self, points: list[list]) -> None:
+        pass
+
+    def unsent(self) -> list:
+        return []
+
+    def lost(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
 class Worker:
     family: ClassVar[str]
 
@@ -113,11 +156,11 @@ class Worker:
         if self.device.type == "cuda":  # TF32 matrix products: float32's range, 10-bit mantissa
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.set_num_threads(max(1, int(self.job["resources"]["cpus"])))
+        self.memory_share = self._cap_device_memory()
         self.root = open_storage(task.storage_root, task.s3)
         self.storage = self.root.child(task.prefix)
         # a task without a run (a benchmark's plain Ray task) and ranks but 0 log nothing
-        self.log = (RunLogger(task.tracking_uri, task.run_id, artifact_uri=task.artifact_uri)
-                    if self.rank0 and task.run_id else NullLogger())
+        self.log = self._logger(task)
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.precision = Precision("fp32", self.device)  # a training job's: see `_fit`
@@ -134,6 +177,39 @@ class Worker:
         self.tokens_per_item = 0  # set by token models: training then logs tokens/s
         self._progress: dict[str, Any] = {"phase": "starting", "step": 0, "total": 0}
         self._stop = threading.Event()
+
+    def _logger(self, task: Task) -> Any:
+        if not (self.rank0 and task.run_id):
+            return NullLogger()
+        from orchestrator.tracking import RunLogger  # MLflow's client: only a run's job needs it
+
+        return RunLogger(task.tracking_uri, task.run_id, artifact_uri=task.artifact_uri)
+
+    def _cap_device_memory(self) -> float:
+        """A job given a fraction of a GPU (`resources.gpus: 0.25`: Ray packs four such jobs on
+        one device) may allocate that fraction of the device's memory and no more, so that one
+        job's growth cannot starve the others: past it, this job fails (`JobError`, with the
+        numbers), not its neighbours. A whole GPU or more: the whole device."""
+        if self.device.type != "cuda":
+            return 1.0
+        r = self.job["resources"]
+        asked = (r.get("gpus_per_worker") if r.get("workers", 1) > 1 else None) or r.get("gpus") or 1
+        share = min(1.0, float(asked))
+        torch.cuda.set_per_process_memory_fraction(share, torch.cuda.current_device())
+        return share
+
+    def _run_kind(self) -> dict[str, Any]:
+        try:
+            return getattr(self, self.task.kind)()
+        except torch.cuda.OutOfMemoryError:
+            pass  # leaving the handler frees the failed call's frames, and with them its tensors
+        torch.cuda.empty_cache()  # a reused actor starts its next job with the memory free
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        share = (f"its share, resources.gpus {self.memory_share:g} of the {total:.1f} GiB GPU "
+                 f"({self.memory_share * total:.1f} GiB)" if self.memory_share < 1 else
+                 f"the {total:.1f} GiB GPU")
+        raise JobError(f"ran out of GPU memory: it may use {share}; lower train.batch_size or "
+                       "sample.batch_size, or ask for more of the GPU")
 
     def synchronize(self) -> None:
         """Wait for the work queued on the job's device: CUDA runs kernels asynchronously, so
@@ -192,7 +268,8 @@ class Worker:
 
     def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What training batches are drawn from; called once after `build`."""
+        """What training batches are drawn from; called once after `build`, with the images
+        as uint8 pixels (`workers.data.as_float` makes them [-1, 1])."""
         return x, labels
 
     def final_metrics(self) -> dict[str, float]:
@@ -236,7 +313,7 @@ class Worker:
 
     def run(self) -> dict[str, Any]:
         try:
-            result = getattr(self, self.task.kind)()
+            result = self._run_kind()
         except Stopped:  # stopped outside training: nothing saved, no result.json
             result = {"status": "stopped", "step": self._progress.get("step", 0),
                       "phase": self._progress.get("phase")}
@@ -422,8 +499,9 @@ class Worker:
         cfg, data = self.job["train"], self.job["data"]
         self.total_steps = cfg["steps"]
         self._progress.update(phase="loading data", total=cfg["steps"])
+        # uint8 on the device: a quarter of float32's memory; each batch is converted there
         x, labels = load_images(self.root, self.task.data_key, image_size=data["image_size"],
-                                channels=data["channels"], limit=data.get("limit"))
+                                channels=data["channels"], limit=data.get("limit"), uint8=True)
         x = x.to(self.device)
         labels = labels.to(self.device) if labels is not None else None
         self.image_shape = tuple(x.shape[1:])
@@ -434,7 +512,9 @@ class Worker:
         x, labels = self.prepare_data(x, labels)
         self.configure_optimizers(cfg)
         self.precision = Precision(cfg.get("precision", "fp32"), self.device)
-        self.log.set_tags(self.precision.tags())
+        compilation = Compilation(cfg.get("compile", False), self.device)
+        compilation.apply(self.modules.values())
+        self.log.set_tags({**self.precision.tags(), **compilation.tags()})
         self._check_stop_agreed()
 
         start, resumed = 0, None
@@ -520,8 +600,12 @@ class Worker:
             # ranks of a data-parallel job: training uses batch statistics, and only rank 0's
             # buffers are ever read (its grids, metrics and checkpoints; every rank resumes
             # from those), so a broadcast per buffer per step would buy nothing.
-            with self.precision.autocast():
-                losses = step_fn(x[idx], labels[idx] if labels is not None else None, gen)
+            try:
+                with self.precision.autocast():
+                    losses = step_fn(as_float(x[idx]),
+                                     labels[idx] if labels is not None else None, gen)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                raise JobError(compile_failed("train", exc)) from None
             for name, ema in self.emas.items():
                 ema.update(self.modules[name])
             self.end_step(step)
@@ -588,7 +672,9 @@ class Worker:
         ckpt = self.load_for_sampling(self.task.refs["from"])
         if not cfg["use_ema"]:
             self.emas = {}
-        self.log.set_tags({"genforge.source_checkpoint": ckpt.uri})
+        compilation = Compilation(cfg.get("compile", False), self.device)
+        compilation.apply(self.sampling_module(name) for name in self.modules)
+        self.log.set_tags({"genforge.source_checkpoint": ckpt.uri, **compilation.tags()})
 
         n, bs = cfg["num_images"], cfg["batch_size"]
         self._progress.update(phase="sample", step=0, total=n)
@@ -599,7 +685,10 @@ class Worker:
             for start in range(0, n, bs):
                 self.check_stop()
                 count = min(bs, n - start)
-                batches.append(imageio.to_uint8(self.generate(count, cfg, gen)))
+                try:
+                    batches.append(imageio.to_uint8(self.generate(count, cfg, gen)))
+                except torch._dynamo.exc.TorchDynamoException as exc:
+                    raise JobError(compile_failed("sample", exc)) from None
                 self._progress["step"] = start + count
         seconds = time.perf_counter() - t0
         images = np.concatenate(batches)

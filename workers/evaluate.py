@@ -73,10 +73,10 @@ class EvaluateWorker(Worker):
             pass
         self._progress.update(phase="training the feature network", step=0, total=cfg["steps"])
 
-        def on_step(step: int, loss: float) -> None:
+        def on_step(step: int, loss: torch.Tensor) -> None:
             self._progress["step"] = step
-            if step % 100 == 0 or step == cfg["steps"]:
-                self.log.log_metrics({"classifier_loss": loss}, step)
+            if step % 100 == 0 or step == cfg["steps"]:  # the loss leaves the device here only
+                self.log.log_metrics({"classifier_loss": float(loss)}, step)
             self.check_stop()  # between two steps: a stopped job caches no classifier
 
         train_classifier(net, x, y, cfg, on_step)

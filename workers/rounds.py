@@ -49,7 +49,7 @@ class RoundsWorker(ConditionalWorker):
         averaged = self.emas["net"].module.state_dict()
         self.frozen["round_teacher"].load_state_dict(averaged)
         self.modules["net"].load_state_dict(averaged)
-        self.emas["net"] = EMA(self.modules["net"], decay=self.job["train"]["ema_decay"])
+        self.emas["net"].restart(self.modules["net"])
         self._log_grid(step, self.job["train"]["sample_images"])
         self.modules["net"].train()
 

@@ -54,28 +54,31 @@ class FeatureExtractor(nn.Module):
 
 
 def train_classifier(net: Classifier, x: Tensor, y: Tensor, cfg: dict[str, Any],
-                     on_step: Callable[[int, float], None] | None = None) -> Classifier:
+                     on_step: Callable[[int, Tensor], None] | None = None) -> Classifier:
     """`cfg["steps"]` Adam steps of cross-entropy on seeded random batches, with small random
-    shifts so that the classifier does not hinge on exact pixel positions."""
-    gen = torch.Generator(device=x.device)
+    shifts so that the classifier does not hinge on exact pixel positions. Nothing in a step
+    waits for the device: batch indices and shifts (Python ints for `torch.roll`) are drawn on
+    the host, and `on_step` gets the loss as a device tensor (read it at log steps only)."""
+    gen = torch.Generator()
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     net.train()
     for step in range(1, cfg["steps"] + 1):
         gen.manual_seed(cfg["seed"] * 1_000_003 + step)
-        idx = torch.randint(len(x), (min(cfg["batch_size"], len(x)),), generator=gen,
-                            device=x.device)
-        shift = torch.randint(-2, 3, (2,), generator=gen, device=x.device).tolist()
-        loss = F.cross_entropy(net(torch.roll(x[idx], shifts=shift, dims=(2, 3))), y[idx])
+        idx = torch.randint(len(x), (min(cfg["batch_size"], len(x)),), generator=gen)
+        shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
+        idx = idx.to(x.device, non_blocking=True)
+        loss = F.cross_entropy(net(torch.roll(x[idx], shifts=shift, dims=(2, 3))),
+                               y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, loss.detach())
     return net.eval()
 
 
 @torch.no_grad()
 def accuracy(net: Classifier, x: Tensor, y: Tensor) -> float:
-    hits = sum(int((net(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
+    hits = sum((net(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum()
                for i in range(0, len(x), 500))
-    return hits / len(x)
+    return int(hits) / len(x)  # one read back from the device

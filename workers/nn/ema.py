@@ -60,6 +60,13 @@ class EMA:
             torch._foreach_copy_(shadow_buffers, buffers)
         self.num_updates += 1
 
+    @torch.no_grad()
+    def restart(self, model: nn.Module) -> None:
+        """Start averaging afresh from `model`'s weights, as a new ``EMA(model)`` would, in the
+        same shadow (no copy of `model`'s module object: it may be compiled)."""
+        self.module.load_state_dict(model.state_dict())
+        self.num_updates = 0
+
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite ``model``'s weights with the averaged ones."""
         model.load_state_dict(self.module.state_dict())
