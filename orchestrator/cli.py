@@ -1,4 +1,4 @@
-"""genforge: up | down | env | validate | run | submit | jobs | logs | cancel | compare."""
+"""genforge: up | down | env | validate | run | submit | jobs | logs | cancel | compare | data."""
 
 from __future__ import annotations
 
@@ -295,6 +295,51 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Staged data sets: stage a spec's ahead of a run, list them, remove one."""
+    from orchestrator import datasets
+    from orchestrator.lease import LEASE_KEY
+    from orchestrator.storage import StorageError, open_storage
+
+    settings = _services(getattr(args, "spec", None) or "data", start_stack=False,
+                         missing="set GENFORGE_STORAGE (and the S3 endpoint and keys)")
+    root = open_storage(settings.storage, settings.s3)
+    try:
+        if args.action == "stage":
+            spec = load_spec(args.spec)
+            base = Path(spec.source).parent
+            for job in spec.jobs:
+                if job.kind in ("train", "distill", "evaluate") and job.data is not None:
+                    try:
+                        key = datasets.stage(job.data, root, settings.s3, base=base)
+                    except datasets.DataError as exc:
+                        raise SpecError([f"{spec.source}: job '{job.name}': data: {exc}"]) from None
+                    index = datasets.read_index(root, key)
+                    print(f"{job.name}: {root.uri(key)}  {index['count']} images "
+                          f"{'x'.join(map(str, index['shape']))} in {len(index['shards'])} shards")
+        elif args.action == "ls":
+            print(f"{'data set':<14} {'images':>9} {'shape':<10} {'shards':>6} {'MB':>8}  read by")
+            for d in datasets.staged(root):
+                index = d["index"]
+                readers = ", ".join(r.split("/")[0] + "/" + r.split("/")[1] for r in d["readers"])
+                print(f"{d['digest'][:12]:<14} {index['count']:>9} "
+                      f"{'x'.join(map(str, index['shape'])):<10} {len(index['shards']):>6} "
+                      f"{d['pixel_bytes'] / 2**20:>8.1f}  {readers or '-'}")
+        else:  # rm
+            def running(prefix: str) -> bool:
+                return root.exists(f"{prefix}/{LEASE_KEY}")
+
+            gone = datasets.remove(root, args.digest, running)
+            print(f"removed {len(gone)} objects of {gone[0].rsplit('/', 1)[0]}")
+    except datasets.DataError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except StorageError as exc:
+        _err(f"storage {settings.storage}: {exc}")
+        return EXIT_INVALID
+    return 0
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: `args.func` runs the command."""
     parser = argparse.ArgumentParser(prog="genforge", description=__doc__)
@@ -346,6 +391,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     p.add_argument("--plot", metavar="FILE.png", help="also plot quality against sampling time")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("data", help="staged data sets: stage ahead, list, remove")
+    data = p.add_subparsers(dest="action", required=True)
+    q = data.add_parser("stage", help="stage every data set of a spec now")
+    q.add_argument("spec")
+    data.add_parser("ls", help="staged data sets: images, shape, shards, size, read by")
+    q = data.add_parser("rm", help="remove a staged data set (refused while a job reads it)")
+    q.add_argument("digest", help="its digest, or the start of it, as 'data ls' shows")
+    p.set_defaults(func=cmd_data)
 
     args = parser.parse_args(argv)
     if args.command == "run" and args.spec is None:

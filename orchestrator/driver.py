@@ -143,6 +143,9 @@ class Driver:
         self.plan = build_plan(spec, inputs)
         check_uri_references(self.plan)
         self._check_data()
+        for p in self.plan.jobs:  # who reads what: `genforge data ls` and `data rm`
+            if p.data_key is not None:
+                datasets.note_reader(self.root, p.data_key, self.prefix(p))
         self.jobs = {p.name: JobState(p) for p in self.plan.jobs}
 
     def _check_data(self) -> None:

@@ -33,7 +33,7 @@ from workers.registry import FAMILIES, family
 # Job kinds whose output is a checkpoint another job can read.
 PRODUCES_CHECKPOINT = frozenset({"train", "distill"})
 # What a worker reads of a data section beside the staged content (see workers/data.py).
-DATA_READ_FIELDS = ("image_size", "channels", "limit")
+DATA_READ_FIELDS = ("image_size", "channels", "limit", "augment")
 
 
 def is_uri(ref: str) -> bool:

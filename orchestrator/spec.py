@@ -65,6 +65,13 @@ class SplitSpec(Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
+class Augment(Strict):
+    """Augmentation of training batches, drawn per batch on the job's device from the step's
+    seeded generator (a resumed job draws the same)."""
+
+    hflip: bool = False  # mirror each image left-right with probability 1/2
+
+
 class DataSpec(Strict):
     dataset: Literal["digits", "npz", "idx", "folder"] = "digits"
     path: str | None = None  # local file or s3:// URI (npz, IDX images file); folder: a directory
@@ -75,6 +82,7 @@ class DataSpec(Strict):
     channels: Literal[1, 3] = 1
     limit: int | None = Field(None, ge=1)
     split: SplitSpec = SplitSpec()
+    augment: Augment = Augment()
 
     @model_validator(mode="after")
     def _path_matches_dataset(self) -> DataSpec:
@@ -88,10 +96,12 @@ class DataSpec(Strict):
                              f"split.heldout (got {name} {_shown(value)})")
         if self.dataset != "digits" and not self.path:
             raise ValueError(f"dataset '{self.dataset}' needs a path")
-        if self.dataset == "folder" and (self.labels or "://" in self.path):
+        if self.dataset == "folder" and (
+                self.labels or ("://" in self.path and not self.path.startswith(("s3://", "file://")))):
             name, value = ("labels", self.labels) if self.labels else ("path", self.path)
-            raise ValueError("dataset 'folder' is a local directory whose subfolders are the "
-                             f"classes (no labels file, no URI; got {name} {_shown(value)})")
+            raise ValueError("dataset 'folder' is a directory or an s3:// prefix whose "
+                             "subfolders are the classes (no labels file; got "
+                             f"{name} {_shown(value)})")
         if self.split.heldout_labels and self.dataset != "idx":
             raise ValueError(f"split.heldout_labels is for dataset 'idx' only, not "
                              f"'{self.dataset}' (got {_shown(self.split.heldout_labels)})")
@@ -262,6 +272,9 @@ class ModelSection(Strict):
         """The section validated from a model dict that may hold more than its fields (a
         checkpoint's model records e.g. `distilled_steps`)."""
         return cls.model_validate({k: v for k, v in model.items() if k in cls.model_fields})
+
+    # what the family's training batches are: augmentation flips pixels only
+    TRAINS_ON: ClassVar[str] = "pixels"
 
     def check_data(self, data: DataSpec) -> str | None:
         """A problem of this model with that data, found before anything runs."""
@@ -517,6 +530,13 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     return Spec.model_validate({**top, "jobs": jobs, "source": source})
 
 
+
+def _augment_problem(job: Job, model: ModelSection) -> str | None:
+    if job.data.augment.hflip and model.TRAINS_ON != "pixels":
+        return (f"data.augment.hflip: family '{job.family}' trains on {model.TRAINS_ON}, not "
+                "on pixels (augment the images of the job that trains those)")
+    return None
+
 def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, list[str]]:
     kind = raw.get("kind")
     used = KIND_SECTIONS.get(kind, OPTIONAL_SECTIONS) if isinstance(kind, str) else OPTIONAL_SECTIONS
@@ -556,7 +576,7 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
         try:
             model = family(job.family).section(job.model).model_validate(job.model)
             job = job.model_copy(update={"model": model.model_dump(mode="json")})
-            problem = model.check_data(job.data)
+            problem = model.check_data(job.data) or _augment_problem(job, model)
             if problem:
                 problems.append(problem)
         except ValidationError as exc:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.datasets import DataError, heldout_key, parse_idx, stage
+from orchestrator.datasets import DataError, heldout_key, parse_idx, read_index, stage
 from orchestrator.spec import DataSpec
 from orchestrator.storage import FileStorage
 from workers.data import as_float, load_images
@@ -30,9 +30,11 @@ def storage(tmp_path) -> FileStorage:
 def test_digits_staged_once_and_scaled(storage):
     spec = DataSpec(dataset="digits", image_size=16)
     key = stage(spec, storage)
-    assert key.startswith("datasets/") and key.endswith("/data.npz")
+    assert key.startswith("datasets/") and key.endswith("/index.json")
     assert stage(spec, storage) == key
-    assert sorted(storage.list("datasets/")) == [key, heldout_key(key)]
+    folder = key.rsplit("/", 1)[0]
+    assert sorted(storage.list("datasets/")) == sorted(
+        [key, heldout_key(key), f"{folder}/labels.npy", f"{folder}/shards/train-000000.npz"])
     x, y = load_images(storage, key, image_size=16, channels=1)
     # a seeded 10% is held out: 180 of 1797
     assert x.shape == (1617, 1, 16, 16) and y.shape == (1617,)
@@ -213,3 +215,63 @@ def test_uint8_pixels_are_the_float_images_rounded(storage):
         assert torch.equal(labels, y)
         assert (as_float(pixels) - x).abs().max() <= 0.5 / 127.5 + 1e-6
     assert as_float(x) is x  # anything but uint8 passes through (token codes, latents)
+
+
+def test_hflip_mirrors_the_images_its_draws_pick():
+    from workers.data import augment
+
+    batch = torch.arange(64 * 2 * 3, dtype=torch.float32).reshape(64, 1, 2, 3)
+    out = augment(batch, {"hflip": True}, torch.Generator().manual_seed(5))
+    flipped = torch.rand(64, generator=torch.Generator().manual_seed(5)) < 0.5
+    assert torch.equal(out[flipped], batch[flipped].flip(-1))
+    assert torch.equal(out[~flipped], batch[~flipped])
+    assert 20 < int(flipped.sum()) < 44  # about half
+    assert augment(batch, {"hflip": False}, torch.Generator()) is batch
+    assert augment(batch, {}, torch.Generator()) is batch
+
+
+def test_hflip_is_refused_where_a_family_trains_on_codes_or_latents():
+    from orchestrator.spec import SpecError, parse_spec
+
+    def job(family: str, model: dict) -> dict:
+        return {"name": "a", "kind": "train", "family": family, "model": model,
+                "data": {"dataset": "digits", "image_size": 16, "augment": {"hflip": True}}}
+
+    for family, model, what in (("autoregressive", {"tokenizer": "vq"}, "its tokenizer's codes"),
+                                ("ldm", {"autoencoder": "ae"}, "its autoencoder's latents")):
+        vq = {"name": "vq" if family == "autoregressive" else "ae", "kind": "train",
+              "family": "vqgan" if family == "autoregressive" else "ldm",
+              "model": {} if family == "autoregressive" else {"stage": "autoencoder"},
+              "data": {"dataset": "digits", "image_size": 16}}
+        with pytest.raises(SpecError) as err:
+            parse_spec({"experiment": "x", "jobs": [vq, job(family, model)]}, "s.yaml")
+        assert err.value.lines == [f"s.yaml: job 'a': data.augment.hflip: family '{family}' "
+                                   f"trains on {what}, not on pixels (augment the images of "
+                                   "the job that trains those)"]
+    for family in ("ddpm", "flow", "gan", "vqgan"):  # pixels
+        parse_spec({"experiment": "x", "jobs": [job(family, {})]}, "s.yaml")
+
+
+def test_a_large_folder_is_decoded_in_parallel_and_written_shard_by_shard(tmp_path, storage):
+    """600 images (more than the staging process decodes alone): two worker processes give
+    the very arrays one process does, in shards of the size asked; the same folder under a
+    URI prefix (file:// here, s3:// alike) stages the same data set."""
+    rng = np.random.default_rng(1)
+    for i in range(600):
+        write_png(tmp_path / "imgs" / f"c{i % 3}" / f"{i:04d}.png",
+                  rng.integers(0, 255, (9, 9, 3), dtype=np.uint8))
+    spec = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), image_size=8, channels=3)
+    one = FileStorage(tmp_path / "one")
+    keys = [stage(spec, one, workers=1, shard_bytes=192 * 50),
+            stage(spec, storage, workers=2, shard_bytes=192 * 50)]
+    assert keys[0] == keys[1]
+    (a, ya), (b, yb) = (load_images(s, keys[0], image_size=8, channels=3, uint8=True)
+                        for s in (one, storage))
+    assert a.shape == (540, 3, 8, 8) and torch.equal(a, b) and torch.equal(ya, yb)
+    assert [s["count"] for s in read_index(storage, keys[0])["shards"]] == [50] * 10 + [40]
+    (ha, _), (hb, _) = (load_images(s, heldout_key(keys[0]), image_size=8, channels=3)
+                        for s in (one, storage))
+    assert ha.shape == (60, 3, 8, 8) and torch.equal(ha, hb)
+    by_uri = DataSpec(dataset="folder", path=f"file://{tmp_path / 'imgs'}", image_size=8,
+                      channels=3)
+    assert stage(by_uri, FileStorage(tmp_path / "uri"), workers=2) == keys[0]

@@ -177,8 +177,8 @@ def test_bad_input_is_one_clear_line(data, expected):
     (spec(train(model={"beta_start": 0.1, "beta_end": 0.01})), "s.yaml: job 'ddpm': model: beta_start 0.1 must be smaller than beta_end 0.01"),
     (spec(train(data={"dataset": "digits", "path": "x.npz"})), "s.yaml: job 'ddpm': data: dataset 'digits' is built in and takes no path, labels or split.heldout (got path 'x.npz')"),
     (spec(train(data={"split": {"heldout": "h.npz"}})), "s.yaml: job 'ddpm': data: dataset 'digits' is built in and takes no path, labels or split.heldout (got split.heldout 'h.npz')"),
-    (spec(train(data={"dataset": "folder", "path": "imgs", "labels": "l.idx"})), "s.yaml: job 'ddpm': data: dataset 'folder' is a local directory whose subfolders are the classes (no labels file, no URI; got labels 'l.idx')"),
-    (spec(train(data={"dataset": "folder", "path": "s3://b/imgs"})), "s.yaml: job 'ddpm': data: dataset 'folder' is a local directory whose subfolders are the classes (no labels file, no URI; got path 's3://b/imgs')"),
+    (spec(train(data={"dataset": "folder", "path": "imgs", "labels": "l.idx"})), "s.yaml: job 'ddpm': data: dataset 'folder' is a directory or an s3:// prefix whose subfolders are the classes (no labels file; got labels 'l.idx')"),
+    (spec(train(data={"dataset": "folder", "path": "http://b/imgs"})), "s.yaml: job 'ddpm': data: dataset 'folder' is a directory or an s3:// prefix whose subfolders are the classes (no labels file; got path 'http://b/imgs')"),
     (spec(train(data={"dataset": "npz", "path": "x.npz", "split": {"heldout_labels": "y.idx"}})), "s.yaml: job 'ddpm': data: split.heldout_labels is for dataset 'idx' only, not 'npz' (got 'y.idx')"),
     # genforge's own checks
     (spec(train(resources={"gpus_per_worker": 1})), "s.yaml: job 'ddpm': resources.gpus_per_worker: only data-parallel jobs (resources.workers > 1) have workers; use resources.gpus (got 1)"),

@@ -54,11 +54,12 @@ from orchestrator.storage import open_storage
 from orchestrator.task import Task
 from workers import images as imageio
 from workers.compile import Compilation, compile_failed
-from workers.data import as_float, load_images
+from workers.data import as_float, augment, load_images
 from workers.nn.ema import EMA
 from workers.parallel import Collective, module_state
 from workers.precision import Precision
 from workers.registry import family
+from workers.stream import InMemory, ShardStream, stream_config
 
 RESULT = "result.json"  # written last: the job's output is complete
 DELIVER_S = 60.0  # how long a finished job waits for the tracking server to take its metrics
@@ -145,6 +146,9 @@ class NullLogger:
 
 class Worker:
     family: ClassVar[str]
+    # whether training streams the data set's pixels (else `prepare_data` gets it whole, to
+    # turn into what the family trains on: codes, latents)
+    streams: ClassVar[bool] = True
 
     def __init__(self, task: Task, collective: Collective | None = None):
         self.task = task
@@ -499,17 +503,40 @@ class Worker:
         cfg, data = self.job["train"], self.job["data"]
         self.total_steps = cfg["steps"]
         self._progress.update(phase="loading data", total=cfg["steps"])
-        # uint8 on the device: a quarter of float32's memory; each batch is converted there
-        x, labels = load_images(self.root, self.task.data_key, image_size=data["image_size"],
-                                channels=data["channels"], limit=data.get("limit"), uint8=True)
-        x = x.to(self.device)
-        labels = labels.to(self.device) if labels is not None else None
-        self.image_shape = tuple(x.shape[1:])
+        rank, world = (self.collective.rank, self.collective.world) if self.collective else (0, 1)
+        if self.streams:  # pixels: streamed from the shards, a few in memory at a time
+            x: Any = ShardStream(self.root, self.task.data_key, **stream_config(self.job),
+                                 device=self.device, rank=rank, world=world)
+            labels = x.labels()
+            self.image_shape = x.shape
+        else:  # whole, uint8 on the device (a quarter of float32's memory), for prepare_data
+            x, labels = load_images(self.root, self.task.data_key, image_size=data["image_size"],
+                                    channels=data["channels"], limit=data.get("limit"), uint8=True)
+            x = x.to(self.device)
+            labels = labels.to(self.device) if labels is not None else None
+            self.image_shape = tuple(x.shape[1:])
+        try:
+            return self._fit_on(x, labels, build, step_fn, final_metrics)
+        finally:
+            if isinstance(x, ShardStream):
+                x.close()
+
+    def _fit_on(self, x: Any, labels: torch.Tensor | None, build: Callable[[], None],
+                step_fn: Callable[..., dict[str, torch.Tensor]],
+                final_metrics: Callable[[], dict[str, float]]) -> dict[str, Any]:
+        cfg, data = self.job["train"], self.job["data"]
         self._check_stop_agreed()
         build()
         for module in self.frozen.values():
             module.eval().requires_grad_(False)
         x, labels = self.prepare_data(x, labels)
+        if any(data.get("augment", {}).values()) and getattr(x, "dtype", torch.uint8) != torch.uint8:
+            raise JobError(f"data.augment: this {self.task.kind} job trains on {x.dtype} "
+                           "tensors (codes or latents), not on images")
+        batches = (x if isinstance(x, ShardStream) else
+                   InMemory(x, labels, cfg["batch_size"], *((self.collective.rank,
+                            self.collective.world) if self.collective else (0, 1))))
+        use_labels = labels is not None
         self.configure_optimizers(cfg)
         self.precision = Precision(cfg.get("precision", "fp32"), self.device)
         compilation = Compilation(cfg.get("compile", False), self.device)
@@ -545,7 +572,7 @@ class Worker:
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.time()
         try:
-            step = self._train_loop(x, labels, start, cfg, writer, step_fn)
+            step = self._train_loop(batches, use_labels, start, cfg, writer, step_fn)
             loop_s = time.time() - started
             if self.rank0 and (resumed is None or step > start):
                 writer.submit(step)
@@ -572,10 +599,11 @@ class Worker:
         return self._finish({"status": "finished", "kind": self.task.kind, "step": step,
                              "checkpoint": uri, "timing": timing, "metrics": final})
 
-    def _train_loop(self, x: torch.Tensor, labels: torch.Tensor | None, start: int,
+    def _train_loop(self, batches: ShardStream | InMemory, use_labels: bool, start: int,
                     cfg: dict[str, Any], writer: CheckpointWriter,
                     step_fn: Callable[..., dict[str, torch.Tensor]]) -> int:
-        steps, bs = self.total_steps, cfg["batch_size"]
+        steps = self.total_steps
+        augmentation = self.job["data"].get("augment", {})
         rank, world = (self.collective.rank, self.collective.world) if self.collective else (0, 1)
         self._progress["total"] = steps
         gen = torch.Generator(device=self.device)
@@ -587,9 +615,8 @@ class Worker:
         for step in range(start + 1, steps + 1):
             # Seeded per step: a resumed job draws exactly the batches it would have drawn.
             gen.manual_seed(cfg["seed"] * 1_000_003 + step)
-            idx = torch.randint(len(x), (min(bs, len(x)),), generator=gen, device=self.device)
-            if world > 1:  # this rank's slice of the global batch, and its own noise
-                idx = idx.chunk(world)[rank]
+            batch, labels = batches.batch(step, gen)  # this rank's slice of the global batch
+            if world > 1:  # ...and its own noise
                 gen.manual_seed((cfg["seed"] * 1_000_003 + step) * 1024 + rank)
             lr = self.learning_rate(step, cfg)
             for opt in self.optimizers.values():
@@ -602,8 +629,8 @@ class Worker:
             # from those), so a broadcast per buffer per step would buy nothing.
             try:
                 with self.precision.autocast():
-                    losses = step_fn(as_float(x[idx]),
-                                     labels[idx] if labels is not None else None, gen)
+                    losses = step_fn(augment(as_float(batch), augmentation, gen),
+                                     labels if use_labels else None, gen)
             except torch._dynamo.exc.TorchDynamoException as exc:
                 raise JobError(compile_failed("train", exc)) from None
             for name, ema in self.emas.items():
@@ -621,7 +648,7 @@ class Worker:
                     raise JobError(f"{', '.join(bad)} is not finite ({values[bad[0]]}) at step {step}")
                 elapsed = time.perf_counter() - window_start
                 values.update(lr=lr, steps_per_s=window_steps / elapsed,
-                              images_per_s=window_steps * len(idx) * world / elapsed)
+                              images_per_s=window_steps * len(batch) * world / elapsed)
                 if self.tokens_per_item:
                     values["tokens_per_s"] = values["images_per_s"] * self.tokens_per_item
                 if step > self._logged_until:

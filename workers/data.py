@@ -1,28 +1,55 @@
-"""Reading a staged data set (see orchestrator/datasets.py): as tensors in [-1, 1], or as uint8
-pixels (a quarter of the memory, on the host and on the device) that a training loop converts
-batch by batch on its device."""
+"""Reading a staged data set (see orchestrator/datasets.py) whole: as tensors in [-1, 1], or as
+uint8 pixels (a quarter of the memory, on the host and on the device) that a training loop
+converts batch by batch on its device. A training job on pixels streams it instead
+(workers/stream.py)."""
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orchestrator.datasets import INDEX, read_index
 from orchestrator.storage import Storage
+
+
+def read_arrays(storage: Storage, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The uint8 (N, H, W, C) images and labels of one staged npz (a shard, a held-out split)."""
+    arrays = np.load(io.BytesIO(storage.get_bytes(key)), allow_pickle=False)
+    return arrays["x"], arrays["y"] if "y" in arrays.files else None
 
 
 def load_images(storage: Storage, key: str, *, image_size: int, channels: int,
                 limit: int | None = None, uint8: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N, C, image_size, image_size) float32 in [-1, 1] (with `uint8`: pixels 0-255, resized
-    images rounded back to whole pixels as an image pipeline stores them), and int64 labels
-    when present."""
-    arrays = np.load(io.BytesIO(storage.get_bytes(key)), allow_pickle=False)
-    x, y = arrays["x"], arrays["y"] if "y" in arrays.files else None
-    if limit is not None:
-        x, y = x[:limit], (y[:limit] if y is not None else None)
+    """A whole staged split (a training set's index, whose shards are read one after another,
+    or a held-out npz) as (N, C, image_size, image_size) float32 in [-1, 1] (with `uint8`:
+    pixels 0-255), and int64 labels when present."""
+    if not key.endswith(INDEX):
+        x, y = read_arrays(storage, key)
+        if limit is not None:
+            x, y = x[:limit], (y[:limit] if y is not None else None)
+        return as_tensors(x, y, image_size=image_size, channels=channels, uint8=uint8)
+    folder = key.rsplit("/", 1)[0]
+    parts = []
+    for shard in read_index(storage, key)["shards"]:
+        if limit is not None and sum(len(p[0]) for p in parts) >= limit:
+            break
+        parts.append(as_tensors(*read_arrays(storage, f"{folder}/{shard['key']}"),
+                                image_size=image_size, channels=channels, uint8=uint8))
+    x = torch.cat([p[0] for p in parts])[:limit]
+    y = torch.cat([p[1] for p in parts])[:limit] if parts[0][1] is not None else None
+    return x, y
+
+
+def as_tensors(x: np.ndarray, y: np.ndarray | None, *, image_size: int, channels: int,
+               uint8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Staged uint8 (N, H, W, C) images as (N, C, image_size, image_size) float32 in [-1, 1]
+    (with `uint8`: pixels 0-255, resized images rounded back to whole pixels as an image
+    pipeline stores them), and int64 labels."""
     images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
     labels = torch.from_numpy(y.astype(np.int64)) if y is not None else None
     resize = images.shape[-1] != image_size or images.shape[-2] != image_size
@@ -37,6 +64,14 @@ def load_images(storage: Storage, key: str, *, image_size: int, channels: int,
     if uint8:
         return ((images + 1) * 127.5).round_().to(torch.uint8).contiguous(), labels
     return images.contiguous(), labels
+
+
+def augment(batch: torch.Tensor, cfg: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+    """`data.augment` applied to a batch of images, with draws from `gen` (the step's)."""
+    if cfg.get("hflip"):
+        flip = torch.rand(len(batch), generator=gen, device=batch.device) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    return batch
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:

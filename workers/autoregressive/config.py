@@ -31,6 +31,8 @@ class ARModel(ModelSection):
     STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers", "heads", "dropout")
     SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers")
 
+    TRAINS_ON: ClassVar[str] = "its tokenizer's codes"
+
     tokenizer: str = Field(min_length=1)  # a vqgan job of this spec, or its checkpoint URI
     dim: int = Field(128, ge=8, le=8192)
     layers: int = Field(4, ge=1, le=64)

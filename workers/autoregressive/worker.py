@@ -19,6 +19,7 @@ from workers.autoregressive.transformer import Transformer
 
 
 class ARWorker(Worker):
+    streams = False  # trains on the data set encoded whole (`prepare_data`)
     family = "autoregressive"
 
     def build(self, model_cfg: dict[str, Any], image_shape: tuple[int, int, int]) -> None:

@@ -15,6 +15,8 @@ from workers.ddpm.config import DDPMModel
 class LDMModel(DDPMModel):
     REFS: ClassVar[tuple[str, ...]] = ("autoencoder",)
 
+    TRAINS_ON: ClassVar[str] = "its autoencoder's latents"
+
     stage: Literal["diffusion"] = "diffusion"
     autoencoder: str = Field(min_length=1)  # an ldm autoencoder or a vqgan: a job or its URI
 

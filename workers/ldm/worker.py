@@ -27,6 +27,7 @@ class KLAutoencoderWorker(AutoencoderWorker):
 
 
 class LDMWorker(DDPMWorker):
+    streams = False  # trains on the data set encoded whole (`prepare_data`)
     family = "ldm"
     clip_x0 = False  # latents are not bounded: x_0 predictions are not clipped to [-1, 1]
 
