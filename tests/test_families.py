@@ -242,7 +242,7 @@ def test_vqgan_trains_logs_and_reconstructs(chain):
     assert results["vq-s"]["metrics"]["holdout_psnr"] > 0
 
 
-def test_autoregressive_reads_tokens_once_and_samples_through_the_vqgan(chain):
+def test_autoregressive_reads_tokens_once_and_samples_through_the_vqgan(chain, monkeypatch):
     tmp, results = chain
     ar = results["ar"]
     assert ar["status"] == "finished" and ar["step"] == 6
@@ -259,9 +259,14 @@ def test_autoregressive_reads_tokens_once_and_samples_through_the_vqgan(chain):
     images = outputs(results["ar-s"])
     assert images.shape == (6, 16, 16, 1)
     assert results["ar-s"]["metrics"]["tokens_per_s"] > 0
-    # a second model on the same tokenizer and data reuses the cached tokens
+    # a second model on the same tokenizer and data reuses the cached tokens, reading no image
+    from workers.data import StagedImages
+
+    read, shards = StagedImages.read, []
+    monkeypatch.setattr(StagedImages, "read", lambda self, i: shards.append(i) or read(self, i))
     again = run_jobs(tmp, chain_spec(class_conditional=True, dim=16), only=["ar"])
     assert client.get_run(again["_runs"]["ar"]).data.tags["genforge.encoded_cache"] == "hit"
+    assert shards == []
 
 
 def test_latent_diffusion_scales_latents_and_decodes_samples(chain):

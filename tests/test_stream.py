@@ -15,7 +15,7 @@ from orchestrator.datasets import heldout_key, read_index, stage
 from orchestrator.spec import DataSpec, parse_spec
 from orchestrator.storage import open_storage
 from orchestrator.task import Task
-from workers.data import load_images
+from workers.data import StagedImages, load_images
 from workers.ddpm.worker import DDPMWorker
 from workers.stream import EpochOrder, ShardStream
 
@@ -38,11 +38,11 @@ def ids(images: torch.Tensor) -> list[int]:
     return (images[:, 0, 0, 0].long() * 256 + images[:, 0, 0, 1].long()).tolist()
 
 
-def stream(staged, **over) -> ShardStream:
+def stream(staged, limit: int | None = None, **over) -> ShardStream:
     storage, key = staged
-    kw = {"image_size": 8, "channels": 1, "limit": None, "batch_size": 64, "seed": 3,
-          "device": torch.device("cpu"), "window": 4, **over}
-    return ShardStream(storage, key, **kw)
+    images = StagedImages(storage, key, image_size=8, channels=1, limit=limit)
+    kw = {"batch_size": 64, "seed": 3, "device": torch.device("cpu"), "window": 4, **over}
+    return ShardStream(images, **kw)
 
 
 def test_staged_as_bounded_shards_with_an_index(staged):

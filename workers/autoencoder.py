@@ -25,7 +25,7 @@ from orchestrator.checkpoints import load_checkpoint, resolve_checkpoint_uri
 from orchestrator.datasets import heldout_key
 from orchestrator.storage import NotFound
 from workers.base import JobError, Worker
-from workers.data import as_float, load_images
+from workers.data import StagedImages, as_float, load_images
 from workers.nn.adversarial import discriminator_loss, generator_loss
 from workers.nn.autoencoder import Autoencoder, PatchDiscriminator, adaptive_weight
 from workers.nn.bottleneck import code_stats
@@ -182,11 +182,11 @@ def load_first_stage(worker: Worker, name: str, field: str, families: tuple[str,
     return ae
 
 
-def encode_dataset(worker: Worker, name: str, x: torch.Tensor, what: str) -> torch.Tensor:
-    """The whole training set through the frozen autoencoder `name`, once: `what` is "codes"
-    (int indices, VQ) or "latents". The result is cached in storage next to the staged data,
-    keyed by the autoencoder checkpoint and the image preprocessing, so every later job that
-    reads the same data through the same autoencoder skips this."""
+def encode_dataset(worker: Worker, name: str, x: StagedImages, what: str) -> torch.Tensor:
+    """The whole training set through the frozen autoencoder `name`, once, a shard at a time:
+    `what` is "codes" (int indices, VQ) or "latents". The result is cached in storage next to
+    the staged data, keyed by the autoencoder checkpoint and the image preprocessing, so every
+    later job that reads the same data through the same autoencoder reads no image."""
     ae, meta = worker.frozen[name], worker.frozen_meta[name]
     data = worker.job["data"]
     ident = json.dumps({"ae": [meta.get("hash"), meta.get("step"), meta.get("uri")], "what": what,
@@ -205,9 +205,10 @@ def encode_dataset(worker: Worker, name: str, x: torch.Tensor, what: str) -> tor
     fn = ae.encode if what == "codes" else ae.encode_latents
     parts = []
     with torch.no_grad():
-        for i in range(0, len(x), ENCODE_BATCH):
-            parts.append(fn(as_float(x[i:i + ENCODE_BATCH])))
-            worker._progress["step"] = min(i + ENCODE_BATCH, len(x))
+        for images, _ in x.shards():
+            for i in range(0, len(images), ENCODE_BATCH):
+                parts.append(fn(as_float(images[i:i + ENCODE_BATCH].to(worker.device))))
+                worker._progress["step"] += len(images[i:i + ENCODE_BATCH])
     out = torch.cat(parts)
     out = out.to(torch.int16 if what == "codes" and ae.bottleneck.codebook_size <= 32767
                  else out.dtype)

@@ -54,12 +54,12 @@ from orchestrator.storage import open_storage
 from orchestrator.task import Task
 from workers import images as imageio
 from workers.compile import Compilation, compile_failed
-from workers.data import as_float, augment, load_images
+from workers.data import as_float, augment
 from workers.nn.ema import EMA
 from workers.parallel import Collective, module_state
 from workers.precision import Precision
 from workers.registry import family
-from workers.stream import InMemory, ShardStream, stream_config
+from workers.stream import InMemory, ShardStream, staged_images
 
 RESULT = "result.json"  # written last: the job's output is complete
 DELIVER_S = 60.0  # how long a finished job waits for the tracking server to take its metrics
@@ -270,10 +270,10 @@ class Worker:
     def checkpoint_due(self, step: int, cfg: dict[str, Any]) -> bool:
         return bool(cfg.get("checkpoint_every")) and step % cfg["checkpoint_every"] == 0
 
-    def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What training batches are drawn from; called once after `build`, with the images
-        as uint8 pixels (`workers.data.as_float` makes them [-1, 1])."""
+    def prepare_data(self, x: Any, labels: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
+        """What training batches are drawn from; called once after `build`, with the stream
+        of the images (a `ShardStream`) or, for a family that does not stream (`streams`),
+        the staged images to read shard by shard (`workers.data.StagedImages`)."""
         return x, labels
 
     def final_metrics(self) -> dict[str, float]:
@@ -500,21 +500,19 @@ class Worker:
 
     def _fit(self, build: Callable[[], None], step_fn: Callable[..., dict[str, torch.Tensor]],
              final_metrics: Callable[[], dict[str, float]]) -> dict[str, Any]:
-        cfg, data = self.job["train"], self.job["data"]
+        cfg = self.job["train"]
         self.total_steps = cfg["steps"]
         self._progress.update(phase="loading data", total=cfg["steps"])
         rank, world = (self.collective.rank, self.collective.world) if self.collective else (0, 1)
+        images = staged_images(self.root, self.task.data_key, self.job)
+        self.image_shape = images.shape
+        labels = images.labels()
+        x: Any = images  # shard by shard, for prepare_data to turn into codes or latents
         if self.streams:  # pixels: streamed from the shards, a few in memory at a time
-            x: Any = ShardStream(self.root, self.task.data_key, **stream_config(self.job),
-                                 device=self.device, rank=rank, world=world)
-            labels = x.labels()
-            self.image_shape = x.shape
-        else:  # whole, uint8 on the device (a quarter of float32's memory), for prepare_data
-            x, labels = load_images(self.root, self.task.data_key, image_size=data["image_size"],
-                                    channels=data["channels"], limit=data.get("limit"), uint8=True)
-            x = x.to(self.device)
-            labels = labels.to(self.device) if labels is not None else None
-            self.image_shape = tuple(x.shape[1:])
+            x = ShardStream(images, batch_size=cfg["batch_size"], seed=cfg["seed"],
+                            device=self.device, rank=rank, world=world)
+        elif labels is not None:
+            labels = labels.to(self.device)
         try:
             return self._fit_on(x, labels, build, step_fn, final_metrics)
         finally:

@@ -6,7 +6,7 @@ converts batch by batch on its device. A training job on pixels streams it inste
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -33,16 +33,53 @@ def load_images(storage: Storage, key: str, *, image_size: int, channels: int,
         if limit is not None:
             x, y = x[:limit], (y[:limit] if y is not None else None)
         return as_tensors(x, y, image_size=image_size, channels=channels, uint8=uint8)
-    folder = key.rsplit("/", 1)[0]
-    parts = []
-    for shard in read_index(storage, key)["shards"]:
-        if limit is not None and sum(len(p[0]) for p in parts) >= limit:
-            break
-        parts.append(as_tensors(*read_arrays(storage, f"{folder}/{shard['key']}"),
-                                image_size=image_size, channels=channels, uint8=uint8))
-    x = torch.cat([p[0] for p in parts])[:limit]
-    y = torch.cat([p[1] for p in parts])[:limit] if parts[0][1] is not None else None
-    return x, y
+    staged = StagedImages(storage, key, image_size=image_size, channels=channels, limit=limit)
+    parts = list(staged.shards(uint8=uint8))
+    return torch.cat([p[0] for p in parts]), staged.labels()
+
+
+class StagedImages:
+    """A staged training split (its index at `key`), read a shard at a time: its size, shape
+    and labels from the index, its images (the first `limit`, in staged order) shard by
+    shard, so that nothing needs it whole."""
+
+    def __init__(self, storage: Storage, key: str, *, image_size: int, channels: int,
+                 limit: int | None = None):
+        self.storage, self.folder = storage, key.rsplit("/", 1)[0]
+        self.index = read_index(storage, key)
+        self.size = (image_size, channels)
+        self.keys: list[str] = []
+        self.counts: list[int] = []
+        left = limit if limit is not None else self.index["count"]
+        for shard in self.index["shards"]:
+            if left <= 0:
+                break
+            self.keys.append(shard["key"])
+            self.counts.append(min(shard["count"], left))
+            left -= self.counts[-1]
+        self.shape = (channels, image_size, image_size)
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def labels(self) -> torch.Tensor | None:
+        """Every label (an object of its own, 8 bytes an image), or None."""
+        if not self.index["labelled"]:
+            return None
+        labels = np.load(io.BytesIO(self.storage.get_bytes(f"{self.folder}/labels.npy")))
+        return torch.from_numpy(labels[:len(self)].astype(np.int64))
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Shard `i` as stored (to its count under `limit`)."""
+        x, y = read_arrays(self.storage, f"{self.folder}/{self.keys[i]}")
+        n = self.counts[i]
+        return x[:n], (y[:n] if y is not None else None)
+
+    def shards(self, uint8: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each shard's images (and labels), converted, in staged order."""
+        for i in range(len(self.keys)):
+            yield as_tensors(*self.read(i), image_size=self.size[0], channels=self.size[1],
+                             uint8=uint8)
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray | None, *, image_size: int, channels: int,

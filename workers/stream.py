@@ -24,9 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.datasets import read_index
-from orchestrator.storage import Storage
-from workers.data import as_tensors, read_arrays
+from workers.data import StagedImages, as_tensors
 
 WINDOW = 4  # shards shuffled together (of SHARD_BYTES each: ~128 MB of pixels per window)
 
@@ -75,27 +73,18 @@ class ShardStream:
     """What the training loop draws its batches from when it trains on a staged data set's
     pixels: `batch(step)` is this rank's uint8 images (and labels) of the step, on `device`."""
 
-    def __init__(self, storage: Storage, key: str, *, image_size: int, channels: int,
-                 limit: int | None, batch_size: int, seed: int, device: torch.device,
-                 rank: int = 0, world: int = 1, window: int = WINDOW):
-        self.storage, self.folder = storage, key.rsplit("/", 1)[0]
-        self.index = read_index(storage, key)
-        shards, counts, left = [], [], limit if limit is not None else self.index["count"]
-        for shard in self.index["shards"]:  # `limit`: the first images, in staged order
-            if left <= 0:
-                break
-            shards.append(shard["key"])
-            counts.append(min(shard["count"], left))
-            left -= counts[-1]
-        self.shards = shards
-        self.order = EpochOrder(counts, seed, window)
-        self.size = (image_size, channels)
+    def __init__(self, images: StagedImages, *, batch_size: int, seed: int,
+                 device: torch.device, rank: int = 0, world: int = 1, window: int = WINDOW):
+        self.images = images
+        self.shards = images.keys
+        self.order = EpochOrder(images.counts, seed, window)
+        self.size = images.size
         self.device, self.rank, self.world = device, rank, world
         self.batch_size = min(batch_size, self.order.total)
         self._held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._ahead: dict[tuple[int, int], Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shards")
-        self.shape = (channels, image_size, image_size)
+        self.shape = images.shape
         self.loaded_shards = 0  # shards read so far (a measure of the reads, for tests)
         self.peak_windows = 0  # the most windows held at once
 
@@ -103,13 +92,8 @@ class ShardStream:
         return self.order.total
 
     def labels(self) -> torch.Tensor | None:
-        """Every training label (a small object of its own), for checks before training."""
-        if not self.index["labelled"]:
-            return None
-        import io
-
-        labels = np.load(io.BytesIO(self.storage.get_bytes(f"{self.folder}/labels.npy")))
-        return torch.from_numpy(labels[:len(self)].astype(np.int64))
+        """Every training label, for checks before training."""
+        return self.images.labels()
 
     def _read(self, epoch: int, w: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """The window's shards as stored: only I/O and numpy, so that reading ahead on the
@@ -117,9 +101,7 @@ class ShardStream:
         training step's (on a few cores they would fight over them)."""
         parts = []
         for s in self.order.windows(epoch)[w]:
-            x, y = read_arrays(self.storage, f"{self.folder}/{self.shards[s]}")
-            count = self.order.counts[s]
-            parts.append((x[:count], y[:count] if y is not None else None))
+            parts.append(self.images.read(s))
             self.loaded_shards += 1
         return parts
 
@@ -168,11 +150,11 @@ class ShardStream:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def stream_config(job: dict[str, Any]) -> dict[str, Any]:
-    """The stream's settings from a resolved training job."""
-    data, train = job["data"], job["train"]
-    return {"image_size": data["image_size"], "channels": data["channels"],
-            "limit": data.get("limit"), "batch_size": train["batch_size"], "seed": train["seed"]}
+def staged_images(storage, key: str, job: dict[str, Any]) -> StagedImages:
+    """The training split a resolved job reads, as its data section sizes it."""
+    data = job["data"]
+    return StagedImages(storage, key, image_size=data["image_size"], channels=data["channels"],
+                        limit=data.get("limit"))
 
 
 class InMemory:
