@@ -8,17 +8,22 @@
 - two data set sizes: Fashion-MNIST's 60,000 images (or the built-in digits, tiled, without the
   shared data folder) and the same tiled 5x, to show which memory grows with the data set;
 - staging throughput (images/s) for each, and for a folder of JPEGs with 1 and 2 decoding
-  processes.
+  processes;
+- staging an npz and a gzip IDX file of the 60,000 images (and the 5x tiled npz) into local
+  storage, each in a fresh process: images/s and that process's peak RSS (VmHWM) beside the
+  data set's size, which the staging reads a chunk at a time, never whole.
 
 Shards are 1 MB here (the default is 32 MB), so that a few-hundred-MB data set spans hundreds
 of shards and the stream's window is a small part of it.
 
     python bench/data.py [--steps 80] [--out bench/results/data.json]
+    python bench/data.py --staging-only [--out bench/results/data-staging.json]  # no stack
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import pickle
 import statistics
@@ -59,6 +64,24 @@ speeds = [v for _, _, v in worker.log.series("images_per_s")][1:]
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")]
 peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(statistics.harmonic_mean(speeds), peak)
+"""
+
+# One staging in a fresh process: its seconds and peak RSS (VmHWM), and the RSS it had before.
+STAGE = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from orchestrator.datasets import stage
+from orchestrator.spec import DataSpec
+from orchestrator.storage import open_storage
+
+def hwm():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) / 1024
+
+before = hwm()
+t0 = time.perf_counter()
+stage(DataSpec(**json.loads(sys.argv[1])), open_storage(sys.argv[2]), shard_bytes=int(sys.argv[3]))
+print(json.dumps({{"staging_s": time.perf_counter() - t0, "peak_rss_mb": hwm(),
+                  "rss_before_mb": before}}))
 """
 
 
@@ -103,15 +126,60 @@ def folder_staging(work: Path, count: int = 8000) -> dict:
     return out
 
 
+def array_staging(work: Path, shard_mb: float) -> dict:
+    """Images/s staging an npz and a gzip IDX file (images and labels) into local storage, each
+    in a fresh process, with that process's peak RSS beside the data set's size: the staging
+    reads the source a chunk at a time, so its peak does not grow with the data set."""
+    out = {}
+    for tile, fmt in ((1, "npz"), (1, "idx.gz"), (5, "npz")):
+        x = images(tile)
+        y = np.arange(len(x)) % 10
+        if fmt == "npz":
+            path = work / f"stage-{tile}.npz"
+            np.savez(path, x=x, y=y)
+            data = {"dataset": "npz", "path": str(path)}
+            files = [path]
+        else:
+            files = [work / f"stage-{tile}-images.gz", work / f"stage-{tile}-labels.gz"]
+            for file, array in zip(files, (x, y.astype(np.uint8))):
+                header = bytes([0, 0, 8, array.ndim]) + b"".join(
+                    d.to_bytes(4, "big") for d in array.shape)
+                file.write_bytes(gzip.compress(header + array.tobytes(), compresslevel=6))
+            data = {"dataset": "idx", "path": str(files[0]), "labels": str(files[1])}
+        run = subprocess.run(
+            [sys.executable, "-c", STAGE.format(root=str(ROOT)), json.dumps(data),
+             f"file://{work / f'staged-{tile}-{fmt}'}", str(int(shard_mb * 2**20))],
+            capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        if run.returncode:
+            raise SystemExit(run.stderr[-3000:])
+        entry = {"images": len(x), "format": fmt, "uint8_mb": x.nbytes / 2**20,
+                 "file_mb": sum(f.stat().st_size for f in files) / 2**20,
+                 **json.loads(run.stdout.splitlines()[-1])}
+        entry["images_per_s"] = len(x) / entry["staging_s"]
+        out[f"{len(x)}-{fmt}"] = entry
+        print(f"staging {len(x)} images from {fmt} ({entry['uint8_mb']:.0f} MB of pixels): "
+              f"{entry['images_per_s']:.0f} images/s, peak RSS {entry['peak_rss_mb']:.0f} MB "
+              f"({entry['rss_before_mb']:.0f} MB before staging)", file=sys.stderr)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shard-mb", type=float, default=1.0)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
+    parser.add_argument("--staging-only", action="store_true",
+                        help="only stage npz and IDX files into local storage (no stack)")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="genforge-data-bench-"))
+    results = ROOT / "bench" / "results"
+    arrays = array_staging(work, args.shard_mb)
+    if args.staging_only:
+        write_report(args.out or str(results / "data-staging.json"),
+                     report("data-staging", 1, shard_mb=args.shard_mb, array_staging=arrays))
+        return
     folder = folder_staging(work)
     sizes = {}
     with private_stack(args.threads) as (home, state, root):
@@ -163,8 +231,8 @@ def main() -> None:
             sizes[f"{index['count']}"] = entry
     out = report("data", args.threads, steps=args.steps, batch_size=args.batch_size,
                  shard_mb=args.shard_mb, model=MODEL, image_size=16, sizes=sizes,
-                 folder_staging=folder)
-    write_report(args.out, out)
+                 folder_staging=folder, array_staging=arrays)
+    write_report(args.out or str(results / "data.json"), out)
     print(json.dumps({k: {"streamed/in memory": round(v["streamed_over_in_memory"], 3),
                           "rss streamed MB": round(v["streamed"]["peak_rss_mb"]),
                           "rss in memory MB": round(v["in_memory"]["peak_rss_mb"])}

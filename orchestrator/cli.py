@@ -295,6 +295,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A swept job's trials ranked (its study, read from storage), and its plot."""
+    from orchestrator.plan import build_plan
+    from orchestrator.runs import job_prefix
+    from orchestrator.storage import NotFound, open_storage
+    from orchestrator.sweep import JOURNAL, Study, plot, render
+
+    plan = build_plan(load_spec(args.spec))
+    if args.job not in plan.by_name or plan.by_name[args.job].job.sweep is None:
+        swept = [p.name for p in plan.jobs if p.job.sweep is not None]
+        _err(f"{args.spec}: no swept job named '{args.job}' (swept: {', '.join(swept) or 'none'})")
+        return EXIT_INVALID
+    settings = _services(args.spec, start_stack=False,
+                         missing="set MLFLOW_TRACKING_URI and GENFORGE_STORAGE")
+    plan, missing = _resolved_offline(plan)
+    planned = plan.by_name[args.job]
+    if planned.hash is None:
+        _err(f"{args.spec}: job '{args.job}': cannot find its sweep ({missing})")
+        return EXIT_FAILED
+    storage = open_storage(settings.storage, settings.s3).child(
+        job_prefix(plan.spec.experiment, args.job, planned.hash))
+    try:
+        storage.get_bytes(JOURNAL)
+    except NotFound:
+        _err(f"{args.spec}: job '{args.job}': its sweep has not started ({storage.uri()})")
+        return EXIT_FAILED
+    study = Study(planned.job, storage)
+    print(render(study))
+    if args.plot:
+        plot(study, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Staged data sets: stage a spec's ahead of a run, list them, remove one."""
     from orchestrator import datasets
@@ -392,6 +426,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="FILE.png", help="also plot quality against sampling time")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("sweep", help="a swept job's trials ranked, with parameter importance")
+    p.add_argument("spec")
+    p.add_argument("job")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the objective over steps of each trial")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("data", help="staged data sets: stage ahead, list, remove")
     data = p.add_subparsers(dest="action", required=True)
     q = data.add_parser("stage", help="stage every data set of a spec now")

@@ -34,6 +34,8 @@ from tqdm import tqdm
 
 from orchestrator import admission, datasets, lease, signals
 from orchestrator.actor import JobActor
+from orchestrator.sweep import split_label
+from orchestrator.sweeping import Sweeper, sweep_uri
 from orchestrator.checkpoints import CheckpointError, pin_checkpoint, resolve_checkpoint_uri
 from orchestrator.plan import (Plan, PlannedJob, build_plan, check_uri_references, is_uri,
                                resolve_checkpoint, resolve_inputs, stages_data)
@@ -71,7 +73,8 @@ class JobState:
     planned: PlannedJob
     # pending | queued (ready, its lease held, waiting for room) | elsewhere (another driver
     # runs it) | running | restarting (on its actor, once storage has had time to come back)
-    # | finished | cached | failed | skipped | killed
+    # | sweeping (a swept job whose trials run) | finished | cached | failed | skipped | killed
+    # | pruned (a trial its sweep stopped early)
     status: str = "pending"
     actor: Any = None
     ref: Any = None
@@ -84,6 +87,9 @@ class JobState:
     taken: lease.Taken | None = None  # elsewhere: the lease of the driver that runs it
     unreachable_since: float | None = None  # its lookups have failed since (storage away)
     not_before: float = 0.0  # restarting: when it is launched again
+    trial: tuple[str, int] | None = None  # a sweep's trial: (the sweep, its index)
+    prune: str | None = None  # why the sweep asked this running trial to stop
+    progress: dict[str, Any] = field(default_factory=dict)  # its actor's last report
 
     @property
     def name(self) -> str:
@@ -114,10 +120,11 @@ class Driver:
         self._stopping = False  # a stop is under way: another signal only hurries it
         self._hurry = False
         self.leases: lease.Keeper | None = None  # see open_leases
+        self.sweeps: dict[str, Sweeper] = {}  # the swept jobs whose trials run
 
     # ---- setup ------------------------------------------------------------------------------
     def prefix(self, planned: PlannedJob) -> str:
-        return job_prefix(self.experiment, planned.name, planned.hash)
+        return job_prefix(self.experiment, planned.job.name, planned.hash)
 
     def _storage(self, state: JobState) -> Storage:
         return self.root.child(self.prefix(state.planned))
@@ -224,6 +231,8 @@ class Driver:
             self._clear(state)
         self._pin_inputs(state)
         state.status = "queued"
+        if state.planned.job.sweep is not None:  # its trials are the jobs that run
+            state.status = "sweeping"  # (its Sweeper starts on the loop's thread)
 
     def _cache_hit(self, state: JobState, result: dict[str, Any], how: str = "cached") -> None:
         state.status, state.result = "cached", result
@@ -335,6 +344,9 @@ class Driver:
         for a job of the spec, the checkpoint its result names (a sample job's prefix)."""
         if is_uri(ref):
             return planned.checkpoints[ref]
+        base, trial = split_label(ref)
+        if trial is not None and ref not in self.jobs:  # a trial of a sweep cached whole
+            return sweep_uri(self.jobs[base].result, trial) or ""
         upstream = self.jobs[ref]
         return upstream.result.get("checkpoint") or self.root.uri(self.prefix(upstream.planned))
 
@@ -386,6 +398,8 @@ class Driver:
             # actor holds none, its workers hold them once it is past "starting" and "queued".
             holds = (state.planned.job.resources.workers == 1
                      or prog.get("phase") not in ("queued", "starting"))
+            if prog:
+                state.progress = prog
             if not state.alive and prog and holds:
                 state.alive = True
                 self.admission.started.remote([self._ticket(state)])
@@ -442,8 +456,22 @@ class Driver:
             self.echo(f"job '{state.name}': tracking lost {lost}"[:1000])
             self.runs.tag(state.name, {"genforge.tracking_lost": lost[:4000]})
         if result.get("status") == "stopped":
+            if state.prune is not None:
+                return self._finish(state, "pruned", state.prune)
             return self._finish(state, "killed", f"stopped at step {result['step']}")
         self._finish(state, "finished", keep_actor=True)
+
+    def prune(self, state: JobState, reason: str) -> None:
+        """Ask a running trial to stop (its sweep's pruner says so): it saves its checkpoint at
+        its next step and ends `pruned`."""
+        state.prune = reason
+        self.echo(f"job '{state.name}': {reason}; stopping it")
+        state.actor.stop.remote()
+
+    def finish(self, state: JobState, status: str, error: str | None = None) -> None:
+        """A job's end that is not its actor's (a sweep's, once its trials have ended)."""
+        self.sweeps.pop(state.name, None)
+        self._finish(state, status, error)
 
     def _job_error(self, state: JobState, exc: RayTaskError) -> None:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
@@ -538,7 +566,9 @@ class Driver:
             self.leases.close()
         self.runs.drain()
         self._publish_progress()
-        failed = [s for s in self.jobs.values() if s.status in ("failed", "skipped", "killed")]
+        # a trial that failed is its sweep's business: the sweep fails if none finished
+        failed = [s for s in self.jobs.values()
+                  if s.status in ("failed", "skipped", "killed") and s.trial is None]
         self.tracker.finish(self.runs.parent, "FAILED" if failed else "FINISHED")
         self._report()
         return 1 if failed else 0
@@ -583,6 +613,8 @@ class Driver:
             self._finish(state, "killed", "cancelled while queued")
         for state in [s for s in self.jobs.values() if s.status == "restarting"]:
             self._finish(state, "killed", "cancelled while waiting to restart")
+        for state in [s for s in self.jobs.values() if s.status == "sweeping"]:
+            self.finish(state, "killed", "cancelled; its study resumes in a later run")
         self.runs.drain()
         if self.runs.parent is not None:
             self._publish_progress()
@@ -661,13 +693,14 @@ class Driver:
     def _loop(self) -> None:
         with ThreadPoolExecutor(8, thread_name_prefix="lookup") as self._lookups:
             while True:
+                self._sweep()
                 self._ready()
                 self._admit()
                 self._restart_due()
                 self._lost_leases()
                 running = {s.ref: s for s in self.jobs.values() if s.status == "running"}
                 if not running:
-                    if (any(s.status in ("queued", "elsewhere", "restarting")
+                    if (any(s.status in ("queued", "elsewhere", "restarting", "sweeping")
                             for s in self.jobs.values())
                             or self._waiting_to_settle()):  # storage away for a moment
                         self._publish_progress(now=False)
@@ -684,6 +717,15 @@ class Driver:
                 self._poll_progress()
                 self._watch_elsewhere()
                 self._publish_progress(now=False)
+
+    def _sweep(self) -> None:
+        """The sweeps' turn: a sweep this driver now holds starts (or resumes its study); each
+        running one tells its study what its trials did and starts the next ones."""
+        for state in [s for s in self.jobs.values() if s.status == "sweeping"]:
+            if state.name not in self.sweeps:
+                self.sweeps[state.name] = Sweeper(self, state)
+        for sweeper in list(self.sweeps.values()):
+            sweeper.tick()
 
     def _report(self) -> None:
         for state in self.jobs.values():

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from orchestrator import __version__
 from orchestrator.code import family_digest
 from orchestrator.spec import UNHASHED_FIELDS, Job, SampleSpec, Spec, SpecError, Upstream
+from orchestrator.sweep import split_label, trial_count
 from workers.registry import FAMILIES, family
 
 # Job kinds whose output is a checkpoint another job can read.
@@ -87,7 +88,7 @@ def job_code(job: Job, jobs: dict[str, Job], inputs: PlanInputs | None) -> str |
                 return None
             families.add(str(resolved.meta.get("family")))
         else:
-            families.add(str(jobs[ref].family))
+            families.add(str(jobs[split_label(ref)[0]].family))
     return family_digest(*families)
 
 
@@ -105,10 +106,13 @@ class PlannedJob:
     data_key: str | None = None  # its staged data
     # checkpoint URIs it reads, as written -> the exact checkpoint resolved at planning
     checkpoints: dict[str, str] = field(default_factory=dict, compare=False)
+    # what the pipeline calls it, where that is not its job's name: a sweep's trial `ddpm[3]`
+    # (whose objects are its job's, `ddpm`, under its own hash)
+    label: str = ""
 
     @property
     def name(self) -> str:
-        return self.job.name
+        return self.label or self.job.name
 
 
 @dataclass(frozen=True)
@@ -331,18 +335,23 @@ def build_plan(spec: Spec, inputs: PlanInputs | None = None) -> Plan:
                     errors.append(f"{src}: job '{job.name}': {field_name}: "
                                   f"unsupported URI scheme in {ref!r} (use s3:// or file://)")
                 continue
-            upstream = names.get(ref)
-            if upstream is None:
+            base, trial = split_label(ref)
+            upstream = names.get(base)
+            if upstream is None or (trial is not None and upstream.sweep is None):
                 errors.append(f"{src}: job '{job.name}': {field_name}: "
                               f"no job named '{ref}' in this spec")
                 continue
-            if ref == job.name:
+            if trial is not None and trial >= trial_count(upstream.sweep):
+                errors.append(f"{src}: job '{job.name}': {field_name}: sweep '{base}' has "
+                              f"{trial_count(upstream.sweep)} trials, numbered from 0 (got {ref})")
+                continue
+            if base == job.name:
                 errors.append(f"{src}: job '{job.name}': {field_name}: a job cannot read itself")
                 continue
             problem = check_reference(job, field_name, Upstream.of_job(upstream, names))
             if problem:
                 errors.append(f"{src}: job '{job.name}': {problem}")
-            deps[job.name].append(ref)
+            deps[job.name].append(base)
     errors += _missing_data_files(spec)
     if errors:
         raise SpecError(errors)
@@ -369,8 +378,10 @@ def _hashed(spec: Spec, order: list[str], deps: dict[str, list[str]],
                 resolved = inputs.checkpoints.get(ref) if inputs else None
                 checkpoints[ref] = resolved.uri if resolved else None
                 upstream[ref] = f"{resolved.uri}@{resolved.digest}" if resolved else None
-            else:
-                upstream[ref] = hashes[ref]
+            else:  # a sweep's trial: the sweep's hash and its index
+                base, trial = split_label(ref)
+                upstream[ref] = (hashes[base] and f"{hashes[base]}[{trial}]"
+                                 if trial is not None else hashes[base])
         complete = (code is not None and None not in upstream.values()
                     and (data_key is not None or not stages_data(job)))
         hashes[name] = job_hash(job, upstream, code, data_key) if complete else None

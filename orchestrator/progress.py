@@ -39,7 +39,8 @@ def summary(states: Collection[JobState]) -> str:
     done = counts.get("finished", 0) + counts.get("cached", 0)
     parts = [f"{done}/{len(states)} done"]
     parts += [f"{counts[k]} {k}" for k in ("running", "restarting", "queued", "elsewhere",
-                                           "pending", "failed", "skipped", "killed")
+                                           "sweeping", "pending", "failed", "skipped", "killed",
+                                           "pruned")
               if counts.get(k)]
     return ", ".join(parts)
 

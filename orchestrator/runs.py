@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 from orchestrator import lease
 from orchestrator.plan import PlannedJob
 from orchestrator.storage import Storage, StorageError
+from orchestrator.sweep import split_label
 from orchestrator.tracking import RunInfo, Tracker, flatten
 
 PREOPEN = 16  # job runs opened ahead of their launch, at most
@@ -66,6 +67,7 @@ class JobRuns:
         self.driver_tags: dict[str, str] = {}  # on every run this driver opens or adopts
         self.experiment_id: str | None = None
         self.parent: str | None = None  # the pipeline's run
+        self.parents: dict[str, str] = {}  # a job's run under another (a trial's: its sweep's)
         self.unfinished: dict[tuple[str, str], Any] = {}  # see Tracker.unfinished_runs
         self.last_launch = time.monotonic()
         self._runs: defaultdict[str, JobRun] = defaultdict(JobRun)
@@ -96,7 +98,7 @@ class JobRuns:
             if not ended(ray_job, gcs):
                 continue
             tags = run.data.tags
-            job = (self.root.child(job_prefix(self.experiment, tags["genforge.job"],
+            job = (self.root.child(job_prefix(self.experiment, split_label(tags["genforge.job"])[0],
                                               tags.get("genforge.hash")))
                    if "genforge.job" in tags else None)
             try:
@@ -124,7 +126,7 @@ class JobRuns:
         if run is not None and not self.forced(p.name):
             attempts = int(run.data.tags.get("genforge.attempt", "0"))
             self.tracker.set_status(run.info.run_id, status)
-            self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self.parent,
+            self.tracker.set_tags(run.info.run_id, {"mlflow.parentRunId": self._parent(p),
                                                     "genforge.attempt": str(attempts + 1),
                                                     **self.driver_tags})
             return OpenedRun(run.info, attempts, status, params_logged=True)
@@ -133,14 +135,17 @@ class JobRuns:
             "genforge.job": p.name, "genforge.family": p.job.family or "-", "genforge.kind": p.job.kind,
             "genforge.hash": p.hash, "genforge.code_version": p.code,
             "genforge.checkpoint": self.root.uri(
-                f"{job_prefix(self.experiment, p.name, p.hash)}/checkpoints"),
+                f"{job_prefix(self.experiment, p.job.name, p.hash)}/checkpoints"),
             "genforge.attempt": "1",
         }
         info = self.tracker.start_run(self.experiment_id, p.name, tags,
-                                      run_params(p) if ahead else None, self.parent)
+                                      run_params(p) if ahead else None, self._parent(p))
         if ahead:
             self.tracker.set_status(info.run_id, "SCHEDULED")
         return OpenedRun(info, 0, status, params_logged=ahead)
+
+    def _parent(self, p: PlannedJob) -> str | None:
+        return self.parents.get(p.name, self.parent)
 
     def open_ahead(self, queued: list[PlannedJob]) -> None:
         """A job's run is opened when it is launched. When the pipeline waits for room (it has
@@ -178,12 +183,23 @@ class JobRuns:
         run = self[name]
         self._track(run, self.tracker.set_tags, run.id, tags)
 
+    def log(self, name: str, params: dict[str, str], tags: dict[str, str]) -> None:
+        run = self[name]
+        self._track(run, self.tracker.log, run.id, params, tags)
+
+    def metrics(self, name: str, values: dict[str, float]) -> None:
+        run = self[name]
+        self._track(run, self.tracker.log_metrics, run.id, values)
+
     def finish(self, p: PlannedJob, status: str, error: str | None) -> None:
-        """The job's end (finished, failed or killed) on its run, with the error; a job
-        cancelled while queued ends in the run opened ahead for it, if one was."""
+        """The job's end (finished, failed, killed, or pruned: a sweep's trial stopped early)
+        on its run, with the error (or why it was stopped); a job cancelled while queued ends
+        in the run opened ahead for it, if one was."""
         run = self[p.name]
-        mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[status]
-        tags = {"genforge.error": error[:4000]} if error else {}
+        mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED",
+                         "pruned": "KILLED"}[status]
+        key = "genforge.pruned" if status == "pruned" else "genforge.error"
+        tags = {key: error[:4000]} if error else {}
         if run.id is None and run.opened is not None:  # cancelled while queued
             opened = run.opened.result()
             run.id, run.params_logged = opened.info.run_id, opened.params_logged

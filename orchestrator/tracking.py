@@ -92,6 +92,11 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.log(run_id, tags=tags)
 
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                               for k, v in metrics.items()])
+
     def unfinished_runs(self, experiment_id: str, job: str | None = None
                         ) -> dict[tuple[str, str], Any]:
         """The newest unfinished (RUNNING, SCHEDULED, FAILED or KILLED) job run of each (job

@@ -13,7 +13,7 @@ import torch
 from orchestrator.datasets import DataError, heldout_key, parse_idx, read_index, stage
 from orchestrator.spec import DataSpec
 from orchestrator.storage import FileStorage
-from workers.data import as_float, load_images
+from workers.data import StagedImages, as_float, load_images
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 MNIST = DATA / "mnist" / "t10k-images-idx3-ubyte.gz"
@@ -230,6 +230,24 @@ def test_hflip_mirrors_the_images_its_draws_pick():
     assert augment(batch, {}, torch.Generator()) is batch
 
 
+def test_a_random_crop_zooms_into_each_image_by_its_own_draw():
+    from workers.data import augment
+
+    # a horizontal ramp: a crop keeps it increasing left to right, with a smaller range
+    ramp = torch.linspace(-1, 1, 16).expand(256, 1, 16, 16).contiguous()
+    out = augment(ramp, {"crop": 0.5}, torch.Generator().manual_seed(0))
+    again = augment(ramp, {"crop": 0.5}, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and out.shape == ramp.shape
+    rows = out[:, 0, 8]  # each image's middle row
+    assert (rows.diff(dim=1) > 0).all()  # the ramp is not mirrored or scrambled
+    span = rows[:, -1] - rows[:, 0]  # 2 * the side kept: in [sqrt(0.5), 1] less a pixel
+    whole = ramp[0, 0, 8, -1] - ramp[0, 0, 8, 0]
+    assert (span <= whole + 1e-5).all() and (span >= 0.70 * whole * 15 / 16 - 0.05).all()
+    assert span.std() > 0.02  # drawn per image
+    assert (rows[:, 0] + 1).abs().max() > 0.1  # and not always from the left edge
+    assert torch.allclose(augment(ramp, {"crop": None}, torch.Generator()), ramp)
+
+
 def test_hflip_is_refused_where_a_family_trains_on_codes_or_latents():
     from orchestrator.spec import SpecError, parse_spec
 
@@ -250,6 +268,13 @@ def test_hflip_is_refused_where_a_family_trains_on_codes_or_latents():
                                    "the job that trains those)"]
     for family in ("ddpm", "flow", "gan", "vqgan"):  # pixels
         parse_spec({"experiment": "x", "jobs": [job(family, {})]}, "s.yaml")
+    cropped = job("ldm", {"autoencoder": "ae"})
+    cropped["data"]["augment"] = {"crop": 0.8}
+    ae = {"name": "ae", "kind": "train", "family": "ldm", "model": {"stage": "autoencoder"},
+          "data": {"dataset": "digits", "image_size": 16}}
+    with pytest.raises(SpecError) as err:
+        parse_spec({"experiment": "x", "jobs": [ae, cropped]}, "s.yaml")
+    assert err.value.lines[0].startswith("s.yaml: job 'a': data.augment.crop: family 'ldm' trains on")
 
 
 def test_a_large_folder_is_decoded_in_parallel_and_written_shard_by_shard(tmp_path, storage):
@@ -269,6 +294,9 @@ def test_a_large_folder_is_decoded_in_parallel_and_written_shard_by_shard(tmp_pa
                         for s in (one, storage))
     assert a.shape == (540, 3, 8, 8) and torch.equal(a, b) and torch.equal(ya, yb)
     assert [s["count"] for s in read_index(storage, keys[0])["shards"]] == [50] * 10 + [40]
+    # staged in a seeded order, not class by class: every shard holds all three classes
+    staged = StagedImages(storage, keys[0], image_size=8, channels=3)
+    assert all(len(set(y.tolist())) == 3 for _, y in staged.shards())
     (ha, _), (hb, _) = (load_images(s, heldout_key(keys[0]), image_size=8, channels=3)
                         for s in (one, storage))
     assert ha.shape == (60, 3, 8, 8) and torch.equal(ha, hb)

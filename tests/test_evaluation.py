@@ -20,6 +20,8 @@ from workers.evaluate import as_uint8
 from workers.evaluation.inception import inception_fid
 from workers.evaluation.metrics import class_histogram, classifier_score, histogram_kl, score
 from workers.nn.classifier import Classifier, FeatureExtractor, accuracy, train_classifier
+from workers.data import load_images
+from workers.stream import InMemory
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fashion-mnist"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data is not present")
@@ -46,7 +48,8 @@ def test_metrics_order_real_blurred_noised_and_collapsed():
     y = torch.from_numpy(arrays["y"].astype(np.int64))
     train_x, train_y, real_x, real_y = x[:6000], y[:6000], x[6000:], y[6000:]
     net = Classifier(channels=1, image_size=28, num_classes=10, width=16, features=64)
-    train_classifier(net, train_x, train_y, {"steps": 250, "batch_size": 128, "lr": 2e-3, "seed": 0})
+    train_classifier(net, InMemory(train_x, train_y, 128),
+                     {"steps": 250, "batch_size": 128, "lr": 2e-3, "seed": 0})
     assert accuracy(net, real_x, real_y) > 0.7
     extractor = FeatureExtractor(net)
 
@@ -115,7 +118,15 @@ def test_evaluate_job_scores_every_source_and_caches_its_feature_network(tmp_pat
     # a second evaluation of the same data set trains no feature network
     spec = eval_spec()
     spec["jobs"][-1]["evaluate"]["seed"] = 1
-    again = run_jobs(tmp_path, spec, only=["score"])
+    from workers.data import StagedImages
+
+    take, taken = StagedImages.take, []  # nor loads the training split: 60 of its images
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StagedImages, "take", lambda self, p: taken.append(len(p)) or take(self, p))
+        patch.setattr("workers.evaluate.load_images", lambda storage, key, **kw: (
+            taken.append(key.rsplit("/", 1)[-1]) or load_images(storage, key, **kw)))
+        again = run_jobs(tmp_path, spec, only=["score"])
+    assert taken == ["heldout.npz", 60]
     second = client.get_run(again["_runs"]["score"]).data
     assert second.tags["genforge.classifier_cache"] == "hit"
     assert "classifier_loss" not in second.metrics
@@ -199,14 +210,14 @@ def test_an_evaluation_stops_while_training_its_feature_network(tmp_path, monkey
         workers.append(self)
         return feature_network(self, *args)
 
-    def train(net, x, y, cfg, on_step=None):
+    def train(net, batches, cfg, on_step=None):
         def step(i, loss):
             steps.append(i)
             if i == 3:
                 workers[0].request_stop()
             on_step(i, loss)
 
-        return train_classifier(net, x, y, cfg, step)
+        return train_classifier(net, batches, cfg, step)
 
     monkeypatch.setattr(evaluate.EvaluateWorker, "feature_network", remember)
     monkeypatch.setattr(evaluate, "train_classifier", train)

@@ -289,11 +289,11 @@ def test_a_resumed_distillation_ends_with_the_uninterrupted_weights(tmp_path, ra
         assert torch.equal(a.tensors[k], b.tensors[k]), k
 
 
-def train_task(tmp_path, steps: int, prefix: str, attempt: int = 1, hflip: bool = False) -> Task:
+def train_task(tmp_path, steps: int, prefix: str, attempt: int = 1, augment: dict | None = None) -> Task:
     spec = parse_spec({"experiment": "h", "jobs": [{
         "name": "flow", "kind": "train", "family": "flow",
         "model": {"channels": 8, "channel_mult": [1], "time_sampling": "uniform"},
-        "data": {"dataset": "digits", "image_size": 8, "augment": {"hflip": hflip}},
+        "data": {"dataset": "digits", "image_size": 8, "augment": augment or {}},
         "train": {"steps": steps, "batch_size": 8, "log_every": 1, "checkpoint_every": 2,
                   "sample_images": 2, "warmup_steps": 3}}]})
     root = f"file://{tmp_path / 'store'}"
@@ -303,16 +303,16 @@ def train_task(tmp_path, steps: int, prefix: str, attempt: int = 1, hflip: bool 
                 code_version="test", data_key=key, attempt=attempt)
 
 
-@pytest.mark.parametrize("hflip", [False, True])
-def test_a_resumed_training_continues_bit_for_bit(tmp_path, hflip):
+@pytest.mark.parametrize("augment", [None, {"hflip": True, "crop": 0.7}])
+def test_a_resumed_training_continues_bit_for_bit(tmp_path, augment):
     """Stopped at step 4 (its checkpoint) and resumed, a job ends with exactly the weights,
     EMA and optimizer state of the uninterrupted run (from the same initial weights: the
     harness leaves initialisation to torch's global generator), augmented or not."""
     torch.manual_seed(0)
-    straight = FlowWorker(train_task(tmp_path, 6, "h/straight", hflip=hflip)).run()
+    straight = FlowWorker(train_task(tmp_path, 6, "h/straight", augment=augment)).run()
     torch.manual_seed(0)
-    assert FlowWorker(train_task(tmp_path, 4, "h/resumed", hflip=hflip)).run()["step"] == 4
-    resumed = FlowWorker(train_task(tmp_path, 6, "h/resumed", attempt=2, hflip=hflip)).run()
+    assert FlowWorker(train_task(tmp_path, 4, "h/resumed", augment=augment)).run()["step"] == 4
+    resumed = FlowWorker(train_task(tmp_path, 6, "h/resumed", attempt=2, augment=augment)).run()
     assert resumed["timing"]["steps_run"] == 2
     a, b = load(straight), load(resumed)
     assert a.step == b.step == 6 and set(a.tensors) == set(b.tensors)
@@ -321,7 +321,7 @@ def test_a_resumed_training_continues_bit_for_bit(tmp_path, hflip):
     for x, y in zip(a.state["optimizers"]["net"]["state"].values(),
                     b.state["optimizers"]["net"]["state"].values()):
         assert all(torch.equal(x[k], y[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
-    if hflip:  # the flips reached the batches: the same job unflipped ends elsewhere
+    if augment:  # the flips and crops reached the batches: the same job plain ends elsewhere
         torch.manual_seed(0)
         plain = load(FlowWorker(train_task(tmp_path, 6, "h/plain")).run())
         assert not torch.equal(plain.tensors["net/conv_in.weight"], a.tensors["net/conv_in.weight"])

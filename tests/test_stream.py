@@ -1,6 +1,6 @@
 """Streaming training batches from a staged data set's shards (workers/stream.py): every sample
 once per epoch in an order fixed by (seed, epoch, step), at most three windows of shards held,
-data-parallel ranks on disjoint parts of each global batch, exactly the same batches after a
+data-parallel ranks on disjoint shards, exactly the same batches after a
 resume; a data set staged before shards is rewritten as shards."""
 
 from __future__ import annotations
@@ -83,14 +83,42 @@ def test_batches_cover_an_epoch_with_three_windows_at_most(staged):
     assert seen[:64] != sorted(seen[:64]) and len({i // 40 for i in seen[:64]}) > 1
 
 
-def test_ranks_see_disjoint_parts_of_the_global_batch(staged):
-    whole, r0, r1 = stream(staged), stream(staged, rank=0, world=2), stream(staged, rank=1, world=2)
-    for step in (1, 2, 15, 30):  # 15: across an epoch's end
-        a, b, both = ids(r0.batch(step)[0]), ids(r1.batch(step)[0]), ids(whole.batch(step)[0])
-        assert len(a) == len(b) == 32 and not set(a) & set(b)
-        assert sorted(a + b) == sorted(both)
-    for s in (whole, r0, r1):
+def test_ranks_read_disjoint_shards_and_together_see_the_epoch(staged):
+    r0, r1 = stream(staged, rank=0, world=2), stream(staged, rank=1, world=2)
+    seen: list[set[int]] = [set(), set()]
+    for step in range(1, 15):  # 14 global batches of 64: about one epoch of 900
+        for r, s in enumerate((r0, r1)):
+            x, y = s.batch(step)
+            assert x.shape == (32, 1, 8, 8) and y.tolist() == [i % 10 for i in ids(x)]
+            seen[r] |= set(ids(x))
+    assert not seen[0] & seen[1]  # disjoint samples...
+    assert len(seen[0] | seen[1]) >= 850  # ...that together cover nearly the epoch
+    images = StagedImages(*staged, image_size=8, channels=1)  # which shard holds each sample
+    shard = {i: k for k, (x, _) in enumerate(images.shards()) for i in ids(x)}
+    assert {shard[i] % 2 for i in seen[0]} == {0} and {shard[i] % 2 for i in seen[1]} == {1}
+    # each rank reads only its own shards: half of the 23
+    assert r0.shards == images.keys[0::2] and r1.shards == images.keys[1::2]
+    assert r1.loaded_shards <= 11 + 4 + 4  # an epoch of its 420, the next one's first window, one ahead
+    again = stream(staged, rank=1, world=2)  # a resumed rank draws the same batches
+    assert [ids(again.batch(step)[0]) for step in (9, 10)] == [ids(r1.batch(step)[0]) for step in (9, 10)]
+    for s in (r0, r1, again):
         s.close()
+
+
+def test_fewer_shards_than_ranks_split_each_global_batch(tmp_path):
+    x = np.zeros((100, 8, 8, 1), np.uint8)
+    x[:, 0, 1, 0] = np.arange(100)
+    np.savez(tmp_path / "few.npz", x=x)
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    key = stage(DataSpec(dataset="npz", path=str(tmp_path / "few.npz"), image_size=8), storage)
+    images = StagedImages(storage, key, image_size=8, channels=1)
+    assert len(images.keys) == 1
+    kw = {"batch_size": 30, "seed": 0, "device": torch.device("cpu")}
+    whole, r0, r1 = (ShardStream(images, **kw), ShardStream(images, rank=0, world=2, **kw),
+                     ShardStream(images, rank=1, world=2, **kw))
+    for step in (1, 4):  # 4: across the epoch's end
+        a, b, both = ids(r0.batch(step)[0]), ids(r1.batch(step)[0]), ids(whole.batch(step)[0])
+        assert len(a) == len(b) == 15 and not set(a) & set(b) and sorted(a + b) == sorted(both)
 
 
 def test_a_resumed_stream_draws_the_same_batches(staged):
@@ -159,3 +187,14 @@ def test_a_resumed_streaming_job_ends_bit_for_bit_as_the_uninterrupted_one(tmp_p
     assert a.step == b.step == 10
     for k in a.tensors:
         assert torch.equal(a.tensors[k], b.tensors[k]), k
+
+
+def test_take_reads_only_the_shards_that_hold_the_positions(staged, monkeypatch):
+    storage, key = staged
+    images = StagedImages(storage, key, image_size=8, channels=1)
+    whole, _ = load_images(storage, key, image_size=8, channels=1, uint8=True)
+    read, reads = StagedImages.read, []
+    monkeypatch.setattr(StagedImages, "read", lambda self, i: reads.append(i) or read(self, i))
+    positions = torch.tensor([899, 3, 41, 40, 5])  # shards 22, 0, 1, 1, 0: in the order given
+    assert torch.equal(images.take(positions), whole[positions])
+    assert reads == [0, 1, 22]  # each once, in staged order

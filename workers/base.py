@@ -393,6 +393,8 @@ class Worker:
             "unsent_metrics": [[m.key, float(m.value), int(m.timestamp), int(m.step)]
                                for m in self.log.unsent()],
         }
+        if self._progress.get("evals"):  # `train.eval`'s so far: a resumed job's result has all
+            state["evals"] = self._progress["evals"]
         return encode_checkpoint(step, tensors=tensors, state=state, meta=self._meta(step))
 
     def _restore(self, ckpt: Checkpoint, *, weights_only: bool = False) -> None:
@@ -507,6 +509,17 @@ class Worker:
         images = staged_images(self.root, self.task.data_key, self.job)
         self.image_shape = images.shape
         labels = images.labels()
+        self._evaluation = None  # `train.eval`: rank 0's, its classifier and real features ready
+        if cfg.get("eval") and self.rank0:
+            from workers.evaluation.training import TrainingEval  # torchmetrics: a second to import
+
+            try:
+                self._evaluation = TrainingEval.prepare(self, images)
+                self._progress.update(phase="loading data", step=0, total=cfg["steps"])
+            except Stopped:  # while training its classifier
+                if self.collective is None:
+                    raise
+                # the other ranks wait in `_fit_on`'s first check: they stop there with it
         x: Any = images  # shard by shard, for prepare_data to turn into codes or latents
         if self.streams:  # pixels: streamed from the shards, a few in memory at a time
             x = ShardStream(images, batch_size=cfg["batch_size"], seed=cfg["seed"],
@@ -551,6 +564,8 @@ class Worker:
             # changes it as it trains), and what the family derives from it.
             self.model_cfg = resumed.meta.get("model", self.model_cfg)
             self.on_resume(resumed)
+            if resumed.state.get("evals"):  # `train.eval`'s up to the checkpoint
+                self._progress["evals"] = [e for e in resumed.state["evals"] if e[0] <= start]
             self.log.set_tags({"genforge.resumed_from": resumed.uri,
                                "genforge.resumed_at_step": str(start + 1)})
         except NotFound:
@@ -581,8 +596,10 @@ class Worker:
         timing = {"started_unix": started, "loop_s": loop_s, "steps_run": step - start}
         if not self.rank0:
             return {"status": "finished" if step == self.total_steps else "stopped", "step": step}
+        # `train.eval`'s [step, {"fd": ..., "kid": ...}], for whoever reads the result
+        evals = {"evals": self._progress["evals"]} if "evals" in self._progress else {}
         if step < self.total_steps:  # asked to stop: the checkpoint is saved, the job is not done
-            return {"status": "stopped", "step": step, "checkpoint": uri}
+            return {"status": "stopped", "step": step, "checkpoint": uri, **evals}
         if resumed is not None and step == start:
             self.log.set_tags({"genforge.checkpoint": uri})
         self._progress.update(phase="sampling")
@@ -595,7 +612,7 @@ class Worker:
             self.log.log_metrics(final, step)
         self._log_grid(step, cfg["sample_images"])
         return self._finish({"status": "finished", "kind": self.task.kind, "step": step,
-                             "checkpoint": uri, "timing": timing, "metrics": final})
+                             "checkpoint": uri, "timing": timing, "metrics": final, **evals})
 
     def _train_loop(self, batches: ShardStream | InMemory, use_labels: bool, start: int,
                     cfg: dict[str, Any], writer: CheckpointWriter,
@@ -608,6 +625,7 @@ class Worker:
         for module in self.modules.values():
             module.train()
         self._progress.update(phase="train", step=start)
+        evaluation = getattr(self, "_evaluation", None)  # `train.eval` (see `_fit`)
         window_start, window_steps = time.perf_counter(), 0
         step = start
         for step in range(start + 1, steps + 1):
@@ -653,6 +671,9 @@ class Worker:
                     self.log.log_metrics(values, step)
                 self._progress["loss"] = values.get("loss", next(iter(values.values())))
                 window_start, window_steps = time.perf_counter(), 0
+            # before the stop and the step's checkpoint: its metrics, still unsent, go in it
+            if evaluation is not None and evaluation.due(step, steps):
+                window_start += evaluation(step)  # not the training's throughput
             if self._stop_agreed(step, cfg):
                 return step
             if not self.rank0:

@@ -3,7 +3,7 @@ imports it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -66,6 +66,8 @@ class AutoencoderModel(ModelSection):
     disc_weight: float = Field(0.5, ge=0, le=100)  # 0: no discriminator at all
     disc_width: int = Field(64, ge=4, le=1024)
     disc_layers: int = Field(2, ge=1, le=5)
+
+    FINAL_METRICS: ClassVar[tuple[str, ...]] = ("holdout_psnr", "holdout_mse")
 
     def check_data(self, data: DataSpec) -> str | None:
         return levels_divide(data.image_size, self.channel_mult, "autoencoder", "data.image_size")

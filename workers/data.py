@@ -5,6 +5,7 @@ converts batch by batch on its device. A training job on pixels streams it inste
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any, Iterator
 
@@ -58,22 +59,45 @@ class StagedImages:
             self.counts.append(min(shard["count"], left))
             left -= self.counts[-1]
         self.shape = (channels, image_size, image_size)
+        self.total = sum(self.counts)  # the whole split's, also in a rank's `part`
 
     def __len__(self) -> int:
         return sum(self.counts)
 
+    def part(self, rank: int, world: int) -> "StagedImages":
+        """Rank `rank`'s shards of `world`: every world-th shard from the rank-th, so that the
+        ranks of a data-parallel job read disjoint shards."""
+        part = copy.copy(self)
+        part.keys, part.counts = self.keys[rank::world], self.counts[rank::world]
+        return part
+
     def labels(self) -> torch.Tensor | None:
-        """Every label (an object of its own, 8 bytes an image), or None."""
+        """Every label of the split (an object of its own, 8 bytes an image), or None."""
         if not self.index["labelled"]:
             return None
         labels = np.load(io.BytesIO(self.storage.get_bytes(f"{self.folder}/labels.npy")))
-        return torch.from_numpy(labels[:len(self)].astype(np.int64))
+        return torch.from_numpy(labels[:self.total].astype(np.int64))
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Shard `i` as stored (to its count under `limit`)."""
         x, y = read_arrays(self.storage, f"{self.folder}/{self.keys[i]}")
         n = self.counts[i]
         return x[:n], (y[:n] if y is not None else None)
+
+    def take(self, positions: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at `positions` (in staged order), in the order given: only the
+        shards that hold them are read, one at a time."""
+        positions = positions.long()
+        out = torch.empty((len(positions), *self.shape), dtype=torch.uint8)
+        start = 0
+        for i, count in enumerate(self.counts):
+            mine = ((positions >= start) & (positions < start + count)).nonzero().flatten()
+            if len(mine):
+                x, _ = as_tensors(*self.read(i), image_size=self.size[0], channels=self.size[1],
+                                  uint8=True)
+                out[mine] = x[positions[mine] - start]
+            start += count
+        return out
 
     def shards(self, uint8: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each shard's images (and labels), converted, in staged order."""
@@ -108,7 +132,22 @@ def augment(batch: torch.Tensor, cfg: dict[str, Any], gen: torch.Generator) -> t
     if cfg.get("hflip"):
         flip = torch.rand(len(batch), generator=gen, device=batch.device) < 0.5
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    if cfg.get("crop"):
+        batch = random_crop(batch, cfg["crop"], gen)
     return batch
+
+
+def random_crop(batch: torch.Tensor, min_area: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image's random square crop of a uniform fraction in [min_area, 1] of its area, at a
+    uniform position, resized back to the image's size: one bilinear resampling of the batch."""
+    n = len(batch)
+    u = torch.rand(n, 3, generator=gen, device=batch.device)
+    side = (min_area + (1 - min_area) * u[:, 0]).sqrt()  # of the image's side
+    theta = torch.zeros(n, 2, 3, device=batch.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = side
+    theta[:, :, 2] = (1 - side)[:, None] * (2 * u[:, 1:] - 1)  # the centre, crop inside
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:

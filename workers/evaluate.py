@@ -1,7 +1,8 @@
 """Evaluation jobs: every source (a trained model, or a sample job's outputs) scored the same
 way against the data set's held-out split, in the feature space of a classifier trained on the
-training split. The classifier is a cached artifact of the data set: trained by the first
-evaluation that needs it, then read by every later one.
+training split. The classifier is a cached artifact of the data set (workers/evaluation/
+features.py): trained by the first evaluation (or training job with `train.eval`) that needs it,
+then read by every later one.
 
 Outputs: `outputs/metrics.json` (the real-vs-real baseline, then one entry per source with its
 metrics, sampler settings and sampling time per image), and the same numbers on the MLflow run,
@@ -11,7 +12,6 @@ prefixed by the source's name.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import time
@@ -20,71 +20,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.checkpoints import (
-    NotFound,
-    load_checkpoint,
-    read_manifest,
-    resolve_checkpoint_uri,
-    save_checkpoint,
-)
+from orchestrator.checkpoints import NotFound, read_manifest, resolve_checkpoint_uri
 from orchestrator.datasets import heldout_key
 from orchestrator.spec import EvaluateSpec
 from orchestrator.storage import open_storage
 from workers.registry import worker_class
 from workers.base import JobError, Worker
-from workers.data import load_images
+from workers.data import StagedImages, load_images
+from workers.stream import staged_images
+from workers.evaluation import features
+from workers.evaluation.features import as_uint8
 from workers.evaluation.inception import InceptionUnavailable, inception_fid
 from workers.evaluation.metrics import score
-from workers.nn.classifier import Classifier, FeatureExtractor, accuracy, train_classifier
+from workers.nn.classifier import Classifier, FeatureExtractor, train_classifier
 from workers.nn.conditioning import class_labels
 
-CLASSIFIER_VERSION = 1  # bump when the classifier's architecture or training changes
-
-
-def as_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W), the form the metrics take."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+CLASSIFIER_VERSION = features.CLASSIFIER_VERSION  # (bump it there)
 
 
 class EvaluateWorker(Worker):
     family = "evaluate"
 
     # ---- the feature network ------------------------------------------------------------
-    def _classifier_prefix(self, cfg: dict[str, Any], data: dict[str, Any]) -> str:
-        ident = json.dumps({"classifier": cfg, "size": data["image_size"],
-                            "channels": data["channels"], "version": CLASSIFIER_VERSION},
-                           sort_keys=True)
-        folder = self.task.data_key.rsplit("/", 1)[0]
-        return f"{folder}/classifier/{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
-
-    def feature_network(self, x: torch.Tensor, y: torch.Tensor, hx: torch.Tensor,
+    def feature_network(self, images: StagedImages, y: torch.Tensor, hx: torch.Tensor,
                         hy: torch.Tensor) -> tuple[Classifier, float, bool]:
-        """The data set's classifier: (network, held-out accuracy, whether it came from cache)."""
-        cfg, data = self.job["evaluate"]["classifier"], self.job["data"]
-        num_classes = int(max(y.max(), hy.max())) + 1
-        net = Classifier(channels=x.shape[1], image_size=x.shape[-1], num_classes=num_classes,
-                         width=cfg["width"], features=cfg["features"]).to(self.device)
-        store = self.root.child(self._classifier_prefix(cfg, data))
-        try:
-            ckpt = load_checkpoint(store)
-            net.load_state_dict(ckpt.tensors)
-            return net.eval(), float(ckpt.meta["test_accuracy"]), True
-        except NotFound:
-            pass
-        self._progress.update(phase="training the feature network", step=0, total=cfg["steps"])
-
-        def on_step(step: int, loss: torch.Tensor) -> None:
-            self._progress["step"] = step
-            if step % 100 == 0 or step == cfg["steps"]:  # the loss leaves the device here only
-                self.log.log_metrics({"classifier_loss": float(loss)}, step)
-            self.check_stop()  # between two steps: a stopped job caches no classifier
-
-        train_classifier(net, x, y, cfg, on_step)
-        test_accuracy = accuracy(net, hx, hy)
-        save_checkpoint(store, cfg["steps"], tensors=net.state_dict(),
-                        meta={"test_accuracy": test_accuracy, "num_classes": num_classes,
-                              "trained_by": self.task.name, "config": cfg})
-        return net, test_accuracy, False
+        """The data set's classifier: (network, held-out accuracy, whether it came from cache),
+        shared with training jobs' `train.eval` (workers/evaluation/features.py). It trains on
+        the training split streamed from its shards, as a training job does."""
+        # `train_classifier` looked up here, when called: a test may replace it
+        return features.feature_network(self, self.job["evaluate"]["classifier"], images, y,
+                                        hx, hy, train=train_classifier)
 
     # ---- the images of one source -------------------------------------------------------
     def _sub_worker(self, family: str, uri: str, settings: dict[str, Any]) -> Worker:
@@ -152,8 +117,8 @@ class EvaluateWorker(Worker):
         cfg, data = self.job["evaluate"], self.job["data"]
         n = cfg["num_samples"]
         self._progress.update(phase="loading data")
-        x, y = load_images(self.root, self.task.data_key, image_size=data["image_size"],
-                           channels=data["channels"], limit=data.get("limit"))
+        images = staged_images(self.root, self.task.data_key, self.job)  # read shard by shard
+        y = images.labels()
         hx, hy = load_images(self.root, heldout_key(self.task.data_key),
                              image_size=data["image_size"], channels=data["channels"])
         if y is None or hy is None:
@@ -161,8 +126,8 @@ class EvaluateWorker(Worker):
         if len(hx) < n:
             raise JobError(f"evaluate.num_samples: {n} but the held-out split has {len(hx)} images")
         self.check_stop()
-        x, y, hx, hy = (t.to(self.device) for t in (x, y, hx, hy))
-        net, test_accuracy, cached = self.feature_network(x, y, hx, hy)
+        hx, hy = hx.to(self.device), hy.to(self.device)
+        net, test_accuracy, cached = self.feature_network(images, y, hx, hy)
         self.log.set_tags({"genforge.classifier_cache": "hit" if cached else "miss"})
         self.log.log_metrics({"classifier_test_accuracy": test_accuracy}, 0)
         extractor = FeatureExtractor(net)
@@ -170,9 +135,9 @@ class EvaluateWorker(Worker):
         # everything stays on the job's device: images, features and the metrics' states
         real = as_uint8(hx[:n])
         # real vs real at the same sample count: what a perfect model would score
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))[:n]
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["seed"]))[:n]
         self.check_stop()
-        baseline = self._score(extractor, real, as_uint8(x[pick.to(x.device)]))
+        baseline = self._score(extractor, real, images.take(pick).to(self.device))
         results: dict[str, Any] = {"num_samples": n, "classifier_test_accuracy": test_accuracy,
                                    "baseline": baseline, "sources": []}
         self.log.log_metrics({f"baseline.{k}": v for k, v in baseline.items()

@@ -4,10 +4,16 @@
 The order: epoch e visits the shards in a seeded permutation, `window` shards at a time, and
 the samples of each window in a seeded permutation of their own (a shuffle buffer of `window`
 shards). Every sample is seen once per epoch. The global batch of step s is positions
-[(s - 1) B, s B) of the endless sequence of epochs (B: the batch size, at most the data set);
-rank r of a data-parallel job takes the r-th part of it, so the ranks see disjoint samples. A
-job resumed at step s computes the same positions, hence exactly the batches it would have
+[(s - 1) B, s B) of the endless sequence of epochs (B: the batch size, at most the data set).
+A job resumed at step s computes the same positions, hence exactly the batches it would have
 seen.
+
+Rank r of a data-parallel job of W ranks reads only shards r, r + W, r + 2W, ... (the ranks read
+disjoint shards, and so see disjoint samples) and draws its part of each global batch, the r-th
+of B split W ways, from its own sequence of epochs over them, ordered by (seed, r, W, epoch).
+The order thus depends on the number of ranks, as with any sampler that splits data across
+ranks; a data set with fewer shards than ranks is read whole by every rank, which takes the
+r-th part of each global batch.
 
 The next window's shards are read on a background thread while the current one trains, so in
 steady state a step does not wait on storage; a window is resized and moved to the device when
@@ -32,8 +38,9 @@ WINDOW = 4  # shards shuffled together (of SHARD_BYTES each: ~128 MB of pixels p
 class EpochOrder:
     """Which sample (shard, row) is at each position of epoch `e`, window by window."""
 
-    def __init__(self, counts: list[int], seed: int, window: int = WINDOW):
-        self.counts, self.seed, self.window = counts, seed, window
+    def __init__(self, counts: list[int], seed: int | tuple[int, ...], window: int = WINDOW):
+        self.counts, self.window = counts, window
+        self.seed = list(seed) if isinstance(seed, tuple) else [seed]
         self.total = sum(counts)
         self._epoch: tuple[int, list[list[int]], list[int]] | None = None
         self._perm: tuple[tuple[int, int], np.ndarray] | None = None
@@ -48,7 +55,7 @@ class EpochOrder:
 
     def _layout(self, epoch: int) -> tuple[int, list[list[int]], list[int]]:
         if self._epoch is None or self._epoch[0] != epoch:  # one epoch at a time is asked
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
+            order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.counts))
             windows = [order[i:i + self.window].tolist() for i in range(0, len(order), self.window)]
             sizes = [sum(self.counts[s] for s in w) for w in windows]
             self._epoch = (epoch, windows, np.cumsum([0] + sizes[:-1]).tolist())
@@ -58,7 +65,7 @@ class EpochOrder:
         """The order of window `w`'s samples (indices into its shards' samples, concatenated)."""
         if self._perm is None or self._perm[0] != (epoch, w):
             size = sum(self.counts[s] for s in self.windows(epoch)[w])
-            self._perm = ((epoch, w), np.random.default_rng([self.seed, epoch, w]).permutation(size))
+            self._perm = ((epoch, w), np.random.default_rng([*self.seed, epoch, w]).permutation(size))
         return self._perm[1]
 
     def locate(self, position: int) -> tuple[int, int, int]:
@@ -75,9 +82,15 @@ class ShardStream:
 
     def __init__(self, images: StagedImages, *, batch_size: int, seed: int,
                  device: torch.device, rank: int = 0, world: int = 1, window: int = WINDOW):
+        batch_size = min(batch_size, len(images))
+        order_seed: int | tuple[int, ...] = seed
+        if world > 1 and len(images.keys) >= world:  # this rank's shards, its part of a batch
+            images, order_seed = images.part(rank, world), (seed, rank, world)
+            batch_size = len(np.array_split(np.arange(batch_size), world)[rank])
+            rank, world = 0, 1
         self.images = images
         self.shards = images.keys
-        self.order = EpochOrder(images.counts, seed, window)
+        self.order = EpochOrder(images.counts, order_seed, window)
         self.size = images.size
         self.device, self.rank, self.world = device, rank, world
         self.batch_size = min(batch_size, self.order.total)

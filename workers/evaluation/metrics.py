@@ -25,20 +25,46 @@ def _batches(x: Tensor):
         yield x[i:i + BATCH]
 
 
-def frechet_and_kid(extractor: FeatureExtractor, real: Tensor, fake: Tensor) -> dict[str, float]:
+class Reference:
+    """Real uint8 (N, C, H, W) images as the metrics hold them: FD's and KID's real states (and,
+    once asked, the features and class probabilities) computed once, for scoring any number
+    of sample sets against them (`score(extractor, reference, fake)`: a training job's
+    evaluations). On the images' device, as the metrics' states."""
+
+    def __init__(self, extractor: FeatureExtractor, real: Tensor):
+        self.extractor, self.images = extractor, real
+        # the metrics' states on the images' device (torchmetrics builds them on the CPU)
+        self.fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False
+                                            ).to(real.device)
+        self.kid = KernelInceptionDistance(feature=extractor, subsets=50, subset_size=2,
+                                           reset_real_features=False).to(real.device)
+        for metric in (self.fid, self.kid):
+            for part in _batches(real):
+                metric.update(part, real=True)
+        self._features: tuple[Tensor, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def features_and_probs(self) -> tuple[Tensor, Tensor]:
+        if self._features is None:
+            self._features = _features_and_probs(self.extractor, self.images)
+        return self._features
+
+
+def frechet_and_kid(extractor: FeatureExtractor, real: Tensor | Reference, fake: Tensor
+                    ) -> dict[str, float]:
     """FD and KID (mean, std over subsets) between uint8 (N, C, H, W) image sets."""
-    # the metrics' states on the images' device (torchmetrics builds them on the CPU)
-    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(real.device)
+    ref = real if isinstance(real, Reference) else Reference(extractor, real)
+    ref.fid.reset()  # the samples of an earlier scoring; the real side stays
+    ref.kid.reset()
     # subsets of half the images (at most 1000) vary, so KID's std means something
-    subset = max(2, min(len(real), len(fake), 2000) // 2)
-    kid = KernelInceptionDistance(feature=extractor, subsets=50, subset_size=subset).to(real.device)
-    for metric in (fid, kid):
-        for part in _batches(real):
-            metric.update(part, real=True)
+    ref.kid.subset_size = max(2, min(len(ref), len(fake), 2000) // 2)
+    for metric in (ref.fid, ref.kid):
         for part in _batches(fake):
             metric.update(part, real=False)
-    kid_mean, kid_std = kid.compute()
-    return {"fd": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    kid_mean, kid_std = ref.kid.compute()
+    return {"fd": float(ref.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
 def classifier_score(probs: Tensor) -> float:
@@ -93,14 +119,16 @@ def _features_and_probs(extractor: FeatureExtractor, images: Tensor) -> tuple[Te
     return feats, extractor.classifier.head(feats).softmax(1)
 
 
-def score(extractor: FeatureExtractor, real: Tensor, fake: Tensor, k: int = 3,
+def score(extractor: FeatureExtractor, real: Tensor | Reference, fake: Tensor, k: int = 3,
           labels: Tensor | None = None) -> dict[str, Any]:
-    """Every metric for uint8 (N, C, H, W) `fake` against `real`. The class histogram of the
-    samples is compared with the classifier's histogram of the real images, so that the
-    classifier's own mistakes cancel out. With the classes `labels` the samples were asked
-    for (a class-conditional model), also the fraction the classifier puts in that class."""
+    """Every metric for uint8 (N, C, H, W) `fake` against `real` (the images, or a `Reference`
+    of them). The class histogram of the samples is compared with the classifier's histogram
+    of the real images, so that the classifier's own mistakes cancel out. With the classes
+    `labels` the samples were asked for (a class-conditional model), also the fraction the
+    classifier puts in that class."""
     out: dict[str, Any] = frechet_and_kid(extractor, real, fake)
-    feats_real, probs_real = _features_and_probs(extractor, real)
+    feats_real, probs_real = (real.features_and_probs() if isinstance(real, Reference)
+                              else _features_and_probs(extractor, real))
     feats_fake, probs_fake = _features_and_probs(extractor, fake)
     out.update(precision_recall(feats_real, feats_fake, k))
     out["classifier_score"] = classifier_score(probs_fake)

@@ -53,22 +53,22 @@ class FeatureExtractor(nn.Module):
         return self.classifier.features(images.float() / 127.5 - 1.0)
 
 
-def train_classifier(net: Classifier, x: Tensor, y: Tensor, cfg: dict[str, Any],
+def train_classifier(net: Classifier, batches: Any, cfg: dict[str, Any],
                      on_step: Callable[[int, Tensor], None] | None = None) -> Classifier:
-    """`cfg["steps"]` Adam steps of cross-entropy on seeded random batches, with small random
-    shifts so that the classifier does not hinge on exact pixel positions. Nothing in a step
-    waits for the device: batch indices and shifts (Python ints for `torch.roll`) are drawn on
-    the host, and `on_step` gets the loss as a device tensor (read it at log steps only)."""
+    """`cfg["steps"]` Adam steps of cross-entropy on the batches `batches.batch(step, gen)`
+    gives (a data set's `ShardStream`, or one held in memory), with small random shifts so
+    that the classifier does not hinge on exact pixel positions. Nothing in a step waits for
+    the device: the shifts (Python ints for `torch.roll`) are drawn on the host, and `on_step`
+    gets the loss as a device tensor (read it at log steps only)."""
     gen = torch.Generator()
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     net.train()
     for step in range(1, cfg["steps"] + 1):
         gen.manual_seed(cfg["seed"] * 1_000_003 + step)
-        idx = torch.randint(len(x), (min(cfg["batch_size"], len(x)),), generator=gen)
+        x, y = batches.batch(step, gen)
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # pixels, as `forward` takes
         shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
-        idx = idx.to(x.device, non_blocking=True)
-        loss = F.cross_entropy(net(torch.roll(x[idx], shifts=shift, dims=(2, 3))),
-                               y[idx])
+        loss = F.cross_entropy(net(torch.roll(x, shifts=shift, dims=(2, 3))), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
