@@ -30,7 +30,9 @@ def tiny_sweep_spec() -> dict:
                    defaults={"data": {"dataset": "digits", "image_size": 16},
                              "resources": {"cpus": 1}})
     ddpm["model"].update(channels=8, timesteps=50)
-    ddpm["train"].update(steps=120, batch_size=32, warmup_steps=0, checkpoint_every=20,
+    # long enough after the pruner's first chance (step 40, once two trials have finished)
+    # that a stop lands before the job ends: the driver hears of a measurement within ~2 s
+    ddpm["train"].update(steps=200, batch_size=32, warmup_steps=0, checkpoint_every=40,
                          log_every=10)
     ddpm["train"]["ema_decay"] = 0.9
     ddpm["sweep"] = {**ddpm["sweep"], "method": "grid", "trials": None,
@@ -82,7 +84,7 @@ def test_a_sweep_survives_its_driver_and_hands_its_best_trial_on(tmp_path, local
     for t in trials:  # the objective was measured every 20 steps, until the trial ended
         steps = sorted(int(s) for s in t["intermediate"])
         assert steps[:2] == [20, 40] and all(b - a == 20 for a, b in zip(steps, steps[1:]))
-        assert (steps[-1] < 120) == (t["state"] == "pruned")
+        assert (steps[-1] < 200) == (t["state"] == "pruned")
     assert all(t["value"] > max(u["value"] for u in trials[:2]) for t in trials[2:])
 
     client = MlflowClient(local_stack.tracking_uri)
@@ -109,7 +111,7 @@ def test_a_sweep_survives_its_driver_and_hands_its_best_trial_on(tmp_path, local
     grid_run = next(r for r in runs if r.data.tags.get("genforge.job") == "grid")
     assert grid_run.info.status == "FINISHED"
     assert grid_run.data.tags["genforge.source_checkpoint"].endswith(
-        f"e2e-sweep/ddpm/{best['hash']}/checkpoints/step-000120")
+        f"e2e-sweep/ddpm/{best['hash']}/checkpoints/step-000200")
 
     ranked = genforge(["sweep", str(spec), "ddpm"], stack_env)
     assert ranked.returncode == 0, ranked.stderr
