@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -66,6 +68,7 @@ def run_trial(workdir: Path, raw: dict, rec, study: Study) -> tuple[dict, int, f
     worker = worker_class(job["family"]).for_task(task)(task)
     worker.log = MemoryLogger()
     out: dict = {}
+    torch.manual_seed(0)  # initial weights: the harness leaves them to torch's global generator
     thread = threading.Thread(target=lambda: out.update(worker.run()))
     thread.start()
     reported = 0
@@ -87,25 +90,25 @@ def arm(args: argparse.Namespace, early_stop: str, workdir: Path) -> dict:
     raw = spec(args, early_stop)
     started = time.perf_counter()
     study = Study(parse_spec(raw).jobs[0], open_storage(f"file://{workdir / early_stop}"))
-        total_steps, trials = 0, []
-        while study.can_ask():
-            rec = study.ask()
-            trial_started = time.perf_counter()
-            result, steps, eval_s = run_trial(workdir, raw, rec, study)
-            total_steps += steps
-            if "pruned" in result:
-                study.tell(rec, "pruned", reason=result["pruned"])
-            else:
-                fd = rec.intermediate.get(args.steps)
-                study.tell(rec, "complete", fd)
-            trials.append({"index": rec.index, "params": rec.params, "state": rec.state,
-                           "steps": steps, "fd": rec.value, "curve": rec.intermediate,
-                           "wall_s": time.perf_counter() - trial_started, "eval_s": eval_s,
-                           "loop_s": (result.get("timing") or {}).get("loop_s"),
-                           "evals": len(rec.intermediate)})
-            print(f"  [{early_stop}] trial {rec.index}: {rec.state} at step {steps}, "
-                  f"fd {rec.value}", file=sys.stderr)
-        best = study.best()
+    total_steps, trials = 0, []
+    while study.can_ask():
+        rec = study.ask()
+        trial_started = time.perf_counter()
+        result, steps, eval_s = run_trial(workdir, raw, rec, study)
+        total_steps += steps
+        if "pruned" in result:
+            study.tell(rec, "pruned", reason=result["pruned"])
+        else:
+            fd = rec.intermediate.get(args.steps)
+            study.tell(rec, "complete", fd)
+        trials.append({"index": rec.index, "params": rec.params, "state": rec.state,
+                       "steps": steps, "fd": rec.value, "curve": rec.intermediate,
+                       "wall_s": time.perf_counter() - trial_started, "eval_s": eval_s,
+                       "loop_s": (result.get("timing") or {}).get("loop_s"),
+                       "evals": len(rec.intermediate)})
+        print(f"  [{early_stop}] trial {rec.index}: {rec.state} at step {steps}, "
+              f"fd {rec.value}", file=sys.stderr)
+    best = study.best()
     return {"early_stop": early_stop, "total_steps": total_steps,
             "wall_s": time.perf_counter() - started, "best_fd": best.value if best else None,
             "best_trial": best.index if best else None, "trials": trials}
