@@ -76,8 +76,9 @@ class Sweeper:
                 study.tell(rec, "failed", reason=state.error)
             elif state.status == "running" and state.prune is None:
                 for step, values in state.progress.get("evals") or []:
+                    known = len(rec.intermediate)  # the progress lists every eval so far
                     reason = study.report(rec, int(step), float(values[self.metric]))
-                    changed = True
+                    changed = changed or len(rec.intermediate) > known
                     if reason:
                         self.driver.prune(state, reason)
                         break
