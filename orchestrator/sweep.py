@@ -157,10 +157,10 @@ class Study:
             self.records.append(rec)
             if rec.ended:
                 params = {p: _choice(v) for p, v in rec.params.items() if p in self.space}
-                complete = rec.state == "complete" and rec.value is not None
+                # (`tell` records a complete trial only with its objective)
                 self.study.add_trial(create_trial(
-                    state=states[rec.state] if complete or rec.state != "complete" else TrialState.FAIL,
-                    value=rec.value if complete else None,
+                    state=states[rec.state],
+                    value=rec.value if rec.state == "complete" else None,
                     params=params, distributions={p: self.space[p] for p in params},
                     intermediate_values=rec.intermediate))
             else:
