@@ -1,4 +1,5 @@
-"""genforge: up | down | env | validate | run | submit | jobs | logs | cancel | compare | data."""
+"""genforge: up | down | env | validate | run | submit | jobs | logs | cancel | compare | sweep |
+data | register | sample."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from orchestrator import signals, stack
 from orchestrator.spec import SpecError, load_spec
@@ -86,7 +88,7 @@ def _resolved_offline(plan):
     def checkpoint(uri: str):
         if settings is None:
             raise RuntimeError("no storage configured")
-        return resolve_checkpoint(uri, creds)
+        return resolve_checkpoint(uri, creds, settings.tracking_uri)
 
     inputs = resolve_inputs(plan.spec, key, checkpoint)
     plan = build_plan(plan.spec, inputs)
@@ -374,6 +376,69 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_services() -> tuple[str, Any]:
+    """The tracking server of the model registry commands, and the storage's credentials: the
+    services' settings (environment, else the stack) or, on a machine that only samples
+    registered models, MLFLOW_TRACKING_URI alone (with the AWS_* variables, if any)."""
+    from orchestrator import settings as settings_mod
+    from orchestrator.storage import S3Credentials
+
+    settings = settings_mod.resolve()
+    if settings is not None:
+        return settings.tracking_uri, settings.s3
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], S3Credentials.from_env()
+    raise CliExit(EXIT_INVALID, "no tracking server configured; set MLFLOW_TRACKING_URI (and the "
+                                "AWS_* variables of the storage), or run 'genforge up'")
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """A finished job's model (its run, or a checkpoint URI) as a new registered model version."""
+    from orchestrator import models
+
+    tracking, s3 = _registry_services()
+    try:
+        if "://" in args.source or args.source.startswith("/"):  # a checkpoint URI or path
+            uri, run_id, metrics = args.source, None, None
+        else:
+            (uri, metrics), run_id = models.run_source(args.source, tracking), args.source
+        made = models.register(tracking, uri, args.name, alias=args.alias, run_id=run_id, s3=s3,
+                               metrics=metrics)
+    except models.ModelError as exc:
+        raise CliExit(EXIT_INVALID, str(exc)) from None
+    named = f"@{args.alias}" if args.alias else f"/{made.version}"
+    print(f"models:/{args.name}{named}: version {made.version} of '{args.name}', from "
+          f"{made.tags[models.TAG + 'checkpoint']}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """A grid of a registered model's images, made on this machine."""
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator import models
+    from workers import images as imageio
+
+    tracking, _ = _registry_services()
+    request = {"num_images": args.n, "seed": args.seed, "steps": args.steps,
+               "label": args.label, "guidance": args.guidance}
+    try:
+        model, found = models.load(args.model, tracking)
+        made = model.predict({k: v for k, v in request.items() if v is not None})
+    except models.ModelError as exc:
+        raise CliExit(EXIT_INVALID, str(exc)) from None
+    except MlflowException as exc:  # a setting the model cannot take
+        raise CliExit(EXIT_INVALID, f"{args.model}: {exc.message.strip().splitlines()[0][:300]}"
+                      ) from None
+    images = np.stack([m["image"] for m in made])
+    picture = imageio.grid(images, scale=imageio.display_scale(images.shape[1]))
+    Path(args.out).write_bytes(imageio.png_bytes(picture))
+    print(f"{args.out}: {len(images)} images of {args.model} (version {found.version}), "
+          f"seed {args.seed}")
+    return 0
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: `args.func` runs the command."""
     parser = argparse.ArgumentParser(prog="genforge", description=__doc__)
@@ -439,6 +504,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     q = data.add_parser("rm", help="remove a staged data set (refused while a job reads it)")
     q.add_argument("digest", help="its digest, or the start of it, as 'data ls' shows")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("register", help="register a finished job's model in the MLflow Model "
+                                         "Registry, as a new version")
+    p.add_argument("source", metavar="RUN-OR-CHECKPOINT",
+                   help="a training or distillation job's MLflow run id, or a checkpoint URI")
+    p.add_argument("name", help="the registered model")
+    p.add_argument("--alias", help="point this alias of the model at the new version")
+    p.set_defaults(func=cmd_register)
+    p = sub.add_parser("sample", help="a PNG grid of a registered model's images, made here")
+    p.add_argument("model", metavar="models:/NAME@ALIAS", help="or models:/NAME/VERSION")
+    p.add_argument("--n", type=int, default=16, help="images (default 16)")
+    p.add_argument("--out", default="grid.png", help="the PNG file (default grid.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    p.add_argument("--label", type=int, help="the class of every image (class-conditional "
+                                             "models; default: the classes in turn)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.set_defaults(func=cmd_sample)
 
     args = parser.parse_args(argv)
     if args.command == "run" and args.spec is None:

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from mlflow.exceptions import MlflowException
 from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError,
                             RayActorError, RayTaskError)
 from tqdm import tqdm
 
-from orchestrator import admission, datasets, lease, signals
+from orchestrator import admission, datasets, lease, signals, usage
 from orchestrator.actor import JobActor
 from orchestrator.sweep import split_label
 from orchestrator.sweeping import Sweeper, sweep_uri
@@ -42,11 +43,11 @@ from orchestrator.plan import (Plan, PlannedJob, build_plan, check_uri_reference
 from orchestrator.progress import Progress
 from orchestrator.runs import RESULT, JobRuns, job_prefix, run_params
 from orchestrator.settings import ServiceError, Settings
-from orchestrator.spec import SpecError, model_needs_labels
+from orchestrator.spec import SpecError, metric_mode, model_needs_labels
 from orchestrator.storage import NotFound, Storage, StorageError, open_storage
 from orchestrator.submit import SUBMISSION_ENV
 from orchestrator.task import Task, WorkersLost
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import Tracker, system_metrics_interval
 
 STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
@@ -80,7 +81,8 @@ class JobState:
     ref: Any = None
     restarts: int = 0
     retries: int = 0
-    started: float = 0.0
+    started: float = 0.0  # when its running attempt was launched (0.0: none is running)
+    held_s: float = 0.0  # its ended attempts' wall time, launch to end (see orchestrator/usage.py)
     alive: bool = False  # its actor answered: it has its resources (else it is queued)
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -109,6 +111,8 @@ class Driver:
         self.experiment = plan.spec.experiment
         self.root = open_storage(settings.storage, settings.s3)
         self.tracker = Tracker(settings.tracking_uri)
+        self.system_metrics_s = system_metrics_interval()  # handed to every job
+        self.registry_errors: list[str] = []  # `register:` or `promote:` the registry refused
         self.runs = JobRuns(self.tracker, self.root, self.experiment, self._is_forced, echo)
         self.progress = Progress(self.tracker)
         self.jobs = {p.name: JobState(p) for p in plan.jobs}
@@ -146,7 +150,7 @@ class Driver:
                 raise ServiceError(f"storage {self.settings.storage}: {exc}") from None
 
         inputs = resolve_inputs(spec, stage, functools.lru_cache(maxsize=None)(
-            lambda uri: resolve_checkpoint(uri, self.settings.s3)))
+            lambda uri: resolve_checkpoint(uri, self.settings.s3, self.settings.tracking_uri)))
         self.plan = build_plan(spec, inputs)
         check_uri_references(self.plan)
         self._check_data()
@@ -237,6 +241,42 @@ class Driver:
     def _cache_hit(self, state: JobState, result: dict[str, Any], how: str = "cached") -> None:
         state.status, state.result = "cached", result
         self.echo(f"job '{state.name}': {how} ({state.planned.hash})")
+        self._publish_model(state)
+
+    def _publish_model(self, state: JobState) -> None:
+        """`register:` and `promote:` of a job that has finished (or was cached), before its
+        dependents start (an evaluation promotes what its sources registered). A registry that
+        refuses leaves the job's result as it is; the pipeline ends failed, saying why."""
+        job, run = state.planned.job, self.runs[state.name]
+        if job.register_ is None and job.promote is None:
+            return
+        from orchestrator import models  # MLflow's model logging: only for the jobs that use it
+
+        try:
+            if job.register_ is not None:
+                spec = job.register_
+                version, new = models.register_job(
+                    self.settings.tracking_uri, spec.name, spec.alias, state.planned.hash,
+                    state.result, run.id, self.settings.s3)
+                line = (f"{'registered' if new else 'already registered as'} {spec.name} "
+                        f"version {version.version}" + (f" (@{spec.alias})" if spec.alias else ""))
+                tags = {"genforge.registered": f"{spec.name}/{version.version}"}
+            else:
+                spec = job.promote
+                scored = [(self._uri(state.planned, source["ref"]), source["metrics"][spec.metric])
+                          for source in state.result["metrics"]["sources"]
+                          if isinstance(source["metrics"].get(spec.metric), float)]
+                line = models.promote(self.settings.tracking_uri, spec.name, spec.alias,
+                                      spec.metric, metric_mode(spec.metric, spec.mode), scored,
+                                      run.id)
+                tags = {"genforge.promote": line}
+        except (models.ModelError, MlflowException) as exc:
+            line = f"{'register' if job.register_ else 'promote'}: {str(exc).splitlines()[0]}"
+            self.registry_errors.append(f"job '{state.name}': {line}")
+            tags = {"genforge.registry_error": line}
+        self.echo(f"job '{state.name}': {line}")
+        if run.id:
+            self.runs.tag(state.name, tags)
 
     def _clear(self, state: JobState) -> None:
         """A forced job starts afresh: what an earlier run left under its prefix goes, its
@@ -364,6 +404,7 @@ class Driver:
             code_version=p.code, sources=tuple(self._uri(p, ref) for ref in p.job.sources),
             data_key=p.data_key, refs={field: self._uri(p, ref) for field, ref in p.job.references},
             attempt=run.attempt, launched=time.time(), s3=self.settings.s3,
+            system_metrics_s=self.system_metrics_s,
         )
         if actor is None:
             r = p.job.resources
@@ -412,6 +453,11 @@ class Driver:
         """Record the job's end; its actor is killed, or kept idle for the next job of the same
         resources (`keep_actor`)."""
         state.status, state.error = status, error
+        self._attempt_ended(state)
+        if state.held_s:
+            self.runs.metrics(state.name, self._hours(state))
+        if status == "finished":
+            self._publish_model(state)
         self.runs.finish(state.planned, status, error)
         if state.actor is not None:
             if keep_actor:
@@ -432,7 +478,26 @@ class Driver:
                     self.jobs[name].status = "skipped"
                     self.jobs[name].error = f"upstream job '{state.name}' failed"
 
+    def _attempt_ended(self, state: JobState) -> None:
+        """The attempt that has just ended (its actor returned, failed or was stopped) adds
+        its wall time to the job's, once."""
+        if state.started:
+            state.held_s += time.monotonic() - state.started
+            state.started = 0.0
+
+    @staticmethod
+    def _hours(state: JobState) -> dict[str, float]:
+        return usage.job_hours(state.planned.job.resources.model_dump(), state.held_s)
+
+    def _log_hours(self) -> None:
+        """The pipeline's run, as it ends: the device and CPU hours its jobs held, by family
+        and kind and in all."""
+        self.tracker.log_metrics(self.runs.parent, usage.pipeline_hours(
+            (s.planned.job.family or s.planned.job.kind, s.planned.job.kind, self._hours(s))
+            for s in self.jobs.values() if s.held_s))
+
     def _collect(self, state: JobState) -> None:
+        self._attempt_ended(state)
         try:
             result = ray.get(state.ref)
         except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
@@ -569,9 +634,12 @@ class Driver:
         # a trial that failed is its sweep's business: the sweep fails if none finished
         failed = [s for s in self.jobs.values()
                   if s.status in ("failed", "skipped", "killed") and s.trial is None]
+        for line in self.registry_errors:
+            self.echo(line)
+        self._log_hours()
         self.tracker.finish(self.runs.parent, "FAILED" if failed else "FINISHED")
         self._report()
-        return 1 if failed else 0
+        return 1 if failed or self.registry_errors else 0
 
     @property
     def driver_tags(self) -> dict[str, str]:
@@ -618,6 +686,7 @@ class Driver:
         self.runs.drain()
         if self.runs.parent is not None:
             self._publish_progress()
+            self._log_hours()
             self.tracker.finish(self.runs.parent, "KILLED")
         return signals.exit_code(exc)
 

@@ -23,28 +23,35 @@ from workers.registry import worker_class
 
 def tasks(workdir: Path, spec: dict[str, Any], only: list[str] | None = None,
           s3: S3Credentials | None = None,
-          open_run: Callable[[Any], tuple[str, str | None]] | None = None) -> Iterator[Task]:
+          open_run: Callable[[Any], tuple[str, str | None]] | None = None,
+          tracking_uri: str | None = None) -> Iterator[Task]:
     """The task of every job (or those in `only`, whose upstream jobs must have run in the
     same `workdir`), in plan order, each made once the one before it has run. `open_run(job)`
-    gives a planned job's (tracking URI, run id); without it a task has no run."""
+    gives a planned job's (tracking URI, run id); without it a task has no run.
+    `tracking_uri`'s registry resolves models:/ references."""
     parsed = parse_spec(spec, source=str(workdir / "spec.yaml"))
     root_uri = f"file://{workdir / 'store'}"
     root = open_storage(root_uri)
     plan = build_plan(parsed, resolve_inputs(
         parsed, lambda job: stage(job.data, root, base=workdir),
-        lambda uri: resolve_checkpoint(uri, s3)))
+        lambda uri: resolve_checkpoint(uri, s3, tracking_uri)))
     check_uri_references(plan)  # a checkpoint URI that cannot be read or does not fit
     prefix = {p.name: f"{plan.spec.experiment}/{p.name}/{p.hash}" for p in plan.jobs}
     for p in plan.jobs:
         if only is not None and p.name not in only:
             continue
         tracking, run_id = open_run(p) if open_run else ("", None)
+        if run_id is not None:  # only when asked: a monitor's end waits on a run lookup,
+            from orchestrator.tracking import system_metrics_interval  # seconds on sqlite
+
+            sampling = system_metrics_interval(default=0.0)
         uris = [(f, p.checkpoints[ref] if is_uri(ref) else root.uri(prefix[ref]))
                 for f, ref in p.job.references]
         yield Task(job=p.job.resolved(), job_hash=p.hash, experiment=plan.spec.experiment,
                    storage_root=root_uri, prefix=prefix[p.name], tracking_uri=tracking,
                    run_id=run_id, code_version=p.code, sources=tuple(uri for _, uri in uris),
-                   data_key=p.data_key, refs=dict(uris), s3=s3)
+                   data_key=p.data_key, refs=dict(uris), s3=s3,
+                   system_metrics_s=sampling if run_id is not None else 0.0)
 
 
 def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None,
@@ -66,7 +73,7 @@ def run_jobs(workdir: Path, spec: dict[str, Any], only: list[str] | None = None,
             "genforge.family": p.job.family or "-"}).info.run_id
 
     results: dict[str, Any] = {"_runs": {}}
-    for task in tasks(workdir, spec, only, s3, open_run):
+    for task in tasks(workdir, spec, only, s3, open_run, tracking):
         results[task.name] = worker_class(task.family or task.kind).for_task(task)(task).run()
         client.set_terminated(task.run_id, "FINISHED")
         results["_runs"][task.name] = task.run_id

@@ -37,8 +37,11 @@ PRODUCES_CHECKPOINT = frozenset({"train", "distill"})
 DATA_READ_FIELDS = ("image_size", "channels", "limit", "augment")
 
 
+MODELS = "models:/"  # a registered model version: models:/NAME@ALIAS or models:/NAME/VERSION
+
+
 def is_uri(ref: str) -> bool:
-    return "://" in ref
+    return "://" in ref or ref.startswith(MODELS)
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,20 @@ class ResolvedCheckpoint:
     meta: dict[str, Any]
 
 
-def resolve_checkpoint(uri: str, credentials=None) -> ResolvedCheckpoint:
-    """The exact checkpoint `uri` names now (a job prefix: its newest complete one); raises
-    StorageError (NotFound, CheckpointError) when there is none."""
+def resolve_checkpoint(uri: str, credentials=None, tracking_uri: str | None = None
+                       ) -> ResolvedCheckpoint:
+    """The exact checkpoint `uri` names now (a job prefix: its newest complete one; a
+    registered model version, through `tracking_uri`'s registry: the checkpoint it was
+    registered from); raises StorageError (NotFound, CheckpointError) or ModelError when there
+    is none."""
     from orchestrator.checkpoints import checkpoint_name, read_manifest, resolve_checkpoint_uri
 
+    if uri.startswith(MODELS):
+        from orchestrator.models import ModelError, resolve_model_uri
+
+        if not tracking_uri:
+            raise ModelError(f"{uri}: no MLflow tracking server to find it in")
+        uri, _ = resolve_model_uri(uri, tracking_uri)
     storage, name = resolve_checkpoint_uri(uri, credentials)
     manifest = read_manifest(storage, name)  # its step is checked against its folder's name
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
@@ -171,7 +183,7 @@ def job_hash(job: Job, upstream: dict[str, str], code: str, data_key: str | None
     change the result; its data by staged content key; the hashes (or resolved checkpoint
     digests) of what it reads; the digest of its code."""
     resolved = job.resolved()
-    for key in ("name", "resources"):
+    for key in ("name", "resources", "register", "promote"):
         resolved.pop(key, None)
     for section, keys in UNHASHED_FIELDS.items():
         for key in keys:
@@ -331,9 +343,9 @@ def build_plan(spec: Spec, inputs: PlanInputs | None = None) -> Plan:
         deps[job.name] = []
         for field_name, ref in job.references:
             if is_uri(ref):
-                if not ref.startswith(("s3://", "file://")):
-                    errors.append(f"{src}: job '{job.name}': {field_name}: "
-                                  f"unsupported URI scheme in {ref!r} (use s3:// or file://)")
+                if not ref.startswith(("s3://", "file://", MODELS)):
+                    errors.append(f"{src}: job '{job.name}': {field_name}: unsupported URI "
+                                  f"scheme in {ref!r} (use s3://, file:// or models:/)")
                 continue
             base, trial = split_label(ref)
             upstream = names.get(base)

@@ -144,12 +144,17 @@ class TrainEval(Strict):
     against the first `num_samples` held-out images in the feature space of the data set's
     evaluation classifier (the one evaluate jobs use, trained by whichever job needs it
     first), logging `fd` and `kid` at that step; `metric` names the one that is the
-    objective (a sweep's). Training is unchanged: the job trains the same weights."""
+    objective (a sweep's). Training is unchanged: the job trains the same weights.
+
+    `metric` may instead be any metric the training logs (`loss`, `psnr`, `images_per_s`,
+    ...; the family's `TRAIN_METRICS` and `LOGGED_ALWAYS`): then nothing is sampled, and the
+    measurement at each of those steps is the metric's mean over the log steps since the last
+    one (`every` a multiple of `train.log_every`)."""
 
     every: int = Field(500, ge=1)
     # KID's subsets are half the samples: with fewer than 10 its estimate means little
     num_samples: int = Field(500, ge=10, le=1_000_000)
-    metric: Literal["fd", "kid"] = "fd"
+    metric: str = Field("fd", min_length=1, max_length=100)
     # sampler steps (diffusion, flow); None: the family's default, at most TRAIN_EVAL_STEPS
     # (DDIM 50 -> 20, Euler 50 -> 20; a distilled model's own steps are fewer still)
     steps: int | None = Field(None, ge=1, le=100_000)
@@ -179,10 +184,23 @@ class TrainSpec(Strict):
     eval: TrainEval | None = None  # None: no evaluation while training
 
     def eval_problem(self, family_name: str, model: ModelSection) -> str | None:
-        """`eval` asked of a model that does not make images from noise (a first stage)."""
+        """`eval` of a metric the family does not log, or of sample quality asked of a model
+        that does not make images from noise (a first stage)."""
         from workers.config import AutoencoderModel  # the first stages' section
 
-        if self.eval is None or not isinstance(model, AutoencoderModel):
+        if self.eval is None:
+            return None
+        metric = self.eval.metric
+        if metric not in EVAL_METRICS:
+            logged = model.logged_metrics()
+            if metric not in logged:
+                return (f"train.eval.metric: family '{family_name}' never logs '{metric}' "
+                        f"during training (it can be: {', '.join([*EVAL_METRICS, *logged])})")
+            if self.eval.every % self.log_every:
+                return (f"train.eval.every: {self.eval.every} is not a multiple of "
+                        f"train.log_every ({self.log_every}): '{metric}' is read at log steps")
+            return None
+        if not isinstance(model, AutoencoderModel):
             return None
         stage = f" with model.stage '{model.stage}'" if "stage" in type(model).model_fields else ""
         return (f"train.eval: family '{family_name}'{stage} trains a first-stage autoencoder, "
@@ -294,7 +312,7 @@ class Upstream:
 
     @property
     def label(self) -> str:
-        return f"job '{self.ref}'" if "://" not in self.ref else self.ref
+        return f"job '{self.ref}'" if ":" not in self.ref else self.ref
 
 
 class ModelSection(Strict):
@@ -317,6 +335,12 @@ class ModelSection(Strict):
     TRAINS_ON: ClassVar[str] = "pixels"
     # metrics the family measures when training ends (a sweep's objective may be one)
     FINAL_METRICS: ClassVar[tuple[str, ...]] = ()
+    # what the family's training step returns, logged every `train.log_every` steps (with
+    # LOGGED_ALWAYS): what `train.eval.metric`, and so a sweep's objective, may also be
+    TRAIN_METRICS: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def logged_metrics(self) -> tuple[str, ...]:
+        return (*self.TRAIN_METRICS, *LOGGED_ALWAYS)
 
     def check_data(self, data: DataSpec) -> str | None:
         """A problem of this model with that data, found before anything runs."""
@@ -367,13 +391,42 @@ def model_needs_labels(job: Job, jobs: dict[str, Job]) -> bool:
 
 # The sections each kind reads; `defaults` fill only these, a job may set only these.
 KIND_SECTIONS: dict[str, frozenset[str]] = {
-    "train": frozenset({"model", "data", "train", "sweep"}),
+    "train": frozenset({"model", "data", "train", "sweep", "register"}),
     "sample": frozenset({"sample", "from"}),
-    "distill": frozenset({"teacher", "distill", "data", "train"}),
-    "evaluate": frozenset({"from", "data", "evaluate"}),
+    "distill": frozenset({"teacher", "distill", "data", "train", "register"}),
+    "evaluate": frozenset({"from", "data", "evaluate", "promote"}),
 }
 OPTIONAL_SECTIONS = frozenset({"model", "data", "train", "sample", "from", "teacher", "distill",
-                               "evaluate", "sweep"})
+                               "evaluate", "sweep", "register", "promote"})
+# MLflow's registered model names and aliases (an alias is no version: not `latest`, not v3)
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$"
+ALIAS = r"^[A-Za-z0-9_-]{1,255}$"
+
+
+def _alias(value: str | None) -> str | None:
+    if value is not None and re.fullmatch(r"latest|[vV][0-9]+", value):
+        raise ValueError(f"'{value}' names a version in MLflow, not an alias")
+    return value
+
+
+class RegisterSpec(Strict):
+    """`register:` on a train or distill job: once it finishes, its checkpoint becomes a new
+    version of this MLflow registered model (a pyfunc that samples), `alias` moved to it."""
+
+    name: str = Field(pattern=MODEL_NAME)
+    alias: str | None = Field(None, pattern=ALIAS)
+    _check_alias = field_validator("alias")(_alias)
+
+
+class PromoteSpec(Strict):
+    """`promote:` on an evaluate job: of its sources that are versions of the registered model
+    `name`, the best by `metric` takes `alias` if it beats the version holding it now."""
+
+    name: str = Field(pattern=MODEL_NAME)
+    alias: str = Field("champion", pattern=ALIAS)
+    metric: str = "fd"
+    _check_alias = field_validator("alias")(_alias)
+    mode: Literal["min", "max"] | None = None  # None: as a sweep's objective (fd: min)
 
 
 _Int = int  # (a field below is called `int`)
@@ -412,17 +465,23 @@ class ParamRange(Strict):
 class Objective(Strict):
     # fd or kid: measured during training (`train.eval`) on `num_samples` samples every
     # `every` steps (default: train.eval's, else an eighth of the steps), which early stopping
-    # reads; or a metric the family measures when training ends (e.g. holdout_psnr)
+    # reads; or any metric the training logs (loss, psnr, images_per_s...: its mean over those
+    # steps); or a metric the family measures when training ends (e.g. holdout_psnr)
     metric: str = "fd"
-    mode: Literal["min", "max"] | None = None  # None: max for psnr and accuracy, else min
+    # None: max for psnr, accuracy, usage and throughput (*_per_s), else min
+    mode: Literal["min", "max"] | None = None
     every: int | None = Field(None, ge=1)
     num_samples: int | None = Field(None, ge=10, le=100_000)  # None: train.eval's, else 500
 
 
 class EarlyStop(Strict):
-    # Optuna's pruners: median (its default: a trial whose objective at a step is worse than
-    # the median of the other trials' at that step stops), hyperband, or none
-    method: Literal["median", "hyperband", "none"] = "median"
+    # Optuna's pruners: asha (successive halving, the default: at steps min_steps, 3x, 9x, ...
+    # only the best third of the trials measured there go on); median (Optuna's default: a
+    # trial whose objective at a step is worse than the median of the other trials' at that
+    # step stops); hyperband (asha over several min_steps at once); or none. bench/sweep.py,
+    # 16 TPE trials: asha trained 40% of the steps of every trial to full length, median 43%,
+    # hyperband more; see README.
+    method: Literal["asha", "median", "hyperband", "none"] = "asha"
     min_steps: int | None = Field(None, ge=1)  # no trial stops before; None: objective.every
 
 
@@ -479,6 +538,9 @@ class Job(Strict):
     distill: dict[str, Any] | None = None
     evaluate: EvaluateSpec | None = None
     sweep: SweepSpec | None = None
+    # not hashed: what is trained is the same (`register` is a method of pydantic's models)
+    register_: RegisterSpec | None = Field(None, alias="register")
+    promote: PromoteSpec | None = None  # not hashed: what is scored is the same
     resources: Resources = Resources()
 
     @property
@@ -732,15 +794,23 @@ def _parse_job(raw: dict[str, Any], defaults: Defaults) -> tuple[Job | None, lis
     return (None, problems) if problems else (job, [])
 
 
-EVAL_METRICS = ("fd", "kid")  # what `train.eval` measures during training
+EVAL_METRICS = ("fd", "kid")  # what `train.eval` measures during training from samples
+LOGGED_ALWAYS = ("lr", "steps_per_s", "images_per_s")  # logged by every training job
 SWEEPABLE = ("train", "model", "data")  # the sections a sweep's params may set
 
 
+def metric_mode(metric: str, mode: str | None = None) -> str:
+    """min or max: `mode` if given, else max for a metric that grows with quality or speed
+    (psnr, accuracy, precision, recall, codebook usage, *_per_s), min for the rest (fd, kid,
+    losses)."""
+    if mode is not None:
+        return mode
+    grows = ("psnr", "accuracy", "precision", "recall", "_per_s", "usage")
+    return "max" if any(k in metric for k in grows) else "min"
+
+
 def objective_mode(objective: Objective) -> str:
-    """min or max: as given, else max for a metric that grows with quality (psnr, accuracy)."""
-    if objective.mode is not None:
-        return objective.mode
-    return "max" if any(k in objective.metric for k in ("psnr", "accuracy")) else "min"
+    return metric_mode(objective.metric, objective.mode)
 
 
 def trial_job(job: Job, params: dict[str, Any]) -> Job:
@@ -750,6 +820,7 @@ def trial_job(job: Job, params: dict[str, Any]) -> Job:
     raw = job.resolved()
     sweep = job.sweep
     raw.pop("sweep", None)
+    raw.pop("register", None)  # the sweep registers its best trial
     for path, value in params.items():
         node = raw
         *parents, leaf = path.split(".")
@@ -758,18 +829,27 @@ def trial_job(job: Job, params: dict[str, Any]) -> Job:
             if not isinstance(node, dict):
                 raise SpecError([f"{path}: {key} is not a section"])
         node[leaf] = value
-    if sweep is not None and sweep.objective.metric in EVAL_METRICS:
+    if sweep is not None and measured_in_training(job, sweep.objective.metric):
         train = raw.setdefault("train", {})
         own = train.get("eval") or {}
         objective = sweep.objective
+        every = max(1, train.get("steps", 1000) // 8)
+        if objective.metric not in EVAL_METRICS:  # read at log steps
+            log_every = train.get("log_every") or TrainSpec.model_fields["log_every"].default
+            every = max(log_every, every // log_every * log_every)
         train["eval"] = {**own, "metric": objective.metric,
-                         "every": objective.every or own.get("every")
-                         or max(1, train.get("steps", 1000) // 8),
+                         "every": objective.every or own.get("every") or every,
                          "num_samples": objective.num_samples or own.get("num_samples") or 500}
     trial, problems = _parse_job(raw, Defaults())
     if problems or trial is None:
         raise SpecError(problems)
     return trial
+
+
+def measured_in_training(job: Job, metric: str) -> bool:
+    """Whether a train job can measure `metric` as it trains (`train.eval`): sample quality, or
+    a metric its family logs."""
+    return metric in EVAL_METRICS or metric in job.section().logged_metrics()
 
 
 def _check_sweep(job: Job) -> list[str]:
@@ -809,21 +889,22 @@ def _check_sweep(job: Job) -> list[str]:
                     problems.append(f"{where}: value {_shown(value)} makes an invalid job: {line}")
                 break
     metric = sweep.objective.metric
-    if metric in EVAL_METRICS:
+    if measured_in_training(job, metric):
         try:
             trial_job(job, {})
         except SpecError as exc:
             problems.append(f"sweep.objective.metric: {metric} is measured during training, "
                             f"which this job cannot: {exc.lines[0]}")
     else:
-        measured = job.section().FINAL_METRICS
-        if metric not in measured:
+        final = job.section().FINAL_METRICS
+        if metric not in final:
+            every = [*EVAL_METRICS, *job.section().logged_metrics(), *final]
             problems.append(f"sweep.objective.metric: family '{job.family}' never logs "
-                            f"'{metric}' (it can be: {', '.join([*EVAL_METRICS, *measured])})")
+                            f"'{metric}' (it can be: {', '.join(every)})")
         elif sweep.early_stop.method != "none":
             problems.append(f"sweep.early_stop.method: stopping early needs an objective "
-                            f"measured during training ({' or '.join(EVAL_METRICS)}), not "
-                            f"'{metric}'; use early_stop: {{method: none}}")
+                            f"measured during training, not '{metric}' (measured when "
+                            f"training ends); use early_stop: {{method: none}}")
     return problems
 
 

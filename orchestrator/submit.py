@@ -20,6 +20,7 @@ Runs it had no time for are marked KILLED by `cancel` itself.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 import uuid
@@ -33,6 +34,7 @@ from orchestrator.plan import Plan
 from orchestrator.settings import Settings
 from orchestrator.spec import KIND_SECTIONS, OPTIONAL_SECTIONS
 from orchestrator.storage import open_storage
+from orchestrator.tracking import SYSTEM_METRICS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 METADATA_KEY = "genforge"
@@ -81,7 +83,8 @@ def service_env(settings: Settings, credentials: bool) -> dict[str, str]:
     """The settings the driver needs; the S3 key pair only with `credentials`."""
     s3 = settings.s3
     env = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "GENFORGE_STORAGE": settings.storage,
-           "AWS_ENDPOINT_URL": s3.endpoint_url}
+           "AWS_ENDPOINT_URL": s3.endpoint_url,
+           SYSTEM_METRICS_ENV: os.environ.get(SYSTEM_METRICS_ENV)}
     if credentials:
         env.update(AWS_ACCESS_KEY_ID=s3.access_key_id, AWS_SECRET_ACCESS_KEY=s3.secret_access_key)
     return {k: v for k, v in env.items() if v}

@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator.spec import EVAL_METRICS, Job, ParamRange, SweepSpec, objective_mode, trial_job
+from orchestrator.spec import Job, ParamRange, SweepSpec, objective_mode, trial_job
 from orchestrator.storage import NotFound, Storage
 
 JOURNAL = "study.json"
@@ -38,6 +38,7 @@ class TrialRecord:
     intermediate: dict[int, float] = field(default_factory=dict)  # step -> objective
     reason: str | None = None  # why it was stopped or failed
     checkpoint: str | None = None
+    steps: int | None = None  # the steps it trained
 
     @property
     def ended(self) -> bool:
@@ -128,6 +129,8 @@ class Study:
         first = stop.min_steps or self.every or 1
         if stop.method == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=first - 1)
+        if stop.method == "asha":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
         if stop.method == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=first,
                                                   max_resource=self.job.train.steps)
@@ -136,9 +139,8 @@ class Study:
     @property
     def every(self) -> int | None:
         """The steps between measurements of the objective (None: measured at the end)."""
-        if self.sweep.objective.metric not in EVAL_METRICS:
-            return None
-        return trial_job(self.job, {}).train.eval.every
+        trial = trial_job(self.job, {}).train.eval
+        return trial.every if trial is not None else None
 
     # ---- the journal ------------------------------------------------------------------------
     def _replay(self) -> None:
@@ -209,7 +211,8 @@ class Study:
         return None
 
     def tell(self, rec: TrialRecord, state: str, value: float | None = None,
-             reason: str | None = None, checkpoint: str | None = None) -> None:
+             reason: str | None = None, checkpoint: str | None = None,
+             steps: int | None = None) -> None:
         """A trial's end: complete (with its objective), pruned or failed."""
         from optuna.trial import TrialState
 
@@ -219,6 +222,7 @@ class Study:
         if state == "complete" and (value is None or not math.isfinite(value)):
             state, reason = "failed", reason or "no objective was measured"
         rec.state, rec.value, rec.reason, rec.checkpoint = state, value, reason, checkpoint
+        rec.steps = steps
         if state == "pruned" and rec.intermediate:
             rec.value = rec.intermediate[max(rec.intermediate)]
         optuna_state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
@@ -257,7 +261,7 @@ def objective_of(result: dict[str, Any], metric: str) -> float | None:
     """A finished trial's objective from its result: the last in-training measurement, or the
     metric it measured when training ended."""
     evals = result.get("evals") or []
-    if metric in EVAL_METRICS and evals:
+    if evals and metric in evals[-1][1]:
         return float(evals[-1][1][metric])
     value = (result.get("metrics") or {}).get(metric)
     return float(value) if value is not None else None
@@ -292,7 +296,7 @@ def render(study: Study) -> str:
     head = ["rank", "trial", *paths, metric, "steps", "state"]
     rows = []
     for rank, rec in enumerate(study.ranked(), 1):
-        steps = max(rec.intermediate) if rec.intermediate else "-"
+        steps = rec.steps or (max(rec.intermediate) if rec.intermediate else "-")
         value = f"{rec.value:.4g}" if rec.value is not None else "-"
         state = rec.state + (f" ({rec.reason})" if rec.reason and rec.state == "failed" else "")
         rows.append([str(rank), trial_label(study.job.name, rec.index),
@@ -302,6 +306,11 @@ def render(study: Study) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     lines.insert(0, f"sweep '{study.job.name}': {study.sweep.method}, {len(study.records)} of "
                     f"{study.total} trials, {metric} ({study.mode}imised)")
+    trained = sum(r.steps or 0 for r in study.records)
+    if trained:
+        full = sum(study.job.train.steps for r in study.records if r.steps)
+        lines.append(f"steps trained: {trained} of {full} ({trained / full:.0%}) for trials to "
+                     f"full length")
     importance = study.importance()
     if importance:
         lines.append("importance: " + ", ".join(f"{p} {v:.2f}" for p, v in importance.items()))

@@ -68,10 +68,12 @@ class Sweeper:
                 for step, values in state.result.get("evals") or []:
                     rec.intermediate.setdefault(int(step), float(values[self.metric]))
                 study.tell(rec, "complete", objective_of(state.result, self.metric),
-                           checkpoint=state.result.get("checkpoint"))
+                           checkpoint=state.result.get("checkpoint"),
+                           steps=state.result.get("step"))
             elif state.status == "pruned":
                 study.tell(rec, "pruned", reason=state.error,
-                           checkpoint=state.result.get("checkpoint"))
+                           checkpoint=state.result.get("checkpoint"),
+                           steps=state.result.get("step"))
             elif state.status in ("failed", "skipped", "killed"):
                 study.tell(rec, "failed", reason=state.error)
             elif state.status == "running" and state.prune is None:

@@ -32,6 +32,7 @@ class Task:
     artifact_uri: str | None = None  # the run's artifact root, as MLflow gave it
     params: dict[str, str] = field(default_factory=dict)  # the run's params, left to the worker
     s3: S3Credentials | None = field(default=None, repr=False)
+    system_metrics_s: float = 0.0  # MLflow's sampling of the machine into the run; 0: none
 
     @property
     def name(self) -> str:

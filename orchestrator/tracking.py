@@ -1,17 +1,20 @@
 """MLflow tracking: the driver creates experiments and runs; workers log to an explicit run id.
 
 Workers log through `RunLogger`, which buffers metrics and sends them with `log_batch` from a
-background thread, so the training loop never waits on the tracking server.
+background thread, so the training loop never waits on the tracking server; `system_metrics`
+adds MLflow's own CPU, memory and GPU sampling to a job's run.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import queue
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from mlflow.entities import Metric, Param, RunInfo, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
@@ -21,10 +24,17 @@ from mlflow.tracking import MlflowClient
 # MLflow prints a "View run" URL to stdout whenever a run ends; the driver prints its own summary.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
+log = logging.getLogger(__name__)
+
 TAG_PREFIX = "genforge."
 BATCH_LIMIT = 1000  # MLflow's limit of values (metrics, params and tags) per log_batch
 PARAM_LIMIT = 100  # ...and of params, and of tags
 JOB_TRIES = 3  # tries of an image or tag upload before it is dropped
+# MLflow 3's UI opens an experiment by this tag: its GenAI view (traces, prompts) for
+# "genai_development", the training view (runs, metric charts) for "custom_model_development";
+# an experiment without it is guessed from what it holds (traces, runs; none yet: no kind).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+SYSTEM_METRICS_ENV = "GENFORGE_SYSTEM_METRICS_INTERVAL"
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -59,15 +69,20 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
 
     def experiment_id(self, name: str) -> str:
+        """The experiment `name`, made (or restored) if need be, tagged to open in MLflow's
+        model-training view; an experiment made before genforge tagged them is tagged now, one
+        whose kind a user chose keeps it."""
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException:  # created concurrently by another driver
-            return self.client.get_experiment_by_name(name).experiment_id
+        if found is None:
+            try:
+                return self.client.create_experiment(name, tags={KIND_TAG: KIND})
+            except MlflowException:  # created concurrently by another driver
+                found = self.client.get_experiment_by_name(name)
+        if found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        if KIND_TAG not in found.tags:
+            self.client.set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
+        return found.experiment_id
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str],
                   params: dict[str, str] | None = None, parent_id: str | None = None) -> RunInfo:
@@ -332,3 +347,56 @@ class RunLogger:
         self._thread.join(timeout=180)
         if self._error is not None:
             raise RuntimeError(f"logging to MLflow failed: {self._error}") from self._error
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def system_metrics_interval(environ: Mapping[str, str] | None = None,
+                            default: float = 10.0) -> float:
+    """The seconds between samples of the machine in a job's run: GENFORGE_SYSTEM_METRICS_INTERVAL
+    as the driver sees it (default 10; 0 turns them off). The driver hands it to each job."""
+    raw = (os.environ if environ is None else environ).get(SYSTEM_METRICS_ENV)
+    if not raw:
+        return default
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        _warn_once(f"{SYSTEM_METRICS_ENV}={raw!r} is not a number of seconds: system metrics "
+                   f"are sampled every {default:g} s")
+        return default
+
+
+def system_metrics(tracking_uri: str, run_id: str, interval: float, *,
+                   resume: bool = False) -> Any:
+    """MLflow's system metrics for a job's run, sampled in the worker's process every
+    `interval` seconds, started; its `finish()` stops it and sends what it sampled. None when
+    they are off (`interval` 0), or cannot be had: watching the machine never fails a job.
+
+    MLflow's `SystemMetricsMonitor` logs `system/cpu_utilization_percentage`,
+    `system/system_memory_usage_megabytes` and the like: of the node, not of the job alone.
+    GPUs are sampled through NVML when nvidia-ml-py is installed (the `gpu` extra): e.g.
+    `system/gpu_0_utilization_percentage`. Without psutil there are none (one warning).
+    MLflow's own MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, if set, overrides the interval.
+
+    The monitor is given the run's tracking URI: it would otherwise log to MLflow's
+    process-wide default. It looks the run up once an interval and ends by itself once the
+    run is no longer RUNNING or the server cannot be reached. A `resume`d attempt continues
+    the steps of the run's system metrics rather than logging from step 0 again."""
+    if interval <= 0:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as exc:  # psutil (MLflow's CPU and memory sampling needs it)
+        _warn_once(f"no system metrics in MLflow: {exc} (pip install psutil)")
+        return None
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval,
+                                       resume_logging=resume, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # noqa: BLE001
+        log.warning("no system metrics for run %s: %s: %s", run_id, type(exc).__name__, exc)
+        return None

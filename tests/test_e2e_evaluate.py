@@ -44,6 +44,16 @@ def test_evaluate_and_compare(tmp_path, local_stack, stack_env, s3_client):
     assert {"baseline.fd", "dcgan.fd", "ddpm.kid", "ddpm.s_per_image",
             "classifier_test_accuracy"} <= set(runs["score"].data.metrics)
 
+    # both registered, and the one with the lower FD is the champion
+    scores = {s["ref"]: s["metrics"]["fd"] for s in results["sources"]}
+    best = min(scores, key=scores.get)
+    champion = client.get_model_version_by_alias("fashion-generator", "champion")
+    assert champion.tags["genforge.job"] == best
+    assert runs["score"].data.tags["genforge.promote"].startswith(
+        f"fashion-generator@champion: version {champion.version} (fd ")
+    assert {runs[j].data.tags["genforge.registered"] for j in ("dcgan", "ddpm")} == {
+        "fashion-generator/1", "fashion-generator/2"}
+
     table = genforge(["compare", "e2e-evaluate", "--plot", str(tmp_path / "q.png")], stack_env)
     assert table.returncode == 0, table.stderr[-3000:]
     lines = table.stdout.strip().splitlines()

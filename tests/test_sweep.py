@@ -69,7 +69,11 @@ def test_a_trial_is_the_job_with_its_params_measuring_the_objective():
      "s.yaml: job 'ddpm': sweep.params.train.lr: a grid takes a list of values, not a range"),
     ({**SWEEP, "objective": {"metric": "precision"}},
      "s.yaml: job 'ddpm': sweep.objective.metric: family 'ddpm' never logs 'precision' (it can "
-     "be: fd, kid)"),
+     "be: fd, kid, loss, lr, steps_per_s, images_per_s)"),
+    ({**SWEEP, "objective": {"metric": "loss", "every": 15}},
+     "s.yaml: job 'ddpm': sweep.objective.metric: loss is measured during training, which this "
+     "job cannot: train.eval.every: 15 is not a multiple of train.log_every (10): 'loss' is "
+     "read at log steps"),
     ({**SWEEP, "params": {"train.lr": {"log_uniform": [0, 1e-3]}}},
      "s.yaml: job 'ddpm': sweep.params: train.lr: log_uniform: a log range must be positive "
      "(got [0.0, 0.001])"),
@@ -88,7 +92,8 @@ def test_a_first_stage_sweep_scores_what_it_measures_at_the_end(tmp_path):
                     "objective": {"metric": "holdout_psnr"}}}
     assert lines(spec(vq)) == [
         "s.yaml: job 'vq': sweep.early_stop.method: stopping early needs an objective measured "
-        "during training (fd or kid), not 'holdout_psnr'; use early_stop: {method: none}"]
+        "during training, not 'holdout_psnr' (measured when training ends); use early_stop: "
+        "{method: none}"]
     vq["sweep"]["early_stop"] = {"method": "none"}
     job = parse_spec(spec(vq), "s.yaml").jobs[0]
     study = Study(job, open_storage(f"file://{tmp_path}"))
@@ -135,7 +140,8 @@ def fd_of(params: dict) -> float:
 
 
 def test_the_median_pruner_stops_trials_worse_than_the_others_at_the_same_step(tmp_path):
-    job = parse_spec(spec(swept({**SWEEP, "trials": 12, "parallel": 1})), "s.yaml").jobs[0]
+    sweep = {**SWEEP, "trials": 12, "parallel": 1, "early_stop": {"method": "median"}}
+    job = parse_spec(spec(swept(sweep)), "s.yaml").jobs[0]
     study = Study(job, open_storage(f"file://{tmp_path}"))
     stopped = []
     while study.can_ask():
@@ -157,6 +163,33 @@ def test_the_median_pruner_stops_trials_worse_than_the_others_at_the_same_step(t
     assert all(r.value >= best.value for r in study.records if r.state == "pruned")
     ranked = study.ranked()
     assert ranked[0] is best and [r.state for r in ranked][-len(stopped):] == ["pruned"] * len(stopped)
+
+
+def test_asha_lets_only_the_best_third_at_each_rung_go_on(tmp_path):
+    """Successive halving at min_steps 10: rungs at 10 and 30; a trial goes past a rung only if
+    it is among the best third of the trials measured there so far (the first always is)."""
+    sweep = {**SWEEP, "trials": 12, "parallel": 1}  # asha: the default
+    job = parse_spec(spec(swept(sweep)), "s.yaml").jobs[0]
+    study = Study(job, open_storage(f"file://{tmp_path}"))
+    at_rung: list[float] = []
+    while study.can_ask():
+        rec = study.ask()
+        for step in range(10, 41, 10):
+            value = fd_of(rec.params) * (1 + 1.0 / step)
+            reason = study.report(rec, step, value)
+            if step == 10:
+                at_rung.append(value)
+                best_third = sorted(at_rung)[:max(1, len(at_rung) // 3)]
+                assert (reason is None) == (value <= best_third[-1]), (rec.index, at_rung)
+            if reason:
+                assert step in (10, 30) and reason.startswith("stopped early (asha) at step")
+                study.tell(rec, "pruned", reason=reason, steps=step)
+                break
+        else:
+            study.tell(rec, "complete", value, steps=40)
+    assert study.records[0].state == "complete"
+    stopped = [r for r in study.records if r.state == "pruned"]
+    assert len(stopped) >= 6 and all(r.steps == max(r.intermediate) for r in stopped)
 
 
 def test_a_study_resumes_from_its_journal_after_its_driver_died(tmp_path):
@@ -188,11 +221,38 @@ def test_a_study_resumes_from_its_journal_after_its_driver_died(tmp_path):
                                                       if r.state == "complete")
 
 
+def test_a_logged_metric_is_an_objective_read_at_log_steps(tmp_path):
+    """Any metric the training logs: the trial measures its mean every `every` steps (a
+    multiple of log_every; by default an eighth of the steps rounded down to one), and it
+    grows or shrinks as its name says."""
+    sweep = {**SWEEP, "objective": {"metric": "loss"}}
+    job = parse_spec(spec(swept(sweep, steps=400)), "s.yaml").jobs[0]
+    trial = trial_job(job, {"train.lr": 1e-3})
+    assert trial.train.eval.metric == "loss" and trial.train.eval.every == 50
+    assert Study(job, open_storage(f"file://{tmp_path}/a")).every == 50
+    fast = {**SWEEP, "objective": {"metric": "images_per_s"}}
+    job = parse_spec(spec(swept(fast, steps=100, log_every=4)), "s.yaml").jobs[0]
+    assert trial_job(job, {}).train.eval.every == 12
+    assert Study(job, open_storage(f"file://{tmp_path}/b")).mode == "max"
+    gan = {"name": "gan", "kind": "train", "family": "gan", "data": {"dataset": "digits", "image_size": 8},
+           "train": {"steps": 20}, "sweep": {**SWEEP, "objective": {"metric": "loss"}}}
+    assert lines(spec(gan)) == [
+        "s.yaml: job 'gan': sweep.objective.metric: family 'gan' never logs 'loss' (it can be: "
+        "fd, kid, loss_d, loss_g, d_real, d_fake, lr, steps_per_s, images_per_s)"]
+    vq = {"name": "vq", "kind": "train", "family": "vqgan", "data": {"dataset": "digits", "image_size": 8},
+          "model": {"channels": 8, "channel_mult": [1, 2]}, "train": {"steps": 40},
+          "sweep": {**SWEEP, "objective": {"metric": "psnr"}, "early_stop": {"method": "asha"}}}
+    job = parse_spec(spec(vq), "s.yaml").jobs[0]  # a first stage may stop early on what it logs
+    assert trial_job(job, {}).train.eval.metric == "psnr"
+    assert Study(job, open_storage(f"file://{tmp_path}/c")).mode == "max"
+
+
 def test_a_trials_objective_comes_from_its_result():
     result = {"evals": [[10, {"fd": 40.0, "kid": 0.1}], [20, {"fd": 25.0, "kid": 0.05}]],
               "metrics": {"holdout_psnr": 21.5}}
     assert objective_of(result, "fd") == 25.0 and objective_of(result, "kid") == 0.05
     assert objective_of(result, "holdout_psnr") == 21.5 and objective_of({}, "fd") is None
+    assert objective_of({"evals": [[50, {"loss": 0.25}]]}, "loss") == 0.25
 
 
 def test_a_trial_has_the_hash_of_the_same_job_run_without_a_sweep():
@@ -219,14 +279,16 @@ def test_the_trials_ranked_and_drawn(tmp_path):
     for value in values:
         rec = study.ask()
         study.report(rec, 10, value * 2)
-        study.tell(rec, "complete", value)
+        study.tell(rec, "complete", value, steps=40)
     rec = study.ask()
     study.report(rec, 10, 200.0)
-    study.tell(rec, "pruned", reason="stopped early")
+    study.tell(rec, "pruned", reason="stopped early", steps=12)
     table = render(study).splitlines()
     assert table[0] == "sweep 'ddpm': random, 4 of 4 trials, fd (minimised)"
     assert table[1].split() == ["rank", "trial", "train.lr", "train.ema_decay", "fd", "steps", "state"]
     assert [row.split()[1] for row in table[2:6]] == ["ddpm[1]", "ddpm[0]", "ddpm[2]", "ddpm[3]"]
-    assert table[2].split()[-3:] == ["20", "10", "complete"] and table[5].split()[-1] == "pruned"
+    assert table[2].split()[-3:] == ["20", "40", "complete"] and table[5].split()[-3:] == [
+        "200", "12", "pruned"]
+    assert table[6] == "steps trained: 132 of 160 (82%) for trials to full length"
     plot(study, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"

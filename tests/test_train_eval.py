@@ -165,6 +165,48 @@ def test_a_job_trains_the_same_weights_with_evaluations_as_without(tmp_path, fam
     assert losses(evaluated) == losses(unevaluated) and len(losses(evaluated)) == 6
 
 
+@pytest.mark.parametrize("family", ["ddpm", "gan"])
+def test_initial_weights_come_from_the_train_seed_not_the_process(tmp_path, family):
+    """Two trials of a sweep start alike in whatever processes they run; another seed differs."""
+    def weights(name: str, seed: int, draws: int):
+        torch.rand(draws)  # what the process drew before the job
+        _, result = run_worker(tmp_path / name, spec(job(family, 1, lr=1e-12, seed=seed)))
+        return load(result).tensors
+
+    a, b, c = weights("a", 3, 1), weights("b", 3, 1000), weights("c", 4, 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_logged_metric_is_measured_as_its_mean_since_the_last_measurement(tmp_path):
+    worker, result = run_worker(tmp_path, spec(job("ddpm", 7, {"every": 2, "metric": "loss"})))
+    logged = {step: m["loss"] for _, step, m in worker.log.metrics if "loss" in m}
+    assert sorted(logged) == list(range(1, 8))
+    windows = {2: [1, 2], 4: [3, 4], 6: [5, 6], 7: [7]}
+    assert result["evals"] == worker.progress()["evals"]
+    assert [step for step, _ in result["evals"]] == [2, 4, 6, 7]
+    for step, values in result["evals"]:
+        want = sum(logged[s] for s in windows[step]) / len(windows[step])
+        assert values == {"loss": pytest.approx(want)}
+    assert not any("fd" in m for _, _, m in worker.log.metrics)  # nothing was sampled
+    assert "genforge.classifier_cache" not in worker.log.tags
+
+
+def test_a_logged_metric_the_model_never_logs_is_one_line(tmp_path):
+    vq = {"name": "vq", "kind": "train", "family": "vqgan", "model": {"channels": 8, "channel_mult": [1]},
+          "train": {"steps": 4, "batch_size": 8, "log_every": 1, "eval": {"every": 2, "metric": "d_loss"}}}
+    with pytest.raises(JobError, match=r"^train.eval.metric: this job logs no 'd_loss' \(it logs: "
+                                       r"bottleneck_loss, codebook_usage, images_per_s, loss, lr, "):
+        run_worker(tmp_path, spec(vq))  # its discriminator joins at step 1000
+    bad = dict(vq, train={**vq["train"], "eval": {"every": 2, "metric": "fid"}})
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec(bad), "s.yaml")
+    assert err.value.lines == [
+        "s.yaml: job 'vq': train.eval.metric: family 'vqgan' never logs 'fid' during training (it "
+        "can be: fd, kid, loss, rec_l1, mse, psnr, bottleneck_loss, perplexity, codebook_usage, kl, "
+        "latent_std, g_loss, d_loss, lr, steps_per_s, images_per_s)"]
+
+
 class Resumable(MemoryLogger):
     """A run's metrics across attempts, answering `last_logged_step` as MLflow would."""
 

@@ -50,6 +50,7 @@ from orchestrator.checkpoints import (
     resolve_checkpoint_uri,
     write_checkpoint,
 )
+from orchestrator.spec import EVAL_METRICS
 from orchestrator.storage import open_storage
 from orchestrator.task import Task
 from workers import images as imageio
@@ -316,6 +317,22 @@ class Worker:
             raise Stopped
 
     def run(self) -> dict[str, Any]:
+        """The job, its run given MLflow's sampling of the machine (CPU, memory, GPUs) while
+        it runs: see `orchestrator.tracking.system_metrics` (GENFORGE_SYSTEM_METRICS_INTERVAL).
+        Rank 0 of a data-parallel job samples its own node."""
+        monitor = None
+        if self.rank0 and self.task.run_id and self.task.system_metrics_s:
+            from orchestrator.tracking import system_metrics
+
+            monitor = system_metrics(self.task.tracking_uri, self.task.run_id,
+                                     self.task.system_metrics_s, resume=self.task.attempt > 1)
+        try:
+            return self._run_and_close_log()
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
+    def _run_and_close_log(self) -> dict[str, Any]:
         try:
             result = self._run_kind()
         except Stopped:  # stopped outside training: nothing saved, no result.json
@@ -457,8 +474,15 @@ class Worker:
 
     # ---- training and distillation --------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        return self._fit(lambda: self.build(self.model_cfg, self.image_shape), self.train_step,
-                         self.final_metrics)
+        return self._fit(self._build_seeded, self.train_step, self.final_metrics)
+
+    def _build_seeded(self) -> None:
+        """The model, its initial weights drawn from `train.seed`: the same in every process
+        that builds it (a sweep's trials start alike), whatever the process drew before."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.job["train"]["seed"])
+            self.build(self.model_cfg, self.image_shape)
 
     def distill(self) -> dict[str, Any]:
         return self._fit(self._load_teacher, self.distill_step, self._compare_with_teacher)
@@ -510,7 +534,11 @@ class Worker:
         self.image_shape = images.shape
         labels = images.labels()
         self._evaluation = None  # `train.eval`: rank 0's, its classifier and real features ready
-        if cfg.get("eval") and self.rank0:
+        if cfg.get("eval") and self.rank0 and cfg["eval"]["metric"] not in EVAL_METRICS:
+            from workers.evaluation.training import LoggedMean
+
+            self._evaluation = LoggedMean(self, cfg["eval"])
+        elif cfg.get("eval") and self.rank0:
             from workers.evaluation.training import TrainingEval  # torchmetrics: a second to import
 
             try:
@@ -594,6 +622,8 @@ class Worker:
         finally:
             writer.close()
         timing = {"started_unix": started, "loop_s": loop_s, "steps_run": step - start}
+        if self._evaluation is not None:  # `train.eval`'s share of loop_s
+            timing["eval_s"] = self._evaluation.seconds
         if not self.rank0:
             return {"status": "finished" if step == self.total_steps else "stopped", "step": step}
         # `train.eval`'s [step, {"fd": ..., "kid": ...}], for whoever reads the result
@@ -669,6 +699,8 @@ class Worker:
                     values["tokens_per_s"] = values["images_per_s"] * self.tokens_per_item
                 if step > self._logged_until:
                     self.log.log_metrics(values, step)
+                if evaluation is not None:
+                    evaluation.observe(values)
                 self._progress["loss"] = values.get("loss", next(iter(values.values())))
                 window_start, window_steps = time.perf_counter(), 0
             # before the stop and the step's checkpoint: its metrics, still unsent, go in it

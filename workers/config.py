@@ -68,6 +68,11 @@ class AutoencoderModel(ModelSection):
     disc_layers: int = Field(2, ge=1, le=5)
 
     FINAL_METRICS: ClassVar[tuple[str, ...]] = ("holdout_psnr", "holdout_mse")
+    # on the training batches; the code statistics are the VQ bottleneck's, kl and latent_std
+    # the KL one's, g_loss and d_loss the discriminator's once it joins
+    TRAIN_METRICS: ClassVar[tuple[str, ...]] = (
+        "loss", "rec_l1", "mse", "psnr", "bottleneck_loss", "perplexity", "codebook_usage",
+        "kl", "latent_std", "g_loss", "d_loss")
 
     def check_data(self, data: DataSpec) -> str | None:
         return levels_divide(data.image_size, self.channel_mult, "autoencoder", "data.image_size")

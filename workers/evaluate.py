@@ -157,7 +157,8 @@ class EvaluateWorker(Worker):
                                f"evaluation data is {tuple(real.shape[1:])}")
             self.check_stop()
             metrics = self._score(extractor, real, images, labels)
-            label = (ref if "://" not in ref else f"source{refs.index(ref)}") + "".join(
+            # a URI (s3://, models:/) is no metric name: its place in `from` is
+            label = (ref if ":" not in ref else f"source{refs.index(ref)}") + "".join(
                 f".{key}-{value}" for key, value in swept.items())
             self.log.log_metrics({f"{label}.{k}": v for k, v in
                                   {**metrics, "s_per_image": info["s_per_image"]}.items()

@@ -30,6 +30,7 @@ class ARModel(ModelSection):
     DISTILL: ClassVar[type[Strict] | None] = KDDistill
     STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers", "heads", "dropout")
     SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers")
+    TRAIN_METRICS: ClassVar[tuple[str, ...]] = ("loss", "perplexity", "tokens_per_s")
 
     TRAINS_ON: ClassVar[str] = "its tokenizer's codes"
 

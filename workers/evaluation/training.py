@@ -15,6 +15,9 @@ and draws everything else (KID's subsets) from torch's global generator inside a
 so that a job trains the same weights with `train.eval` as without; the family's sampling
 counters are put back and the modules back in train mode. The real images' features are
 computed once per job; everything stays on the job's device.
+
+With `metric` a metric the training logs (`LoggedMean`), nothing is sampled: the measurement at
+those steps is the mean of the values logged since the last one, in `evals` the same way.
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ class TrainingEval:
     def due(self, step: int, total: int) -> bool:
         return step % self.cfg["every"] == 0 or step == total
 
+    def observe(self, values: dict[str, float]) -> None:
+        """A log step's values: sample quality needs none of them."""
+
     def sample_settings(self) -> dict[str, Any]:
         """The sampler settings of this evaluation: the family's defaults for a sampling job,
         with at most TRAIN_EVAL_STEPS steps unless `train.eval.steps` says (resolved each time:
@@ -135,3 +141,37 @@ class TrainingEval:
         if step > self.logged_until:
             worker.log.log_metrics({**values, "eval_s": self.seconds}, step)
         return seconds
+
+
+class LoggedMean:
+    """`train.eval` of a metric the training logs: at its steps, the mean of the values logged
+    since the last one, appended to the job's `evals` as sample quality is. It costs nothing:
+    the values are the ones logged anyway."""
+
+    def __init__(self, worker: Any, cfg: dict[str, Any]):
+        self.worker, self.cfg, self.metric = worker, cfg, cfg["metric"]
+        self.seconds = 0.0
+        self.window: list[float] = []
+        self.logged: set[str] = set()
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.cfg["every"] == 0 or step == total
+
+    def observe(self, values: dict[str, float]) -> None:
+        self.logged.update(values)
+        if self.metric in values:
+            self.window.append(values[self.metric])
+
+    def __call__(self, step: int) -> float:
+        from workers.base import JobError  # (workers.base imports this module)
+
+        if not self.window:
+            if self.metric not in self.logged:  # a family's metric that this model has not
+                raise JobError(f"train.eval.metric: this job logs no '{self.metric}' (it "
+                               f"logs: {', '.join(sorted(self.logged))})")
+            return 0.0
+        values = {self.metric: sum(self.window) / len(self.window)}
+        self.window = []
+        worker = self.worker
+        worker._progress["evals"] = [*worker._progress.get("evals", []), [step, values]]
+        return 0.0

@@ -26,6 +26,7 @@ class GANModel(ModelSection):
     DISTILL: ClassVar[type[Strict] | None] = RegressDistill
     STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("g_width",)
     SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("g_width",)
+    TRAIN_METRICS: ClassVar[tuple[str, ...]] = ("loss_d", "loss_g", "d_real", "d_fake")
 
     z_dim: int = Field(64, ge=1, le=4096)
     g_width: int = Field(64, ge=4, le=2048)  # channels of the generator's last hidden layer
