@@ -138,12 +138,23 @@ UNHASHED_FIELDS = {"train": frozenset({"keep_checkpoints", "compile", "eval"}),
 TRAIN_EVAL_STEPS = 20
 
 
+class ClassifierSpec(Strict):
+    """The feature network of evaluation, trained once per data set and configuration."""
+
+    steps: int = Field(1500, ge=1, le=1_000_000)
+    batch_size: int = Field(128, ge=1, le=65536)
+    lr: float = Field(1e-3, gt=0, le=10)
+    width: int = Field(32, ge=4, le=1024)
+    features: int = Field(128, ge=8, le=4096)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
 class TrainEval(Strict):
     """`train.eval`: the sample quality of the model as it trains. At steps `every`, 2 `every`,
     ... and the last, rank 0 samples `num_samples` images from its EMA model and scores them
     against the first `num_samples` held-out images in the feature space of the data set's
-    evaluation classifier (the one evaluate jobs use, trained by whichever job needs it
-    first), logging `fd` and `kid` at that step; `metric` names the one that is the
+    evaluation classifier (by default the one evaluate jobs use; `classifier` names another;
+    trained by whichever job needs it first), logging `fd` and `kid` at that step; `metric` names the one that is the
     objective (a sweep's). Training is unchanged: the job trains the same weights.
 
     `metric` may instead be any metric the training logs (`loss`, `psnr`, `images_per_s`,
@@ -158,6 +169,9 @@ class TrainEval(Strict):
     # sampler steps (diffusion, flow); None: the family's default, at most TRAIN_EVAL_STEPS
     # (DDIM 50 -> 20, Euler 50 -> 20; a distilled model's own steps are fewer still)
     steps: int | None = Field(None, ge=1, le=100_000)
+    # the feature network; None: an evaluate job's default `evaluate.classifier` (1500 steps),
+    # so that both share one cached classifier. A smaller one is quicker to train on a CPU.
+    classifier: ClassifierSpec | None = None
 
 
 class TrainSpec(Strict):
@@ -231,17 +245,6 @@ class SampleSpec(Strict):
     batch_size: int = Field(256, ge=1, le=65536)
     use_ema: bool = True
     compile: bool = False  # torch.compile the sampling network, as train.compile
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-
-
-class ClassifierSpec(Strict):
-    """The feature network of evaluation, trained once per data set and configuration."""
-
-    steps: int = Field(1500, ge=1, le=1_000_000)
-    batch_size: int = Field(128, ge=1, le=65536)
-    lr: float = Field(1e-3, gt=0, le=10)
-    width: int = Field(32, ge=4, le=1024)
-    features: int = Field(128, ge=8, le=4096)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

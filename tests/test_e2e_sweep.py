@@ -35,6 +35,9 @@ def tiny_sweep_spec() -> dict:
     ddpm["train"].update(steps=200, batch_size=32, warmup_steps=0, checkpoint_every=40,
                          log_every=10)
     ddpm["train"]["ema_decay"] = 0.9
+    # a small feature network: the default one trains for minutes on a CPU, in both trials
+    ddpm["train"]["eval"] = {"classifier": {"steps": 200, "batch_size": 64, "width": 8,
+                                            "features": 32}}
     ddpm["sweep"] = {**ddpm["sweep"], "method": "grid", "trials": None,
                      "params": {"train.lr": [3e-3, 2e-3, 1e-6, 1e-7]},
                      "objective": {"metric": "fd", "every": 20, "num_samples": 32},

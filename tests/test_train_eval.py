@@ -109,6 +109,27 @@ def test_a_training_job_asks_for_the_evaluate_jobs_default_classifier():
     assert DEFAULT_CLASSIFIER()["steps"] == 1500
 
 
+
+def test_a_training_job_may_name_its_own_classifier(tmp_path, monkeypatch):
+    """`train.eval.classifier`: that one is trained and cached (under its own key), not the
+    default, and an evaluate job that asks for it reads it."""
+    def no_default():
+        raise AssertionError("the default classifier was asked for")
+
+    monkeypatch.setattr(features, "default_config", no_default)
+    own = {**SMALL, "steps": 60}
+    results = run_jobs(tmp_path, spec(job(eval_={"every": 7, "num_samples": 20, "classifier": own}),
+                                      {"name": "score", "kind": "evaluate", "from": ["flow"],
+                                       "evaluate": {"num_samples": 20, "sample": {"steps": 4},
+                                                    "classifier": own}}))
+    assert [step for step, _ in results["flow"]["evals"]] == [7]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trained = client.get_run(results["_runs"]["flow"]).data
+    assert trained.tags["genforge.classifier_cache"] == "miss"
+    assert [m.step for m in client.get_metric_history(results["_runs"]["flow"],
+                                                       "classifier_loss")][-1] == 60
+    assert client.get_run(results["_runs"]["score"]).data.tags["genforge.classifier_cache"] == "hit"
+
 # ---- in-process: progress, determinism, the same weights --------------------------------------
 
 def run_worker(workdir: Path, data: dict, worker_type=None, logger=None, attempt: int = 1):

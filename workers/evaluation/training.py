@@ -73,7 +73,7 @@ class TrainingEval:
         worker.check_stop()
         hx, hy = hx.to(worker.device), hy.to(worker.device)
         net, test_accuracy, cached = features.feature_network(
-            worker, features.default_config(), images, y, hx, hy)
+            worker, cfg.get("classifier") or features.default_config(), images, y, hx, hy)
         worker.log.set_tags({"genforge.classifier_cache": "hit" if cached else "miss",
                              "genforge.classifier_test_accuracy": f"{test_accuracy:.4f}",
                              "genforge.eval_objective": cfg["metric"]})
