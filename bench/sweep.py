@@ -23,7 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import HOME, ROOT, finish, launch, private_stack, report, write_report  # noqa: E402
+import yaml  # noqa: E402
+
+from common import (HOME, ROOT, finish, launch, private_stack, report,  # noqa: E402
+                    take_result, write_report)
 
 FASHION = ROOT.parent / "shared" / "data" / "fashion-mnist"
 THREADS = 2
@@ -96,6 +99,31 @@ def eval_share(full: dict, args: argparse.Namespace, steps: int = 2000, every: i
             "eval_share_at_example": n * per_eval / (steps * per_step + n * per_eval)}
 
 
+def example_share() -> dict:
+    """train.eval's share of one trial's wall time at jobspecs/sweep.yaml's setting, measured
+    directly: its trial job (settings mid-range: lr 1e-3, EMA 0.995, 32 channels) with the
+    sweep's objective as its `train.eval`, run alone through the stack on its one CPU, after
+    a one-step job has trained and cached the classifier. Its result's timing says how long
+    the training loop took and how much of it went to evaluating."""
+    example = yaml.safe_load((ROOT / "jobspecs" / "sweep.yaml").read_text())
+    trial = dict(example["jobs"][0])
+    sweep = trial.pop("sweep")
+    data = dict(example["defaults"]["data"], path=str(FASHION / "train.npz"),
+                split={"heldout": str(FASHION / "test.npz")})
+    objective = sweep["objective"]
+    trial.update(data=data, resources=example["defaults"]["resources"],
+                 model={**trial["model"], "channels": 32},
+                 train={**trial["train"], "lr": 1e-3, "ema_decay": 0.995,
+                        "eval": {"metric": objective["metric"], "every": objective["every"],
+                                 "num_samples": objective["num_samples"]}})
+    warm = dict(trial, train={**trial["train"], "steps": 1,
+                              "eval": {"every": 1, "num_samples": 10}})
+    finish(launch(HOME, {"experiment": "bench-sweep-share-warmup", "jobs": [warm]})[1])
+    launched, proc = launch(HOME, {"experiment": "bench-sweep-share", "jobs": [trial]})
+    finish(proc)
+    return {"wall_s": time.time() - launched, "trial": trial}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=16)
@@ -104,8 +132,21 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--pruners", default="median,asha,hyperband")
     parser.add_argument("--tiny", action="store_true", help="digits at 8 px, whatever is on disk")
+    parser.add_argument("--example-share", action="store_true",
+                        help="only train.eval's share of a trial of jobspecs/sweep.yaml, "
+                             "measured on that trial (bench/results/sweep-eval-share.json)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sweep.json"))
     args = parser.parse_args()
+    if args.example_share:
+        with private_stack(THREADS) as (_, _, root):
+            ran = example_share()
+            timing = take_result(root, "bench-sweep-share")["timing"]
+        share = timing["eval_s"] / timing["loop_s"]
+        out = report("sweep-eval-share", 1, **ran, timing=timing, eval_share=share)
+        write_report(str(ROOT / "bench" / "results" / "sweep-eval-share.json"), out)
+        print(json.dumps({"loop_s": timing["loop_s"], "eval_s": timing["eval_s"],
+                          "eval_share": share}, indent=2))
+        return
     with private_stack(THREADS) as (_, _, root):
         warm_up(args)
         arms = {name: arm(args, name, root) for name in ["none", *args.pruners.split(",")]}

@@ -269,7 +269,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    import numpy as np
     from mlflow.tracking import MlflowClient
+    from PIL import Image
 
     from orchestrator import compare
     from orchestrator import settings as settings_mod
@@ -281,9 +283,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
              "'genforge up'")
         return EXIT_INVALID
     client = MlflowClient(settings.tracking_uri)
+    root = open_storage(settings.storage, settings.s3)
     try:
-        rows, parent = compare.collect(client, open_storage(settings.storage, settings.s3),
-                                       args.experiment)
+        rows, parent = compare.collect(client, root, args.experiment)
+        if args.grids:
+            compare.grids(rows, root, args.grids)
     except compare.CompareError as exc:
         _err(str(exc))
         return EXIT_FAILED
@@ -291,9 +295,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if parent:  # the table beside the pipeline that produced it, in MLflow
         client.log_text(parent, compare.render(rows, "markdown"), "comparison.md")
         client.log_text(parent, compare.render(rows, "json"), "comparison.json")
+        if args.grids:
+            client.log_image(parent, np.asarray(Image.open(args.grids)), "comparison.png")
     if args.plot:
         compare.plot(rows, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
+    if args.grids:
+        print(f"grids: {args.grids}", file=sys.stderr)
     return 0
 
 
@@ -489,6 +497,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("experiment")
     p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     p.add_argument("--plot", metavar="FILE.png", help="also plot quality against sampling time")
+    p.add_argument("--grids", metavar="FILE.png",
+                   help="also lay every model's samples side by side under its name and scores "
+                        "(logged to the pipeline run as comparison.png)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sweep", help="a swept job's trials ranked, with parameter importance")

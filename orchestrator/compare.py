@@ -4,7 +4,8 @@ Rows come from the experiment's finished evaluate runs in MLflow (the latest run
 evaluate job) and their `metrics.json` in storage: first each evaluation's real-vs-real
 baseline, then its sources. The table is printed (text, markdown, csv or json), logged as an
 artifact of the evaluation's pipeline run, and optionally plotted: quality against sampling
-time per image.
+time per image; `grids` lays every model's first images (the evaluation's `outputs/shown.npz`)
+side by side under its name and scores, each evaluation's held-out images first.
 """
 
 from __future__ import annotations
@@ -62,16 +63,19 @@ def collect(client: MlflowClient, root: Storage, experiment: str) -> tuple[list[
             results = json.loads(root.get_bytes(key))
         except NotFound:
             raise CompareError(f"{root.uri(key)} is missing (run {run.info.run_id})") from None
+        shown = f"{experiment}/{name}/{run.data.tags['genforge.hash']}/outputs/shown.npz"
         rows.append({"evaluation": name, "model": "real vs real (held-out)", "family": "-",
                      "kind": "baseline", "step": "-", "params": None, "sampler": "-",
-                     "s_per_image": None, **_metric_cells(results["baseline"])})
+                     "s_per_image": None, **_metric_cells(results["baseline"]),
+                     "_shown": (shown, "real")})
         for src in results["sources"]:
             swept = ", ".join(f"{k} {v}" for k, v in (src.get("swept") or {}).items())
             rows.append({"evaluation": name, "model": src["ref"] + (f" ({swept})" if swept else ""),
                          "family": src.get("family"),
                          "kind": src.get("source_kind"), "step": src.get("step"),
                          "params": src.get("params"), "sampler": _sampler(src),
-                         "s_per_image": src.get("s_per_image"), **_metric_cells(src["metrics"])})
+                         "s_per_image": src.get("s_per_image"), **_metric_cells(src["metrics"]),
+                         "_shown": (shown, src.get("label"))})
     parent = next(iter(latest.values())).data.tags.get("mlflow.parentRunId")
     return rows, parent
 
@@ -92,6 +96,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def render(rows: list[dict], fmt: str) -> str:
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     columns = [c for c in COLUMNS if c[0] != "inception_fid"
                or any(r.get("inception_fid") is not None for r in rows)]
     if fmt == "json":
@@ -142,6 +147,54 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xlabel("sampling time per image (s)")
     ax.set_ylabel("Fréchet distance (classifier features, lower is better)")
     ax.grid(True, which="both", lw=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def grids(rows: list[dict], root: Storage, path: str) -> None:
+    """Every model's first images side by side, under its name, sampler and scores: one row of
+    panels per evaluation, its held-out images first (the real-vs-real scores under them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from workers import images as imageio
+
+    kept: dict[str, Any] = {}
+    by_evaluation: dict[str, list[tuple[dict, Any]]] = {}
+    for row in rows:
+        key, label = row["_shown"]
+        if key not in kept:
+            try:
+                kept[key] = np.load(io.BytesIO(root.get_bytes(key)))
+            except NotFound:
+                raise CompareError(f"{root.uri(key)} is missing: evaluation "
+                                   f"'{row['evaluation']}' kept no images (rerun it)") from None
+        if label not in kept[key].files:
+            raise CompareError(f"{root.uri(key)} holds no images of '{row['model']}'")
+        by_evaluation.setdefault(row["evaluation"], []).append(
+            (row, imageio.grid(kept[key][label], pad=1)))
+    cols = max(len(panels) for panels in by_evaluation.values())
+    fig, axes = plt.subplots(len(by_evaluation), cols, squeeze=False, dpi=120,
+                             figsize=(2.3 * cols, 2.9 * len(by_evaluation)))
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (name, panels) in enumerate(by_evaluation.items()):
+        for c, (row, picture) in enumerate(panels):
+            ax = axes[r][c]
+            gray = picture.shape[-1] == 1
+            ax.imshow(picture[..., 0] if gray else picture, cmap="gray" if gray else None,
+                      interpolation="nearest", vmin=0, vmax=255)
+            title = "held-out images" if row["kind"] == "baseline" else row["model"]
+            scores = " · ".join(f"{h} {_cell(row.get(k), f)}" for k, h, f in COLUMNS
+                                if k in ("fd", "kid") and row.get(k) is not None)
+            sampler = "" if row["sampler"] in ("-", None) else f"\n{row['sampler']}"
+            ax.set_title(f"{title}{sampler}\n{scores}", fontsize=7)
+        axes[r][0].text(-0.08, 0.5, name, transform=axes[r][0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=8, weight="bold")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

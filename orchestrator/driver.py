@@ -497,6 +497,26 @@ class Driver:
             (s.planned.job.family or s.planned.job.kind, s.planned.job.kind, self._hours(s))
             for s in self.jobs.values() if s.held_s))
 
+    def _log_picture(self) -> None:
+        """The pipeline's run, as it ends: a picture of its jobs, what each reads and how it
+        ended (`pipeline.png`; a swept job's box counts its trials by state)."""
+        from orchestrator import dag
+
+        trials: dict[str, dict[str, int]] = {}
+        for s in self.jobs.values():
+            if s.trial is not None:
+                counts = trials.setdefault(s.trial[0], {})
+                counts[s.status] = counts.get(s.status, 0) + 1
+        nodes = [dag.Node(s.name, s.planned.job.kind, s.planned.job.family, s.status,
+                          s.planned.deps, "trials: " + ", ".join(
+                              f"{n} {state}" for state, n in sorted(trials[s.name].items()))
+                          if s.name in trials else "")
+                 for s in self.jobs.values() if s.trial is None]
+        try:
+            self.tracker.client.log_image(self.runs.parent, dag.draw(nodes), "pipeline.png")
+        except MlflowException as exc:  # a picture is no reason for the pipeline to fail
+            self.echo(f"pipeline.png not logged: {str(exc).splitlines()[0][:200]}")
+
     def _collect(self, state: JobState) -> None:
         self._attempt_ended(state)
         try:
@@ -638,6 +658,7 @@ class Driver:
         for line in self.registry_errors:
             self.echo(line)
         self._log_hours()
+        self._log_picture()
         self.tracker.finish(self.runs.parent, "FAILED" if failed else "FINISHED")
         self._report()
         return 1 if failed or self.registry_errors else 0
@@ -688,6 +709,7 @@ class Driver:
         if self.runs.parent is not None:
             self._publish_progress()
             self._log_hours()
+            self._log_picture()
             self.tracker.finish(self.runs.parent, "KILLED")
         return signals.exit_code(exc)
 

@@ -9,6 +9,9 @@ registers it as a new version of a registered model, tagged with where it came f
     genforge.family, genforge.job, genforge.step
     genforge.fd, genforge.kid ...   the metrics given (a run's last `train.eval`, say)
 
+and given a picture: the grid the job drew at that step (else 16 images sampled at
+registration), `artifacts/grid.png` of the logged model, named in the version's description.
+
 `resolve_model_uri` reads a version back to its checkpoint URI, so that what reads a checkpoint
 can name a model version instead (`models:/digits@prod`). `load` gives the pyfunc model itself.
 Nothing here logs a storage credential: the checkpoint's URI is all that is recorded of where
@@ -34,8 +37,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.checkpoints import (CHECKPOINT_DIR, MANIFEST_FILE, resolve_checkpoint_uri,
                                       verify_checkpoint)
-from orchestrator.storage import S3Credentials, StorageError, open_storage
+from orchestrator.storage import NotFound, S3Credentials, StorageError, open_storage
 
+GRID = "grid.png"  # a version's picture, among its model's artifacts
 EXPERIMENT = "genforge-models"  # where a model registered from a bare checkpoint URI is logged
 TAG = "genforge."
 # What the served model imports beyond the standard library and genforge's own code, pinned to
@@ -112,6 +116,21 @@ def fetch_checkpoint(uri: str, into: Path, s3: S3Credentials | None = None
     return exact, manifest
 
 
+def picture(exact: str, into: Path, s3: S3Credentials | None = None) -> tuple[bytes, str]:
+    """A model version's picture, the checkpoint `exact` copied into `into` by
+    `fetch_checkpoint`: the grid its job drew at that step (`samples/step-NNNNNN.png` beside
+    `checkpoints/`), else one of 16 images sampled here from the copy (seed 0, the model's
+    default settings). Returns the PNG and what it shows."""
+    storage, name = resolve_checkpoint_uri(exact, s3)
+    try:
+        return storage.get_bytes(f"samples/{name}.png"), f"the job's grid at {name}"
+    except NotFound:
+        from workers.served import grid_png
+
+        return (grid_png(f"file://{into / CHECKPOINT_DIR / name}"),
+                f"16 images of {name} sampled when it was registered (seed 0)")
+
+
 # ---- registering ------------------------------------------------------------------------------
 
 def requirements() -> list[str]:
@@ -174,6 +193,12 @@ def register(tracking_uri: str, checkpoint_uri: str, name: str, alias: str | Non
         problem = _generator_problem(meta)
         if problem:
             raise ModelError(f"{checkpoint_uri}: {problem}")
+        try:
+            png, shows = picture(exact, Path(tmp), s3)
+        except StorageError as exc:
+            raise ModelError(f"{exact}: {_first_line(exc)}") from None
+        grid = Path(tmp) / GRID
+        grid.write_bytes(png)
         experiment, run_id, opened = _run(client, run_id)
         status = "FAILED"
         try:
@@ -183,11 +208,13 @@ def register(tracking_uri: str, checkpoint_uri: str, name: str, alias: str | Non
             with _tracking(tracking_uri):
                 info = mlflow.pyfunc.log_model(
                     model_id=logged.model_id, python_model=str(ENTRY),
-                    artifacts={ARTIFACT: str(Path(tmp) / CHECKPOINT_DIR)},
+                    artifacts={ARTIFACT: str(Path(tmp) / CHECKPOINT_DIR), "grid": str(grid)},
                     code_paths=code_paths(), signature=SIGNATURE, input_example=INPUT_EXAMPLE,
                     pip_requirements=requirements())
                 made = mlflow.register_model(info.model_uri, name,
                                              tags=_version_tags(exact, meta, metrics))
+            client.update_model_version(name, made.version, description=(
+                f"`{exact}`. Its picture, `artifacts/{GRID}` of the model: {shows}."))
             status = "FINISHED"
         except MlflowException as exc:
             raise ModelError(f"{name}: {_first_line(exc)}") from None

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from support import ROOT, example_spec, genforge, keys, write_spec
 
@@ -54,7 +56,8 @@ def test_evaluate_and_compare(tmp_path, local_stack, stack_env, s3_client):
     assert {runs[j].data.tags["genforge.registered"] for j in ("dcgan", "ddpm")} == {
         "fashion-generator/1", "fashion-generator/2"}
 
-    table = genforge(["compare", "e2e-evaluate", "--plot", str(tmp_path / "q.png")], stack_env)
+    table = genforge(["compare", "e2e-evaluate", "--plot", str(tmp_path / "q.png"),
+                      "--grids", str(tmp_path / "grids.png")], stack_env)
     assert table.returncode == 0, table.stderr[-3000:]
     lines = table.stdout.strip().splitlines()
     rows = [l.split() for l in lines[2:]]
@@ -64,7 +67,11 @@ def test_evaluate_and_compare(tmp_path, local_stack, stack_env, s3_client):
     assert "ddim 5 steps" in table.stdout and "ddim 3 steps" in table.stdout
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
     parent = runs["score"].data.tags["mlflow.parentRunId"]  # the table, beside its pipeline
-    assert {"comparison.md", "comparison.json"} <= {a.path for a in client.list_artifacts(parent)}
+    # ...with the models' samples side by side, and the pipeline's picture
+    assert {"comparison.md", "comparison.json", "comparison.png", "pipeline.png"} <= {
+        a.path for a in client.list_artifacts(parent)}
+    grids = np.asarray(Image.open(tmp_path / "grids.png"))
+    assert grids.shape[0] > 400 and grids.shape[1] > 3 * 250  # two evaluations, up to 3 panels
 
     missing = genforge(["compare", "no-such-experiment"], stack_env)
     assert missing.returncode == 1 and "no experiment named 'no-such-experiment'" in missing.stderr

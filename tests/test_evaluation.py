@@ -4,6 +4,7 @@ cached artifact, evaluate jobs score every kind of source, and `compare` tabulat
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from orchestrator import compare
 from orchestrator.inprocess import run_jobs
@@ -142,6 +144,19 @@ def test_evaluate_job_scores_every_source_and_caches_its_feature_network(tmp_pat
     assert json.loads(compare.render(rows, "json"))[1]["family"] == "gan"
     compare.plot(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the first 16 images of every source and of the held-out split are kept, to be looked at
+    root = open_storage(out["outputs"][1].rsplit("/outputs/", 1)[0])
+    shown = np.load(io.BytesIO(root.get_bytes("outputs/shown.npz")))
+    assert sorted(shown.files) == ["ddpm", "gan", "grid", "real"]
+    assert {k: (shown[k].shape, shown[k].dtype) for k in shown.files} == dict.fromkeys(
+        shown.files, ((16, 16, 16, 1), np.dtype(np.uint8)))
+    made = np.load(results["grid"]["outputs"][0].removeprefix("file://"))["images"]
+    np.testing.assert_array_equal(shown["grid"], made[:16])  # the sample job's own images
+    assert shown["gan"].std() > 0
+    compare.grids(rows, open_storage(f"file://{tmp_path / 'store'}"), str(tmp_path / "grids.png"))
+    picture = np.asarray(Image.open(tmp_path / "grids.png"))
+    assert picture.shape[0] < picture.shape[1]  # one evaluation: one row of 4 panels
 
 
 @needs_data

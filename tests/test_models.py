@@ -156,6 +156,42 @@ def test_a_checkpoint_uri_registers_its_newest_checkpoint_in_a_run_of_its_own(ma
     assert [x["label"] for x in gan.predict({"num_images": 2})] == [None, None]
 
 
+
+def model_file(made: dict, name: str, version: str, path: str) -> bytes:
+    client = MlflowClient(made["tracking"])
+    source = client.get_model_version(name, version).source  # models:/<logged model id>
+    model = client.get_logged_model(source.removeprefix("models:/"))
+    local = mlflow.artifacts.download_artifacts(f"{model.artifact_location}/{path}",
+                                                tracking_uri=made["tracking"])
+    return Path(local).read_bytes()
+
+
+def test_a_versions_picture_is_the_grid_its_job_drew_at_that_step(made):
+    prefix = made["results"]["ddpm"]["checkpoint"].removeprefix("file://").rsplit("/checkpoints/", 1)[0]
+    drawn = Path(prefix, "samples", "step-000003.png").read_bytes()
+    assert model_file(made, "digits", "1", "artifacts/grid.png") == drawn
+    version = MlflowClient(made["tracking"]).get_model_version("digits", "1")
+    assert version.description.endswith("`artifacts/grid.png` of the model: the job's grid at "
+                                        "step-000003.")
+
+
+def test_a_checkpoint_without_a_grid_is_pictured_by_sampling_it(made, tmp_path):
+    """A checkpoint whose job drew no grid at its step: 16 images sampled from it at
+    registration, at the model's defaults and seed 0, the same ones `genforge sample` makes."""
+    source = made["results"]["gan"]["checkpoint"].removeprefix("file://")
+    copy = open_storage(f"file://{tmp_path}/gan")
+    for name in ("model.safetensors", "state.pt", "manifest.json"):
+        copy.put_file(f"checkpoints/step-000003/{name}", f"{source}/{name}")
+    version = models.register(made["tracking"], copy.uri(), "digits-gan")
+    png = model_file(made, "digits-gan", version.version, "artifacts/grid.png")
+    assert np.asarray(Image.open(io.BytesIO(png))).shape == ((4 * 9 + 1) * 8,) * 2  # 4 x 4, x8
+    gan, _ = models.load(f"models:/digits-gan/{version.version}", made["tracking"])
+    from workers import images as imageio
+
+    made16 = images(gan.predict({"num_images": 16, "seed": 0}))
+    assert png == imageio.png_bytes(imageio.grid(made16, scale=8))
+    assert "sampled when it was registered (seed 0)" in version.description
+
 def test_no_credential_is_logged(made):
     for path in made["tmp"].rglob("*"):
         if path.is_file():

@@ -8,9 +8,11 @@ import logging
 import sys
 import time
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator import dag
 from orchestrator.inprocess import run_jobs
 from orchestrator.tracking import (KIND, KIND_TAG, SYSTEM_METRICS_ENV, Tracker, _warn_once,
                                    system_metrics, system_metrics_interval)
@@ -145,3 +147,38 @@ def test_the_driver_logs_each_jobs_hours_over_its_attempts_and_the_pipelines_sum
     assert client.get_run(driver.runs.parent).data.metrics == pytest.approx({
         "device_hours.ddpm.sample": 0.5, "device_hours": 0.5,
         "cpu_hours.ddpm.sample": 1.0, "cpu_hours": 1.0}, rel=1e-3)
+
+
+# ---- the pipeline's picture --------------------------------------------------------------------
+
+def test_a_pipelines_picture_puts_each_job_right_of_what_it_reads_coloured_by_its_state():
+    nodes = [dag.Node("ddpm", "train", "ddpm", "finished", (), "3 finished, 13 pruned"),
+             dag.Node("vq", "train", "vqgan", "cached", ()),
+             dag.Node("ar", "train", "autoregressive", "failed", ("vq",)),
+             dag.Node("grid", "sample", "ddpm", "finished", ("ddpm",)),
+             dag.Node("score", "evaluate", None, "skipped", ("grid", "ar", "ddpm"))]
+    assert dag.depths(nodes) == {"ddpm": 0, "vq": 0, "ar": 1, "grid": 1, "score": 2}
+    picture = dag.draw(nodes)
+    assert picture.dtype == np.uint8 and picture.shape[2] == 3
+    assert picture.shape[1] > picture.shape[0]  # 3 columns of at most 2 boxes
+    def rgb(state: str) -> tuple[int, ...]:
+        return tuple(int(dag.COLOURS[state][i:i + 2], 16) for i in (1, 3, 5))
+
+    seen = {tuple(p) for p in picture.reshape(-1, 3)}
+    assert {rgb(s) for s in ("finished", "cached", "failed", "skipped")} <= seen
+    assert rgb("pruned") not in seen
+    third = picture[:, 2 * picture.shape[1] // 3:]  # the last column holds the skipped job only
+    assert (third == rgb("skipped")).all(-1).sum() > 1000
+    assert not (third == rgb("finished")).all(-1).any()
+
+
+def test_the_driver_logs_the_pipelines_picture_to_its_run(tmp_path):
+    driver = offline_driver(tmp_path, [
+        {"name": "a", "kind": "sample", "family": "ddpm", "from": "s3://b/x/y/z"},
+        {"name": "b", "kind": "sample", "family": "ddpm", "from": "s3://b/x/y/z"}])
+    driver._cache_hit(driver.jobs["a"], {})
+    driver._finish(driver.jobs["b"], "failed", "JobError: bad data")
+    driver.runs.drain()
+    driver._log_picture()
+    client = driver.tracker.client
+    assert "pipeline.png" in {a.path for a in client.list_artifacts(driver.runs.parent)}

@@ -6,7 +6,9 @@ then read by every later one.
 
 Outputs: `outputs/metrics.json` (the real-vs-real baseline, then one entry per source with its
 metrics, sampler settings and sampling time per image), and the same numbers on the MLflow run,
-prefixed by the source's name.
+prefixed by the source's name; `outputs/shown.npz`, the first SHOWN images of every source (by
+its label) and of the held-out split ("real"), uint8 (N, H, W, C): what `genforge compare
+--grids` lays side by side.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ from workers.nn.classifier import Classifier, FeatureExtractor, train_classifier
 from workers.nn.conditioning import class_labels
 
 CLASSIFIER_VERSION = features.CLASSIFIER_VERSION  # (bump it there)
+SHOWN = 16  # images of each source kept to be looked at
+
+
+def _shown(images: torch.Tensor) -> np.ndarray:
+    """The first SHOWN of uint8 (N, C, H, W) images, as (n, H, W, C) on the CPU."""
+    return images[:SHOWN].permute(0, 2, 3, 1).cpu().numpy()
 
 
 class EvaluateWorker(Worker):
@@ -140,6 +148,7 @@ class EvaluateWorker(Worker):
         baseline = self._score(extractor, real, images.take(pick).to(self.device))
         results: dict[str, Any] = {"num_samples": n, "classifier_test_accuracy": test_accuracy,
                                    "baseline": baseline, "sources": []}
+        shown = {"real": _shown(real)}
         self.log.log_metrics({f"baseline.{k}": v for k, v in baseline.items()
                               if isinstance(v, float)}, 0)
 
@@ -165,7 +174,12 @@ class EvaluateWorker(Worker):
                                   if isinstance(v, float)}, 0)
             results["sources"].append({"ref": ref, "label": label, "swept": swept, **info,
                                        "metrics": metrics})
+            shown[label] = _shown(images)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **shown)
+        self.storage.put_bytes("outputs/shown.npz", buf.getvalue())
         self.storage.put_bytes("outputs/metrics.json", json.dumps(results, indent=2).encode())
         return self._finish({"status": "finished", "kind": "evaluate",
-                             "outputs": [self.storage.uri("outputs/metrics.json")],
+                             "outputs": [self.storage.uri("outputs/metrics.json"),
+                                         self.storage.uri("outputs/shown.npz")],
                              "metrics": results})

@@ -178,14 +178,30 @@ class GeneratorModel(PythonModel):
 
     def sample(self, cfg: dict[str, Any]) -> np.ndarray:
         """(N, H, W, C) uint8 images made as a sample job with settings `cfg` makes them."""
-        worker, n, size = self.worker, cfg["num_images"], cfg["batch_size"]
-        with self._lock, torch.no_grad():
-            if hasattr(worker, "_sampled"):  # unset labels cycle from class 0 in every request,
-                worker._sampled = 0          # as in a sample job (train.eval does the same)
-            gen = worker._generator(cfg["seed"])
+        with self._lock:
             try:
-                parts = [imageio.to_uint8(worker.generate(min(size, n - start), cfg, gen))
-                         for start in range(0, n, size)]
+                return sample_images(self.worker, cfg)
             except JobError as exc:  # a setting the model cannot take (a label it lacks)
                 raise bad_request(str(exc).removeprefix("sample.")) from None
-        return np.concatenate(parts)
+
+
+def sample_images(worker: Worker, cfg: dict[str, Any]) -> np.ndarray:
+    """(N, H, W, C) uint8 images from `worker`'s loaded model, made as a sample job with the
+    (resolved) settings `cfg` makes them."""
+    n, size = cfg["num_images"], cfg["batch_size"]
+    with torch.no_grad():
+        if hasattr(worker, "_sampled"):  # unset labels cycle from class 0 in every request,
+            worker._sampled = 0          # as in a sample job (train.eval does the same)
+        gen = worker._generator(cfg["seed"])
+        parts = [imageio.to_uint8(worker.generate(min(size, n - start), cfg, gen))
+                 for start in range(0, n, size)]
+    return np.concatenate(parts)
+
+
+def grid_png(uri: str, num_images: int = DEFAULT_IMAGES, seed: int = 0) -> bytes:
+    """A grid of `num_images` images from checkpoint `uri` at the model's default settings, as
+    a PNG: the picture of a model version whose job drew none at that step."""
+    worker, _ = load_worker(uri)
+    cfg = SampleSpec(num_images=num_images, seed=seed).model_dump(mode="json")
+    images = sample_images(worker, cfg)
+    return imageio.png_bytes(imageio.grid(images, scale=imageio.display_scale(images.shape[1])))
