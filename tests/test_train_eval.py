@@ -356,7 +356,7 @@ def test_every_family_that_samples_takes_it_with_defaults():
         {"name": "ldm", "kind": "train", "family": "ldm",
          "model": {"autoencoder": "ae", "channel_mult": [1]}, "train": {"eval": {}}}))
     assert parsed.job("ddpm").train.eval.model_dump() == {
-        "every": 500, "num_samples": 500, "metric": "fd", "steps": None}
+        "every": 500, "num_samples": 500, "metric": "fd", "steps": None, "classifier": None}
     assert parsed.job("gan").train.eval.metric == "kid"
     assert parsed.job("vq").train.eval is None and TrainSpec().eval is None
 
