@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import finish, launch, private_stack  # noqa: E402  (sets up the stack's Ray auth)
 
+from orchestrator.tracking import TRAINING_VIEW  # noqa: E402
+
 OUT = ROOT / "docs" / "screenshots"
 EXPERIMENT = "screenshots"
 MODEL = "fashion-generator"
@@ -83,16 +85,19 @@ def main() -> None:
         job = {r.data.tags.get("genforge.job"): r.info.run_id for r in runs}
         ddpm = job["ddpm"]
         parent = client.get_run(ddpm).data.tags["mlflow.parentRunId"]
-        base = f"{ui}/#/experiments/{exp}"
-        shoot(chrome, f"{base}/runs", "experiment-runs")
-        shoot(chrome, f"{base}/runs/{ddpm}/model-metrics", "training-run-charts", "1440,1400")
-        shoot(chrome, f"{base}/runs/{ddpm}/system-metrics", "training-run-system-metrics",
+        def page(path: str) -> str:  # in the model-training view, as genforge links it
+            return f"{ui}/#/{path}?{TRAINING_VIEW}"
+
+        run = f"experiments/{exp}/runs"
+        shoot(chrome, page(run), "experiment-runs")
+        shoot(chrome, page(f"{run}/{ddpm}/model-metrics"), "training-run-charts", "1440,1400")
+        shoot(chrome, page(f"{run}/{ddpm}/system-metrics"), "training-run-system-metrics",
               "1440,1400")
-        shoot(chrome, f"{base}/runs/{ddpm}/artifacts/samples", "training-run-grid")
-        shoot(chrome, f"{base}/runs/{parent}/artifacts/pipeline.png", "pipeline-picture")
-        shoot(chrome, f"{ui}/#/models/{MODEL}", "registered-model")
+        shoot(chrome, page(f"{run}/{ddpm}/artifacts"), "training-run-grid")
+        shoot(chrome, page(f"{run}/{parent}/artifacts/pipeline.png"), "pipeline-picture")
+        shoot(chrome, page(f"models/{MODEL}"), "registered-model")
         champion = client.get_model_version_by_alias(MODEL, "champion").version
-        shoot(chrome, f"{ui}/#/models/{MODEL}/versions/{champion}", "model-version")
+        shoot(chrome, page(f"models/{MODEL}/versions/{champion}"), "model-version")
 
 
 if __name__ == "__main__":

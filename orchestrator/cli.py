@@ -23,8 +23,10 @@ def _err(message: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from orchestrator.tracking import ui_url
+
     state = stack.up(num_cpus=args.num_cpus, num_gpus=args.num_gpus, echo=print)
-    print(f"stack up in {state.home}; MLflow UI: {state.tracking_uri}  "
+    print(f"stack up in {state.home}; MLflow UI: {ui_url(state.tracking_uri)}  "
           f"Ray dashboard: {state.dashboard_url}")
     return 0
 
@@ -142,12 +144,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings.use_ray()  # before Ray is imported: it reads its authentication settings then
     from orchestrator.driver import Driver
     from orchestrator.settings import ServiceError
+    from orchestrator.tracking import ui_url
 
     driver = Driver(plan, settings, force=force)
     try:
         driver.prepare()
-        print(f"MLflow UI: {settings.tracking_uri}  (experiment '{plan.spec.experiment}')",
-              file=sys.stderr)
+        print(f"MLflow UI: {ui_url(settings.tracking_uri)}  (experiment "
+              f"'{plan.spec.experiment}')", file=sys.stderr)
         return driver.run()
     except ServiceError as exc:  # nothing ran: the environment is wrong, as for bad input
         _err(f"{args.spec}: {exc}")

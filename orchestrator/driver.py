@@ -47,7 +47,7 @@ from orchestrator.spec import SpecError, metric_mode, model_needs_labels
 from orchestrator.storage import NotFound, Storage, StorageError, open_storage
 from orchestrator.submit import SUBMISSION_ENV
 from orchestrator.task import Task, WorkersLost
-from orchestrator.tracking import Tracker, system_metrics_interval
+from orchestrator.tracking import Tracker, system_metrics_interval, ui_url
 
 STOP_GRACE_S = 30.0  # how long a stopped job may take to save its checkpoint
 POLL_S = 1.0  # progress polls and the loop's reaction time; each poll is an RPC to every actor
@@ -645,6 +645,8 @@ class Driver:
             self.runs.open_pipeline({"genforge.spec": self.plan.spec.source,
                                      "genforge.code_version": self.plan.code_version},
                                     self._ray_jobs.ended)
+            self.echo("pipeline run: " + ui_url(self.settings.tracking_uri,
+                                                self.runs.experiment_id, self.runs.parent))
             self._loop()
         except KeyboardInterrupt as exc:
             return self._cancel(exc)

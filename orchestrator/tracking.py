@@ -34,7 +34,23 @@ JOB_TRIES = 3  # tries of an image or tag upload before it is dropped
 # "genai_development", the training view (runs, metric charts) for "custom_model_development";
 # an experiment without it is guessed from what it holds (traces, runs; none yet: no kind).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# ...but where its sidebar has the GenAI / Model training switch (3.17), the page's own
+# `workflowType` query parameter decides (else the browser's last choice, else GenAI), and the
+# tag is not read: the links genforge prints carry the parameter (`ui_url`).
+TRAINING_VIEW = "workflowType=machine_learning"
 SYSTEM_METRICS_ENV = "GENFORGE_SYSTEM_METRICS_INTERVAL"
+
+
+def ui_url(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None
+           ) -> str:
+    """The MLflow UI's page of the experiments, an experiment or one of its runs, in its
+    model-training view; the tracking URI itself where it is no web server (sqlite, a folder)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    page = "experiments"
+    if experiment_id:
+        page += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{tracking_uri.rstrip('/')}/#/{page}?{TRAINING_VIEW}"
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

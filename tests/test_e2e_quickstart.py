@@ -35,6 +35,12 @@ def test_quickstart_end_to_end(tmp_path, local_stack, stack_env, s3_client):
     out = genforge(["run", str(spec)], stack_env)
     assert out.returncode == 0, out.stderr[-3000:]
     bucket = local_stack.bucket
+    # the links it prints open MLflow's model-training view (the page's workflowType decides)
+    exp = MlflowClient(local_stack.tracking_uri).get_experiment_by_name("e2e-quickstart")
+    link = next(l for l in out.stderr.splitlines() if l.startswith("pipeline run: "))
+    assert link.startswith(f"pipeline run: {local_stack.tracking_uri}/#/experiments/"
+                           f"{exp.experiment_id}/runs/") and link.endswith(
+        "?workflowType=machine_learning")
 
     # checkpoints in the bucket, verified against their manifests
     ckpt_keys = keys(s3_client, bucket, "genforge/e2e-quickstart/ddpm/")

@@ -182,3 +182,13 @@ def test_the_driver_logs_the_pipelines_picture_to_its_run(tmp_path):
     driver._log_picture()
     client = driver.tracker.client
     assert "pipeline.png" in {a.path for a in client.list_artifacts(driver.runs.parent)}
+
+
+def test_links_to_the_ui_open_its_model_training_view():
+    from orchestrator.tracking import ui_url
+
+    assert ui_url("http://127.0.0.1:5000/") == (
+        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")
+    assert ui_url("https://mlflow.team", "7", "abc") == (
+        "https://mlflow.team/#/experiments/7/runs/abc?workflowType=machine_learning")
+    assert ui_url("sqlite:///m.db", "7") == "sqlite:///m.db"  # no web page to link to
