@@ -58,13 +58,13 @@ def browser() -> str:
     raise SystemExit("no Chromium on PATH (apt-get install chromium)")
 
 
-def shoot(chrome: str, url: str, name: str, size: str = "1440,900") -> None:
-    """A picture of `url` once its page has rendered (virtual time lets the app's requests
-    finish first)."""
+def shoot(chrome: str, url: str, name: str, size: str = "1440,900", wait_s: int = 20) -> None:
+    """A picture of `url` once its page has rendered (`wait_s` of virtual time lets the app's
+    requests and charts finish first)."""
     out = OUT / f"{name}.png"
     subprocess.run([chrome, "--headless=new", "--no-sandbox", "--disable-gpu",
                     "--hide-scrollbars", f"--window-size={size}",
-                    "--virtual-time-budget=20000", f"--screenshot={out}", url],
+                    f"--virtual-time-budget={wait_s * 1000}", f"--screenshot={out}", url],
                    check=True, capture_output=True, timeout=120)
     print(out)
 
@@ -90,10 +90,14 @@ def main() -> None:
 
         run = f"experiments/{exp}/runs"
         shoot(chrome, page(run), "experiment-runs")
-        shoot(chrome, page(f"{run}/{ddpm}/model-metrics"), "training-run-charts", "1440,1400")
+        # the loss, FD and KID curves, and the grids (the "samples" chart, by step)
+        shoot(chrome, page(f"{run}/{ddpm}/model-metrics"), "training-run-charts", "1440,2000",
+              wait_s=60)
         shoot(chrome, page(f"{run}/{ddpm}/system-metrics"), "training-run-system-metrics",
-              "1440,1400")
-        shoot(chrome, page(f"{run}/{ddpm}/artifacts"), "training-run-grid")
+              "1440,1400", wait_s=60)
+        model = client.get_model_version_by_alias(MODEL, "champion").source.removeprefix(
+            "models:/")
+        shoot(chrome, page(f"experiments/{exp}/models/{model}/artifacts"), "model-artifacts")
         shoot(chrome, page(f"{run}/{parent}/artifacts/pipeline.png"), "pipeline-picture")
         shoot(chrome, page(f"models/{MODEL}"), "registered-model")
         champion = client.get_model_version_by_alias(MODEL, "champion").version
