@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -497,16 +498,21 @@ class Driver:
             (s.planned.job.family or s.planned.job.kind, s.planned.job.kind, self._hours(s))
             for s in self.jobs.values() if s.held_s))
 
+    def _end_pipeline_run(self, status: str) -> None:
+        """The pipeline's run ends `status`, its jobs' hours and its picture logged first."""
+        self._log_hours()
+        self._log_picture()
+        self.tracker.finish(self.runs.parent, status)
+
     def _log_picture(self) -> None:
         """The pipeline's run, as it ends: a picture of its jobs, what each reads and how it
         ended (`pipeline.png`; a swept job's box counts its trials by state)."""
         from orchestrator import dag
 
-        trials: dict[str, dict[str, int]] = {}
+        trials: dict[str, Counter[str]] = defaultdict(Counter)
         for s in self.jobs.values():
             if s.trial is not None:
-                counts = trials.setdefault(s.trial[0], {})
-                counts[s.status] = counts.get(s.status, 0) + 1
+                trials[s.trial[0]][s.status] += 1
         nodes = [dag.Node(s.name, s.planned.job.kind, s.planned.job.family, s.status,
                           s.planned.deps, "trials: " + ", ".join(
                               f"{n} {state}" for state, n in sorted(trials[s.name].items()))
@@ -659,9 +665,7 @@ class Driver:
                   if s.status in ("failed", "skipped", "killed") and s.trial is None]
         for line in self.registry_errors:
             self.echo(line)
-        self._log_hours()
-        self._log_picture()
-        self.tracker.finish(self.runs.parent, "FAILED" if failed else "FINISHED")
+        self._end_pipeline_run("FAILED" if failed else "FINISHED")
         self._report()
         return 1 if failed or self.registry_errors else 0
 
@@ -710,9 +714,7 @@ class Driver:
         self.runs.drain()
         if self.runs.parent is not None:
             self._publish_progress()
-            self._log_hours()
-            self._log_picture()
-            self.tracker.finish(self.runs.parent, "KILLED")
+            self._end_pipeline_run("KILLED")
         return signals.exit_code(exc)
 
     def _ticket(self, state: JobState) -> str:

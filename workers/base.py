@@ -479,8 +479,9 @@ class Worker:
     def _build_seeded(self) -> None:
         """The model, its initial weights drawn from `train.seed`: the same in every process
         that builds it (a sweep's trials start alike), whatever the process drew before."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        from workers.evaluation.features import rng_devices
+
+        with torch.random.fork_rng(devices=rng_devices(self.device)):
             torch.manual_seed(self.job["train"]["seed"])
             self.build(self.model_cfg, self.image_shape)
 
