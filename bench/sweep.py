@@ -28,6 +28,8 @@ import yaml  # noqa: E402
 from common import (HOME, ROOT, finish, launch, private_stack, report,  # noqa: E402
                     take_result, write_report)
 
+from orchestrator.spec import parse_spec, trial_job  # noqa: E402
+
 FASHION = ROOT.parent / "shared" / "data" / "fashion-mnist"
 THREADS = 2
 
@@ -106,16 +108,12 @@ def example_share() -> dict:
     a one-step job has trained and cached the classifier. Its result's timing says how long
     the training loop took and how much of it went to evaluating."""
     example = yaml.safe_load((ROOT / "jobspecs" / "sweep.yaml").read_text())
-    trial = dict(example["jobs"][0])
-    sweep = trial.pop("sweep")
-    data = dict(example["defaults"]["data"], path=str(FASHION / "train.npz"),
-                split={"heldout": str(FASHION / "test.npz")})
-    objective = sweep["objective"]
-    trial.update(data=data, resources=example["defaults"]["resources"],
-                 model={**trial["model"], "channels": 32},
-                 train={**trial["train"], "lr": 1e-3, "ema_decay": 0.995,
-                        "eval": {"metric": objective["metric"], "every": objective["every"],
-                                 "num_samples": objective["num_samples"]}})
+    example["defaults"]["data"].update(path=str(FASHION / "train.npz"),
+                                       split={"heldout": str(FASHION / "test.npz")})
+    swept = parse_spec(example, "jobspecs/sweep.yaml").job("ddpm")
+    # the trial as the sweep makes it: its train.eval is the sweep's objective
+    trial = trial_job(swept, {"train.lr": 1e-3, "train.ema_decay": 0.995,
+                              "model.channels": 32}).resolved()
     warm = dict(trial, train={**trial["train"], "steps": 1,
                               "eval": {"every": 1, "num_samples": 10}})
     finish(launch(HOME, {"experiment": "bench-sweep-share-warmup", "jobs": [warm]})[1])

@@ -11,7 +11,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -151,7 +151,7 @@ class ClassifierSpec(Strict):
 
 class TrainEval(Strict):
     """`train.eval`: the sample quality of the model as it trains. At steps `every`, 2 `every`,
-    ... and the last, rank 0 samples `num_samples` images from its EMA model and scores them
+    ..., those of `at`, and the last, rank 0 samples `num_samples` images from its EMA model and scores them
     against the first `num_samples` held-out images in the feature space of the data set's
     evaluation classifier (by default the one evaluate jobs use; `classifier` names another;
     trained by whichever job needs it first), logging `fd` and `kid` at that step; `metric` names the one that is the
@@ -162,7 +162,10 @@ class TrainEval(Strict):
     measurement at each of those steps is the metric's mean over the log steps since the last
     one (`every` a multiple of `train.log_every`)."""
 
-    every: int = Field(500, ge=1)
+    # the steps between evaluations; None with `at`: only at `at` and the last step
+    every: int | None = Field(None, ge=1)
+    # steps to evaluate at (a sweep's trial under asha or hyperband: the pruner's rungs)
+    at: list[Annotated[int, Field(ge=1)]] | None = Field(None, max_length=64)
     # KID's subsets are half the samples: with fewer than 10 its estimate means little
     num_samples: int = Field(500, ge=10, le=1_000_000)
     metric: str = Field("fd", min_length=1, max_length=100)
@@ -172,6 +175,15 @@ class TrainEval(Strict):
     # the feature network; None: an evaluate job's default `evaluate.classifier` (1500 steps),
     # so that both share one cached classifier. A smaller one is quicker to train on a CPU.
     classifier: ClassifierSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _every_500_unless_at(cls, data: Any) -> Any:
+        """`every` 500 unless it or `at` is given (so that a job's data round-trips: its
+        `every` is left out of it when `at` alone says when)."""
+        if isinstance(data, dict) and data.get("every") is None and data.get("at") is None:
+            return {**data, "every": 500}
+        return data
 
 
 class TrainSpec(Strict):
@@ -210,9 +222,13 @@ class TrainSpec(Strict):
             if metric not in logged:
                 return (f"train.eval.metric: family '{family_name}' never logs '{metric}' "
                         f"during training (it can be: {', '.join([*EVAL_METRICS, *logged])})")
-            if self.eval.every % self.log_every:
+            if self.eval.every is not None and self.eval.every % self.log_every:
                 return (f"train.eval.every: {self.eval.every} is not a multiple of "
                         f"train.log_every ({self.log_every}): '{metric}' is read at log steps")
+            off = [step for step in self.eval.at or () if step % self.log_every]
+            if off:
+                return (f"train.eval.at: {off[0]} is not a multiple of train.log_every "
+                        f"({self.log_every}): '{metric}' is read at log steps")
             return None
         if not isinstance(model, AutoencoderModel):
             return None
@@ -467,8 +483,9 @@ class ParamRange(Strict):
 
 class Objective(Strict):
     # fd or kid: measured during training (`train.eval`) on `num_samples` samples every
-    # `every` steps (default: train.eval's, else an eighth of the steps), which early stopping
-    # reads; or any metric the training logs (loss, psnr, images_per_s...: its mean over those
+    # `every` steps (default: train.eval's; else under asha or hyperband only at the pruner's
+    # rungs, min_steps, 3x, 9x, ..., and the end, which is all it reads; else an eighth of
+    # the steps), which early stopping reads; or any metric the training logs (loss, psnr, images_per_s...: its mean over those
     # steps); or a metric the family measures when training ends (e.g. holdout_psnr)
     metric: str = "fd"
     # None: max for psnr, accuracy, usage and throughput (*_per_s), else min
@@ -485,7 +502,21 @@ class EarlyStop(Strict):
     # 16 TPE trials: asha trained 40% of the steps of every trial to full length, median 43%,
     # hyperband more; see README.
     method: Literal["asha", "median", "hyperband", "none"] = "asha"
-    min_steps: int | None = Field(None, ge=1)  # no trial stops before; None: objective.every
+    # no trial stops before; None: objective.every (else train.eval's, else an eighth of the steps)
+    min_steps: int | None = Field(None, ge=1)
+
+    REDUCTION: ClassVar[int] = 3  # asha's and hyperband's: the best third go on, rungs 3x apart
+
+    def rungs(self, first: int, steps: int) -> list[int] | None:
+        """The steps at which asha or hyperband (whose brackets' rungs are the same steps)
+        decide, below `steps`, from `first` on; None for a pruner that reads every
+        measurement."""
+        if self.method not in ("asha", "hyperband"):
+            return None
+        rungs = [first]
+        while rungs[-1] * self.REDUCTION < steps:
+            rungs.append(rungs[-1] * self.REDUCTION)
+        return rungs
 
 
 MAX_GRID = 64  # grid points a sweep may have without `allow_large_grid`
@@ -836,12 +867,20 @@ def trial_job(job: Job, params: dict[str, Any]) -> Job:
         train = raw.setdefault("train", {})
         own = train.get("eval") or {}
         objective = sweep.objective
-        every = max(1, train.get("steps", 1000) // 8)
+        steps = train.get("steps", TrainSpec.model_fields["steps"].default)
+        every = max(1, steps // 8)
         if objective.metric not in EVAL_METRICS:  # read at log steps
             log_every = train.get("log_every") or TrainSpec.model_fields["log_every"].default
             every = max(log_every, every // log_every * log_every)
-        train["eval"] = {**own, "metric": objective.metric,
-                         "every": objective.every or own.get("every") or every,
+        every = objective.every or own.get("every") or every
+        # sampling costs: with no `every` asked, a pruner with rungs is measured at its rungs
+        # (and the end) alone; it reads nothing between them (bench/sweep.py --example-share)
+        first = sweep.early_stop.min_steps or every
+        rungs = sweep.early_stop.rungs(first, steps)
+        if (objective.metric in EVAL_METRICS and rungs and objective.every is None
+                and own.get("every") is None):
+            every, own = None, {**own, "at": rungs}
+        train["eval"] = {**own, "metric": objective.metric, "every": every,
                          "num_samples": objective.num_samples or own.get("num_samples") or 500}
     trial, problems = _parse_job(raw, Defaults())
     if problems or trial is None:

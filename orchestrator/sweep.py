@@ -126,21 +126,25 @@ class Study:
         import optuna
 
         stop = self.sweep.early_stop
-        first = stop.min_steps or self.every or 1
+        first = stop.min_steps or self.first_measured or 1
         if stop.method == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=first - 1)
         if stop.method == "asha":
-            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first,
+                                                          reduction_factor=stop.REDUCTION)
         if stop.method == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=first,
-                                                  max_resource=self.job.train.steps)
+                                                  max_resource=self.job.train.steps,
+                                                  reduction_factor=stop.REDUCTION)
         return optuna.pruners.NopPruner()
 
     @property
-    def every(self) -> int | None:
-        """The steps between measurements of the objective (None: measured at the end)."""
+    def first_measured(self) -> int | None:
+        """The first step at which a trial measures the objective (None: at the end)."""
         trial = trial_job(self.job, {}).train.eval
-        return trial.every if trial is not None else None
+        if trial is None:
+            return None
+        return min([*([trial.every] if trial.every else []), *(trial.at or [])], default=None)
 
     # ---- the journal ------------------------------------------------------------------------
     def _replay(self) -> None:

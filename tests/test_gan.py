@@ -61,3 +61,29 @@ def test_discriminator_learns_to_separate():
         loss.backward()
         opt.step()
     assert loss.item() < 0.2 * first
+
+
+@pytest.mark.parametrize("d_steps, forwards", [(1, 1), (3, 3)])
+def test_a_step_runs_the_generator_once_per_discriminator_step(tmp_path, d_steps, forwards):
+    """The last discriminator step's fakes are the generator update's too (as in DCGAN): a
+    step of k discriminator updates costs k generator forwards, not k + 1."""
+    from orchestrator.inprocess import tasks
+    from workers.gan.worker import GANWorker
+
+    spec = {"experiment": "g", "defaults": {"data": {"dataset": "digits", "image_size": 8}},
+            "jobs": [{"name": "gan", "kind": "train", "family": "gan",
+                      "model": {"z_dim": 8, "g_width": 8, "d_width": 8, "d_steps": d_steps},
+                      "train": {"steps": 1, "batch_size": 4}}]}
+    worker = GANWorker(next(tasks(tmp_path, spec)))
+    worker.build(worker.job["model"], (1, 8, 8))
+    worker.configure_optimizers(worker.job["train"])
+    calls = []
+    worker.modules["g"].register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    d_before = [p.detach().clone() for p in worker.modules["d"].parameters()]
+    g_before = [p.detach().clone() for p in worker.modules["g"].parameters()]
+    losses = worker.train_step(torch.rand(4, 1, 8, 8) * 2 - 1, None, torch.Generator().manual_seed(0))
+    assert len(calls) == forwards and calls[-1] and not any(calls[:-1])
+    assert all(torch.isfinite(v) for v in losses.values())
+    # both networks moved
+    assert any(not torch.equal(a, p) for a, p in zip(d_before, worker.modules["d"].parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(g_before, worker.modules["g"].parameters()))

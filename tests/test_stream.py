@@ -67,6 +67,18 @@ def test_each_epoch_visits_every_sample_once_in_its_own_order():
     assert [again.locate(q) for q in range(900)] == epochs[0]
 
 
+def test_a_batch_is_located_at_once_as_one_position_at_a_time():
+    order = EpochOrder([40] * 22 + [20], seed=3, window=4)
+    for first in (0, 150, 880, 1790):  # inside a window, across windows, across epochs
+        positions = np.arange(first, first + 64)
+        one_by_one: dict[tuple[int, int], list[int]] = {}
+        for e, w, i in (order.locate(int(p)) for p in positions):
+            one_by_one.setdefault((e, w), []).append(i)
+        at_once = order.locate_many(positions)
+        assert {k: v.tolist() for k, v in at_once.items()} == one_by_one
+        assert list(at_once) == sorted(at_once)
+
+
 def test_batches_cover_an_epoch_with_three_windows_at_most(staged):
     s = stream(staged)
     seen, labels = [], []

@@ -192,6 +192,47 @@ def test_asha_lets_only_the_best_third_at_each_rung_go_on(tmp_path):
     assert len(stopped) >= 6 and all(r.steps == max(r.intermediate) for r in stopped)
 
 
+def test_with_no_every_a_pruner_with_rungs_is_measured_at_them_alone(tmp_path):
+    """asha and hyperband read the objective at min_steps, 3x, 9x...: a trial measures it there
+    and at the end, unless `every` is asked for; median reads every measurement."""
+    def trial_eval(early_stop: dict, every: int | None = None, steps: int = 400):
+        objective = {"metric": "fd", "num_samples": 20, **({"every": every} if every else {})}
+        sweep = {**SWEEP, "objective": objective, "early_stop": early_stop}
+        return trial_job(parse_spec(spec(swept(sweep, steps=steps)), "s.yaml").jobs[0], {}).train.eval
+
+    for method in ("asha", "hyperband"):
+        got = trial_eval({"method": method, "min_steps": 10})
+        assert (got.every, got.at) == (None, [10, 30, 90, 270])
+    got = trial_eval({"method": "asha"})  # min_steps: an eighth of the steps
+    assert (got.every, got.at) == (None, [50, 150])
+    assert (trial_eval({"method": "asha"}, every=40).every, trial_eval({}, every=40).at) == (40, None)
+    assert (trial_eval({"method": "median"}).every, trial_eval({"method": "median"}).at) == (50, None)
+
+
+def test_asha_decides_the_same_measured_at_its_rungs_alone(tmp_path):
+    """The same search, measured every 10 steps or at the rungs (10, 30) and the end alone:
+    the same trials stop at the same rungs."""
+    def run(steps: list[int], root: str) -> list[tuple[str, int]]:
+        job = parse_spec(spec(swept({**SWEEP, "trials": 12, "parallel": 1})), "s.yaml").jobs[0]
+        study, ended = Study(job, open_storage(f"file://{tmp_path}/{root}")), []
+        while study.can_ask():
+            rec = study.ask()
+            for step in steps:
+                reason = study.report(rec, step, fd_of(rec.params) * (1 + 1.0 / step))
+                if reason:
+                    study.tell(rec, "pruned", reason=reason, steps=step)
+                    ended.append(("pruned", step))
+                    break
+            else:
+                study.tell(rec, "complete", fd_of(rec.params) * 1.025, steps=40)
+                ended.append(("complete", 40))
+        return ended
+
+    every = run([10, 20, 30, 40], "every")
+    assert every == run([10, 30, 40], "rungs")
+    assert {step for state, step in every if state == "pruned"} == {10, 30}
+
+
 def test_a_study_resumes_from_its_journal_after_its_driver_died(tmp_path):
     storage = open_storage(f"file://{tmp_path}")
     job = parse_spec(spec(swept({**SWEEP, "method": "tpe", "trials": 8, "parallel": 2})),
@@ -229,7 +270,7 @@ def test_a_logged_metric_is_an_objective_read_at_log_steps(tmp_path):
     job = parse_spec(spec(swept(sweep, steps=400)), "s.yaml").jobs[0]
     trial = trial_job(job, {"train.lr": 1e-3})
     assert trial.train.eval.metric == "loss" and trial.train.eval.every == 50
-    assert Study(job, open_storage(f"file://{tmp_path}/a")).every == 50
+    assert Study(job, open_storage(f"file://{tmp_path}/a")).first_measured == 50
     fast = {**SWEEP, "objective": {"metric": "images_per_s"}}
     job = parse_spec(spec(swept(fast, steps=100, log_every=4)), "s.yaml").jobs[0]
     assert trial_job(job, {}).train.eval.every == 12

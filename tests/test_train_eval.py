@@ -199,6 +199,18 @@ def test_initial_weights_come_from_the_train_seed_not_the_process(tmp_path, fami
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_at_names_the_steps_to_evaluate_at_besides_the_last(tmp_path):
+    worker, result = run_worker(tmp_path, spec(job(eval_={"at": [2, 5], "num_samples": 20})))
+    assert [step for step, _ in result["evals"]] == [2, 5, 7]
+    assert sorted(step for _, step, m in worker.log.metrics if "fd" in m) == [2, 5, 7]
+    # `every` with it: both; and `at` alone round-trips through the job's data
+    both = parse_spec(spec(job(eval_={"every": 3, "at": [5]}))).jobs[0]
+    assert (both.train.eval.every, both.train.eval.at) == (3, [5])
+    alone = parse_spec(spec(job(eval_={"at": [5]}))).jobs[0]
+    assert alone.train.eval.every is None
+    assert parse_spec({**spec(), "jobs": [alone.resolved()]}).jobs[0].train.eval == alone.train.eval
+
+
 def test_a_logged_metric_is_measured_as_its_mean_since_the_last_measurement(tmp_path):
     worker, result = run_worker(tmp_path, spec(job("ddpm", 7, {"every": 2, "metric": "loss"})))
     logged = {step: m["loss"] for _, step, m in worker.log.metrics if "loss" in m}
@@ -327,10 +339,17 @@ def errors(data: dict) -> list[str]:
     ({"metric": "is"}, "train.eval.metric"),
     ({"steps": 0}, "train.eval.steps"),
     ({"every": 10, "often": True}, "train.eval.often"),
+    ({"at": [0]}, "train.eval.at[0]"),
 ])
 def test_bad_settings_are_one_line_each(eval_, field):
     lines = errors(spec(job(eval_=eval_)))
     assert len(lines) == 1 and lines[0].startswith(f"s.yaml: job 'flow': {field}: "), lines
+
+
+def test_a_logged_metric_is_read_at_log_steps_only():
+    assert errors(spec(job("ddpm", eval_={"at": [4, 5], "metric": "loss"}, log_every=2))) == [
+        "s.yaml: job 'ddpm': train.eval.at: 5 is not a multiple of train.log_every (2): "
+        "'loss' is read at log steps"]
 
 
 @pytest.mark.parametrize("first_stage, named", [
@@ -356,7 +375,8 @@ def test_every_family_that_samples_takes_it_with_defaults():
         {"name": "ldm", "kind": "train", "family": "ldm",
          "model": {"autoencoder": "ae", "channel_mult": [1]}, "train": {"eval": {}}}))
     assert parsed.job("ddpm").train.eval.model_dump() == {
-        "every": 500, "num_samples": 500, "metric": "fd", "steps": None, "classifier": None}
+        "every": 500, "at": None, "num_samples": 500, "metric": "fd", "steps": None,
+        "classifier": None}
     assert parsed.job("gan").train.eval.metric == "kid"
     assert parsed.job("vq").train.eval is None and TrainSpec().eval is None
 

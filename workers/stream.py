@@ -75,6 +75,20 @@ class EpochOrder:
         w = bisect.bisect_right(starts, q) - 1
         return epoch, w, int(self.permutation(epoch, w)[q - starts[w]])
 
+    def locate_many(self, positions: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+        """`locate` of many positions at once, grouped: (epoch, window) -> the indices among
+        that window's samples, in the positions' order (a batch's: one or two windows)."""
+        epochs, q = np.divmod(positions, self.total)
+        found: dict[tuple[int, int], np.ndarray] = {}
+        for epoch in np.unique(epochs).tolist():
+            in_epoch = q[epochs == epoch]
+            starts = np.asarray(self.starts(epoch))
+            windows = np.searchsorted(starts, in_epoch, side="right") - 1
+            for w in np.unique(windows).tolist():
+                at = in_epoch[windows == w] - starts[w]
+                found[(epoch, w)] = self.permutation(epoch, w)[at]
+        return found
+
 
 class ShardStream:
     """What the training loop draws its batches from when it trains on a staged data set's
@@ -141,15 +155,15 @@ class ShardStream:
         """(`gen` is unused: the order is the seed's, epoch's and step's alone.)"""
         first = (step - 1) * self.batch_size
         positions = np.array_split(np.arange(first, first + self.batch_size), self.world)[self.rank]
-        located = [self.order.locate(int(p)) for p in positions]
-        needed = sorted({(e, w) for e, w, _ in located})
+        located = self.order.locate_many(positions)
+        needed = sorted(located)
         for key in list(self._held):  # windows behind this batch are done with
             if key < needed[0] and len(self.shards) > self.order.window:
                 del self._held[key]
         xs, ys = [], []
         for key in needed:
             x, y = self._window(key)
-            rows = torch.tensor([i for e, w, i in located if (e, w) == key], device=self.device)
+            rows = torch.from_numpy(located[key]).to(self.device)
             xs.append(x[rows])
             ys.append(y[rows] if y is not None else None)
         ahead = self._next(needed[-1])

@@ -1,6 +1,6 @@
 """`train.eval`: a training job's own evaluations, as it trains.
 
-At steps `every`, 2 `every`, ... and the last, rank 0 samples `num_samples` images from its EMA
+At steps `every`, 2 `every`, ..., those of `at`, and the last, rank 0 samples `num_samples` images from its EMA
 model (the family's `generate`, with the family's default sampler settings but at most
 `orchestrator.spec.TRAIN_EVAL_STEPS` sampler steps, unless `steps` says otherwise) and scores
 them against the first `num_samples` held-out images in the feature space of the data set's
@@ -83,7 +83,9 @@ class TrainingEval:
         return cls(worker, cfg, extractor, reference, logged_until)
 
     def due(self, step: int, total: int) -> bool:
-        return step % self.cfg["every"] == 0 or step == total
+        every = self.cfg.get("every")
+        return bool(every and step % every == 0) or step in (self.cfg.get("at") or ()) \
+            or step == total
 
     def observe(self, values: dict[str, float]) -> None:
         """A log step's values: sample quality needs none of them."""

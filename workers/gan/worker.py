@@ -40,13 +40,17 @@ class GANWorker(Worker):
     def train_step(self, batch: torch.Tensor, labels: torch.Tensor | None,
                    gen: torch.Generator) -> dict[str, torch.Tensor]:
         g, d, kind = self.modules["g"], self.modules["d"], self.cfg["loss"]
-        for _ in range(self.cfg["d_steps"]):  # k discriminator steps (Algorithm 1)
-            with torch.no_grad():
+        k = self.cfg["d_steps"]
+        for i in range(k):  # k discriminator steps (Algorithm 1)
+            if i < k - 1:
+                with torch.no_grad():
+                    fake = g(self._z(len(batch), gen))
+            else:  # the last one's fakes are the generator's too, as in DCGAN: one G forward
                 fake = g(self._z(len(batch), gen))
-            real_logits, fake_logits = d(batch), d(fake)
+            real_logits, fake_logits = d(batch), d(fake.detach())
             loss_d = discriminator_loss(real_logits, fake_logits, kind)
             self.optimize(loss_d, "d")
-        fake_logits_g = d(g(self._z(len(batch), gen)))
+        fake_logits_g = d(fake)
         loss_g = generator_loss(fake_logits_g, kind)
         self.optimize(loss_g, "g")
         return {
