@@ -59,11 +59,12 @@ def train_spec(experiment: str, *, steps: int, batch_size: int, threads: int,
     }]}
 
 
-def launch(home: Path, spec: dict) -> tuple[float, subprocess.Popen]:
+def launch(home: Path, spec: dict, **env: str) -> tuple[float, subprocess.Popen]:
+    """`genforge run` of `spec` on the private stack in `home`, its driver given `env` too."""
     path = home / f"{spec['experiment']}.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))},
-           "GENFORGE_HOME": str(home)}
+           "GENFORGE_HOME": str(home), **env}
     launched = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(path)], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

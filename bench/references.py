@@ -1,6 +1,8 @@
-"""The reference implementations `bench/peers.py` sets beside genforge's families: each trains
-on the same images (genforge's staged split, floats in [-1, 1]) for a given wall-clock budget
-and returns its samples in [-1, 1], which genforge's evaluation then scores.
+"""The reference implementations `bench/peers.py` sets beside genforge's families. Each trains
+on the same images (genforge's staged split, floats in [-1, 1]) or the same code sequences,
+for a given wall-clock budget (`train_for`) or a given number of steps (`train_steps`).
+
+Generators, whose samples genforge's evaluation then scores (returned in [-1, 1]):
 
 - `dcgan`: pytorch/examples' DCGAN (examples/dcgan/main.py), scaled from 64 px to the image
   size by dropping doublings: its networks, `weights_init`, BCELoss on a sigmoid, Adam 2e-4
@@ -11,6 +13,25 @@ and returns its samples in [-1, 1], which genforge's evaluation then scores.
 
 `gan_nets_outside`: genforge's own DCGAN networks in the reference's loop, to tell the
 harness's cost per step from the architecture's.
+
+Beside `family: vqgan`, `vq_autoencoder`: genforge's own Encoder and Decoder
+(workers/nn/autoencoder.py) around vector-quantize-pytorch's `VectorQuantize` (`VQAutoencoder`),
+so that only the quantizer and the training loop differ: L1 reconstruction plus the library's
+commitment loss, Adam. The library's own advice against dead codes is taken (its README):
+`kmeans_init` (the codebook starts as k-means centroids, 10 iterations, of the first batch's
+encoder outputs, as in SoundStream) and `threshold_ema_dead_code=2` (a code whose EMA cluster
+size falls below 2 is replaced by a random encoder output of the batch); everything else is the
+library's default (notably its rotation-trick gradient through the quantizer, not a plain
+straight-through one). `reconstruction_metrics` measures it as genforge's `final_metrics` does:
+PSNR of the MSE over all held-out pixels (images in [-1, 1], reconstructions clamped), and
+`code_stats` (perplexity, fraction of the codebook used) of the held-out images' codes.
+
+Beside `family: autoregressive`, `x_transformer`: x-transformers' `TransformerWrapper(Decoder)`
+of the same width, depth, heads (head size dim / heads, as genforge's) and context over the same
+code sequences, with genforge's start-token layout (a start token of its own, logits over the
+codebook only); `train_x_transformer` trains it for a given number of steps. `nats_per_token`
+scores any next-token model (genforge's `Transformer.logits` or `x_transformer_logits`) alike:
+the mean cross-entropy, in nats, over every token of the given sequences.
 """
 
 from __future__ import annotations
@@ -45,6 +66,14 @@ def train_for(seconds: float, step: Callable[[int], None]) -> int:
         i += 1
         step(i)
     return i
+
+
+def train_steps(steps: int, step: Callable[[int], None]) -> float:
+    """Call `step(i)` for i = 1..steps; returns the seconds they took."""
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    return time.perf_counter() - start
 
 
 # ---- pytorch/examples' DCGAN ------------------------------------------------------------------
@@ -182,3 +211,142 @@ def diffusers_ddpm(x: Tensor, seconds: float, seed: int, num_samples: int, *, ch
                 sample = ddim.step(unet(sample, t).sample, t, sample, eta=0.0).prev_sample
             out.append(sample.clamp(-1, 1))
     return torch.cat(out), steps
+
+
+def descend(opt: torch.optim.Optimizer, loss: Tensor, grad_clip: float | None) -> None:
+    """Zero, backward, clip the gradients' global norm to `grad_clip` (None: no clipping) and
+    step, as genforge's `Worker.optimize` does."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
+    opt.step()
+
+
+# ---- vector-quantize-pytorch's VectorQuantize in genforge's autoencoder ---------------------
+
+VQ_FIELDS = ("channels", "channel_mult", "num_res_blocks", "latent_channels", "codebook_size",
+             "beta", "codebook_decay")  # of a `family: vqgan` model section
+
+
+class VQAutoencoder(nn.Module):
+    """genforge's Encoder and Decoder, built as its `Autoencoder` builds them (so the same seed
+    gives them the same initial weights), around vector-quantize-pytorch's EMA `VectorQuantize`
+    of the same dimension and codebook size, EMA decay `codebook_decay` and commitment weight
+    `beta`."""
+
+    def __init__(self, *, image_channels: int, channels: int, channel_mult: tuple[int, ...],
+                 num_res_blocks: int, latent_channels: int, codebook_size: int, beta: float,
+                 codebook_decay: float):
+        super().__init__()
+        from vector_quantize_pytorch import VectorQuantize
+
+        from workers.nn.autoencoder import Decoder, Encoder
+
+        self.codebook_size = codebook_size
+        levels = dict(channels=channels, channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks)
+        self.encoder = Encoder(in_channels=image_channels, out_channels=latent_channels, **levels)
+        self.decoder = Decoder(out_channels=image_channels, in_channels=latent_channels, **levels)
+        self.quantizer = VectorQuantize(
+            dim=latent_channels, codebook_size=codebook_size, decay=codebook_decay,
+            commitment_weight=beta, kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=2,
+            accept_image_fmap=True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Reconstruction, (B, h, w) code indices, commitment loss (0 in eval mode)."""
+        z, idx, commit = self.quantizer(self.encoder(x))
+        return self.decoder(z), idx, commit.sum()
+
+
+def vq_autoencoder(x: Tensor, seconds: float, seed: int, model: dict, *, lr: float,
+                   betas: tuple[float, float], batch_size: int, grad_clip: float | None
+                   ) -> tuple[VQAutoencoder, int]:
+    """(the model, its steps) of a `VQAutoencoder` of the `model` section (VQ_FIELDS of it)
+    trained on `x` for `seconds` with L1 reconstruction + the commitment loss and Adam."""
+    torch.manual_seed(seed)
+    net = VQAutoencoder(image_channels=x.shape[1], **{k: model[k] for k in VQ_FIELDS})
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=betas)
+    batches = Batches(x, batch_size, seed)
+
+    def step(_: int) -> None:
+        batch = batches.next()
+        rec, _, commit = net(batch)
+        descend(opt, (batch - rec).abs().mean() + commit, grad_clip)
+
+    net.train()
+    return net, train_for(seconds, step)
+
+
+@torch.no_grad()
+def reconstruction_metrics(net: nn.Module, heldout: Tensor, batch_size: int = 256
+                           ) -> dict[str, float]:
+    """genforge's autoencoder `final_metrics` (less their `holdout_` prefix) of `net`, which
+    maps images to (reconstruction, code indices, ...): MSE and L1 over every held-out pixel of
+    the clamped reconstructions, the PSNR of that MSE (peak-to-peak 2), and the perplexity and
+    codebook usage of the held-out codes. `net` is left in eval mode."""
+    from workers.autoencoder import psnr
+    from workers.nn.bottleneck import code_stats
+
+    net.eval()
+    outs = [net(heldout[i:i + batch_size]) for i in range(0, len(heldout), batch_size)]
+    rec = torch.cat([o[0] for o in outs]).clamp(-1, 1)
+    mse = float((rec - heldout).pow(2).mean())
+    stats = code_stats(torch.cat([o[1] for o in outs]), net.codebook_size)
+    return {"mse": mse, "psnr": psnr(mse), "l1": float((rec - heldout).abs().mean()),
+            **{k: float(v) for k, v in stats.items()}}
+
+
+# ---- x-transformers' decoder over code sequences ---------------------------------------------
+
+def x_transformer(*, vocab_size: int, seq_len: int, dim: int, layers: int, heads: int) -> nn.Module:
+    """TransformerWrapper(Decoder) of `dim`, `layers`, `heads` (head size dim / heads) and a
+    context of `seq_len`; token `vocab_size` is the start token, the logits cover the codebook."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    return TransformerWrapper(num_tokens=vocab_size + 1, logits_dim=vocab_size, max_seq_len=seq_len,
+                              attn_layers=Decoder(dim=dim, depth=layers, heads=heads,
+                                                  attn_dim_head=dim // heads))
+
+
+def x_transformer_logits(net: nn.Module, tokens: Tensor) -> Tensor:
+    """(B, L, vocab) next-token logits of (B, L) sequences, as genforge's `Transformer.logits`:
+    the input is [start, t_0, ..., t_{L-2}], position i predicts t_i."""
+    start = torch.full((len(tokens), 1), net.num_tokens - 1, dtype=torch.long, device=tokens.device)
+    return net(torch.cat([start, tokens[:, :-1]], dim=1))
+
+
+def train_x_transformer(codes: Tensor, steps: int, seed: int, *, vocab_size: int, dim: int,
+                        layers: int, heads: int, lr: float, betas: tuple[float, float],
+                        weight_decay: float, batch_size: int, grad_clip: float | None
+                        ) -> tuple[nn.Module, float, int]:
+    """(the model in eval mode, seconds, tokens seen) of an `x_transformer` trained for `steps`
+    steps on (N, L) code sequences with next-token cross-entropy and AdamW."""
+    torch.manual_seed(seed)
+    net = x_transformer(vocab_size=vocab_size, seq_len=codes.shape[1], dim=dim, layers=layers,
+                        heads=heads)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    batches = Batches(codes, batch_size, seed)
+    seen = 0
+
+    def step(_: int) -> None:
+        nonlocal seen
+        batch = batches.next()
+        logits = x_transformer_logits(net, batch)
+        descend(opt, nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten()), grad_clip)
+        seen += batch.numel()
+
+    net.train()
+    seconds = train_steps(steps, step)
+    return net.eval(), seconds, seen
+
+
+@torch.no_grad()
+def nats_per_token(logits: Callable[[Tensor], Tensor], codes: Tensor, batch_size: int = 256) -> float:
+    """Mean next-token cross-entropy (nats) over every token of the (N, L) sequences `codes`,
+    `logits` mapping a batch of them to its (B, L, vocab) next-token logits."""
+    total = 0.0
+    for i in range(0, len(codes), batch_size):
+        chunk = codes[i:i + batch_size]
+        total += float(nn.functional.cross_entropy(logits(chunk).flatten(0, 1), chunk.flatten(),
+                                                   reduction="sum"))
+    return total / codes.numel()

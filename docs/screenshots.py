@@ -12,6 +12,7 @@ picture, and the registered model with its versions and aliases. Writes docs/scr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,11 @@ def main() -> None:
               wait_s=60)
         shoot(chrome, page(f"{run}/{ddpm}/system-metrics"), "training-run-system-metrics",
               "1440,1400", wait_s=60)
+        # its last grid, as the run's artifact: the "samples" chart above renders its images
+        # only once scrolled into view, which a headless page never is
+        grids = [a.path for a in client.list_artifacts(ddpm, "images") if a.path.endswith(".png")]
+        last = max(grids, key=lambda path: int(re.search(r"step[+%](\d+)", path).group(1)))
+        shoot(chrome, page(f"{run}/{ddpm}/artifacts/{last}"), "training-run-grid")
         model = client.get_model_version_by_alias(MODEL, "champion").source.removeprefix(
             "models:/")
         shoot(chrome, page(f"experiments/{exp}/models/{model}/artifacts"), "model-artifacts")

@@ -112,8 +112,8 @@ class Driver:
         self.experiment = plan.spec.experiment
         self.root = open_storage(settings.storage, settings.s3)
         self.tracker = Tracker(settings.tracking_uri)
-        # handed to every job; off unless asked (see README: not yet measured on a cluster)
-        self.system_metrics_s = system_metrics_interval(default=0.0)
+        # handed to every job: 10 s unless set (bench/system_metrics.py measures the cost)
+        self.system_metrics_s = system_metrics_interval()
         self.registry_errors: list[str] = []  # `register:` or `promote:` the registry refused
         self.runs = JobRuns(self.tracker, self.root, self.experiment, self._is_forced, echo)
         self.progress = Progress(self.tracker)

@@ -251,8 +251,28 @@ def test_autoregressive_reads_tokens_once_and_samples_through_the_vqgan(chain, m
     assert ckpt.meta["frozen"]["tokenizer"]["family"] == "vqgan"
     vq = load_checkpoint(*resolve_checkpoint_uri(results["vq"]["checkpoint"]))
     assert torch.equal(ckpt.tensors["frozen.tokenizer/bottleneck.embed"], vq.tensors["ae/bottleneck.embed"])
+    # its fit to the held-out images' codes, as the EMA transformer scores them here
+    from orchestrator.datasets import heldout_key
+    from workers.autoencoder import build_autoencoder
+    from workers.data import load_images
+
+    data = ckpt.meta["data"]
+    x, y = load_images(open_storage(f"file://{tmp / 'store'}"), heldout_key(ckpt.meta["data_key"]),
+                       image_size=data["image_size"], channels=data["channels"], limit=1000)
+    ae = build_autoencoder("vqgan", vq.meta["model"], 1)
+    ae.load_state_dict({k[3:]: v for k, v in vq.tensors.items() if k.startswith("ae/")})
+    m = ckpt.meta["model"]
+    net = Transformer(vocab_size=32, seq_len=16, num_classes=10, dim=m["dim"], layers=m["layers"],
+                      heads=m["heads"], dropout=m["dropout"])
+    net.load_state_dict({k[8:]: v for k, v in ckpt.tensors.items() if k.startswith("ema.net/")})
+    with torch.no_grad():
+        nats = float(net.eval().loss(ae.eval().encode(x).long().reshape(len(x), -1), y))
+    held = ar["metrics"]
+    assert len(x) > 100 and held["holdout_nats_per_token"] == pytest.approx(nats, rel=1e-4)
+    assert 0 < nats < np.log(32) + 0.5 and held["holdout_perplexity"] == pytest.approx(np.exp(nats))
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     run = client.get_run(results["_runs"]["ar"]).data
+    assert run.metrics["holdout_nats_per_token"] == pytest.approx(nats, rel=1e-4)
     assert run.tags["genforge.encoded_cache"] == "miss"
     assert {"loss", "perplexity", "tokens_per_s"} <= set(run.metrics)
     assert run.metrics["tokens_per_s"] == pytest.approx(run.metrics["images_per_s"] * 16)

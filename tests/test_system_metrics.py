@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -49,6 +50,18 @@ def tiny_training() -> dict:
                                 "sample_images": 2}}]}
 
 
+def fake_nvml(gpus: int) -> types.SimpleNamespace:
+    """NVML as the nvidia-ml-py package presents it, on a node with `gpus` 16 GB GPUs: GPU i
+    uses 4(i+1) GB, is 90-40i % busy and draws 300 of its 600 W."""
+    mem = lambda i: types.SimpleNamespace(used=4e9 * (i + 1), total=16e9)  # noqa: E731
+    return types.SimpleNamespace(
+        NVMLError=type("NVMLError", (Exception,), {}), nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: gpus,
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetMemoryInfo=mem,
+        nvmlDeviceGetUtilizationRates=lambda i: types.SimpleNamespace(gpu=90 - 40 * i),
+        nvmlDeviceGetPowerUsage=lambda i: 300_000, nvmlDeviceGetEnforcedPowerLimit=lambda i: 600_000)
+
+
 @pytest.mark.parametrize("interval", ["1", "0"])
 def test_a_jobs_run_gets_system_metrics_every_interval_and_none_at_0(tmp_path, monkeypatch,
                                                                       interval):
@@ -57,19 +70,33 @@ def test_a_jobs_run_gets_system_metrics_every_interval_and_none_at_0(tmp_path, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
     # the job lasts 2.5 s more: 2 samples at 1 s
     monkeypatch.setattr(DDPMWorker, "final_metrics", lambda self: time.sleep(2.5) or {})
+    # a node with two NVIDIA GPUs, as NVML reports them (nvidia-ml-py is a dependency)
+    from mlflow.system_metrics.metrics import gpu_monitor
+
+    monkeypatch.setattr(gpu_monitor, "pynvml", fake_nvml(2))
+    monkeypatch.setitem(sys.modules, "pynvml", gpu_monitor.pynvml)
     results = run_jobs(tmp_path / "w", tiny_training())
     assert results["ddpm"]["status"] == "finished"
     client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
     run_id = results["_runs"]["ddpm"]
-    system = {k for k in client.get_run(run_id).data.metrics if k.startswith("system/")}
+    metrics = client.get_run(run_id).data.metrics
+    system = {k for k in metrics if k.startswith("system/")}
     if interval == "0":
         assert system == set()
         return
-    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/gpu_0_utilization_percentage", "system/gpu_1_memory_usage_megabytes"):
         history = client.get_metric_history(run_id, key)
         assert len(history) >= 1 and all(m.value >= 0 for m in history), key
         assert sorted(m.step for m in history) == list(range(len(history)))
-    assert client.get_run(run_id).data.metrics["system/system_memory_usage_megabytes"] > 0
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+    assert {k: metrics[f"system/gpu_{k}"] for k in (
+        "0_utilization_percentage", "1_utilization_percentage", "0_memory_usage_megabytes",
+        "1_memory_usage_percentage", "0_power_usage_watts", "1_power_usage_percentage")} == {
+        "0_utilization_percentage": 90, "1_utilization_percentage": 50,
+        "0_memory_usage_megabytes": 4000, "1_memory_usage_percentage": 50,
+        "0_power_usage_watts": 300, "1_power_usage_percentage": 50}
+    assert not any(k.startswith("system/gpu_2") for k in system)
 
 
 def test_without_psutil_there_are_no_system_metrics_and_one_warning(monkeypatch, caplog):

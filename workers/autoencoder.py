@@ -121,16 +121,8 @@ class AutoencoderWorker(Worker):
         return metrics
 
     def _ensure_holdout(self) -> None:
-        """The held-out split of the data set the model trains (or, for a sampling job, its
-        checkpoint trained) on."""
-        if self.holdout is not None:
-            return
-        meta = self.loading.meta if self.loading else {"data": self.job["data"],
-                                                       "data_key": self.task.data_key}
-        data = meta["data"]
-        x, _ = load_images(self.root, heldout_key(meta["data_key"]), image_size=data["image_size"],
-                           channels=data["channels"], limit=HOLDOUT_MAX)
-        self.holdout = x.to(self.device)
+        if self.holdout is None:
+            self.holdout = heldout_images(self)[0]
 
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -150,6 +142,17 @@ class AutoencoderWorker(Worker):
     def sample_stats(self) -> dict[str, float]:
         mse = self._sq_err / max(self._pixels, 1)
         return {"holdout_mse": mse, "holdout_psnr": psnr(mse)}
+
+
+def heldout_images(worker: Worker) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first HOLDOUT_MAX images (and labels) of the held-out split of the data set the
+    worker's model trains (or, for a sampling job, its checkpoint trained) on, on its device."""
+    meta = worker.loading.meta if worker.loading else {"data": worker.job["data"],
+                                                       "data_key": worker.task.data_key}
+    data = meta["data"]
+    x, y = load_images(worker.root, heldout_key(meta["data_key"]), image_size=data["image_size"],
+                       channels=data["channels"], limit=HOLDOUT_MAX)
+    return x.to(worker.device), None if y is None else y.to(worker.device)
 
 
 # ---- for the stages built on a first-stage autoencoder ------------------------------------

@@ -31,6 +31,7 @@ class ARModel(ModelSection):
     STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers", "heads", "dropout")
     SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers")
     TRAIN_METRICS: ClassVar[tuple[str, ...]] = ("loss", "perplexity", "tokens_per_s")
+    FINAL_METRICS: ClassVar[tuple[str, ...]] = ("holdout_nats_per_token", "holdout_perplexity")
 
     TRAINS_ON: ClassVar[str] = "its tokenizer's codes"
 

@@ -5,12 +5,14 @@ back to images. Sampling: temperature, top-k, top-p, with a KV cache."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
-from workers.autoencoder import encode_dataset, load_first_stage
+from workers.autoencoder import ENCODE_BATCH, encode_dataset, heldout_images, load_first_stage
 from workers.base import JobError, Worker
 from workers.nn.conditioning import check_labels, class_labels
 from workers.nn.distillation import kd_loss
@@ -44,6 +46,26 @@ class ARWorker(Worker):
         if problem:
             raise JobError(problem)
         return codes, labels
+
+    @torch.no_grad()
+    def final_metrics(self) -> dict[str, float]:
+        """The model's fit to images it never trained on: nats per token (and perplexity) of
+        the sampling weights over the tokenizer's codes of the held-out split's first
+        HOLDOUT_MAX images, the figure to compare transformers on one tokenizer by."""
+        x, y = heldout_images(self)
+        net = self.sampling_module("net")
+        was_training, nats = net.training, 0.0
+        net.eval()
+        try:
+            for i in range(0, len(x), ENCODE_BATCH):
+                codes = self.vq.encode(x[i:i + ENCODE_BATCH]).long().reshape(-1, self.tokens_per_item)
+                labels = y[i:i + ENCODE_BATCH] if self.num_classes else None
+                nats += float(F.cross_entropy(net.logits(codes, labels).flatten(0, 1),
+                                              codes.flatten(), reduction="sum"))
+        finally:
+            net.train(was_training)
+        nats /= len(x) * self.tokens_per_item
+        return {"holdout_nats_per_token": nats, "holdout_perplexity": math.exp(nats)}
 
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
         self.optimizers = {"net": torch.optim.AdamW(self.modules["net"].parameters(),
