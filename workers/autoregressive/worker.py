@@ -10,7 +10,6 @@ import time
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from workers.autoencoder import ENCODE_BATCH, encode_dataset, heldout_images, load_first_stage
 from workers.base import JobError, Worker
@@ -60,8 +59,7 @@ class ARWorker(Worker):
             for i in range(0, len(x), ENCODE_BATCH):
                 codes = self.vq.encode(x[i:i + ENCODE_BATCH]).long().reshape(-1, self.tokens_per_item)
                 labels = y[i:i + ENCODE_BATCH] if self.num_classes else None
-                nats += float(F.cross_entropy(net.logits(codes, labels).flatten(0, 1),
-                                              codes.flatten(), reduction="sum"))
+                nats += float(net.loss(codes, labels)) * codes.numel()  # its mean, summed
         finally:
             net.train(was_training)
         nats /= len(x) * self.tokens_per_item
