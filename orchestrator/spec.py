@@ -200,6 +200,9 @@ class TrainSpec(Strict):
     keep_checkpoints: int | None = Field(3, ge=1)
     sample_every: int | None = Field(None, ge=1)  # None: one grid at the end
     sample_images: int = Field(16, ge=1, le=1024)
+    # sampler steps of those grids (diffusion, flow); None: the family's default, as a sample
+    # job's (DDIM 50, Euler 50). Set, a grid is what a sample job with these steps draws.
+    sample_steps: int | None = Field(None, ge=1, le=100_000)
     log_every: int = Field(10, ge=1)
     # fp32, or mixed precision: bf16 (autocast) or fp16 (autocast and a gradient scaler)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(not DATA.exists(), reason="needs the shared Fash
 def tiny(spec: dict) -> dict:
     for job in spec["jobs"]:
         if "train" in job:
-            job["train"].update(steps=2, batch_size=4, sample_images=2, compile=False,
-                                checkpoint_every=None, sample_every=None, log_every=1)
+            job["train"].update(steps=2, batch_size=4, sample_images=2, sample_steps=2,
+                                compile=False, checkpoint_every=None, sample_every=None,
+                                log_every=1)
         if "sample" in job:
             job["sample"].update(num_images=4, steps=2, batch_size=4, compile=False)
         if "evaluate" in job:

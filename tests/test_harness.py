@@ -68,6 +68,27 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert tags["genforge.resumed_at_step"] == "5"
 
 
+@pytest.mark.parametrize("sample_steps, evaluations", [(None, 20), (3, 3)])
+def test_the_training_grids_take_train_sample_steps(tmp_path, sample_steps, evaluations):
+    """A grid is sampled with the family's default (DDIM: 50, or every timestep if fewer:
+    here 20), or with `train.sample_steps`."""
+    counted = []
+
+    class Counting(DDPMWorker):
+        def _log_grid(self, step, n):
+            calls = []
+            hook = self.sampling_module("net").register_forward_hook(lambda *_: calls.append(1))
+            try:
+                super()._log_grid(step, n)
+            finally:
+                hook.remove()
+            counted.append(len(calls))
+
+    train = {} if sample_steps is None else {"sample_steps": sample_steps}
+    assert Counting(make_task(tmp_path, steps=2, **train)).run()["status"] == "finished"
+    assert counted == [evaluations]
+
+
 # ---- stopping outside the training loop ------------------------------------------------------
 
 def job_store(task: Task):

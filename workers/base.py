@@ -50,7 +50,7 @@ from orchestrator.checkpoints import (
     resolve_checkpoint_uri,
     write_checkpoint,
 )
-from orchestrator.spec import EVAL_METRICS
+from orchestrator.spec import EVAL_METRICS, SampleSpec
 from orchestrator.storage import open_storage
 from orchestrator.task import Task
 from workers import images as imageio
@@ -454,8 +454,11 @@ class Worker:
         return uri
 
     def _log_grid(self, step: int, n: int) -> None:
+        steps = self.job["train"].get("sample_steps")
+        settings = None if steps is None else {**SampleSpec().model_dump(mode="json"),
+                                               "steps": steps}
         with torch.no_grad():
-            samples = self.generate(n, None, self._generator(self.job["train"]["seed"]))
+            samples = self.generate(n, settings, self._generator(self.job["train"]["seed"]))
         picture = imageio.grid(imageio.to_uint8(samples), scale=imageio.display_scale(samples.shape[-1]))
         png = imageio.png_bytes(picture)
         self.storage.put_bytes(f"samples/step-{step:06d}.png", png)
