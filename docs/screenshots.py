@@ -128,15 +128,15 @@ class Chromium:
         failed.write_bytes(base64.b64decode((await self.send("Page.captureScreenshot"))["data"]))
         raise SystemExit(f"the page did not show {what} in 60 s (as it was: {failed})")
 
-    async def open(self, url: str, height: int, charts: int = 0, settle_s: float = 3) -> None:
-        """Loads `url` in a 1440-wide window and waits until `charts` plots have drawn."""
+    async def open(self, url: str, height: int, charts: int = 0) -> None:
+        """Loads `url` in a 1440-wide window and waits until `charts` plots have drawn (and 3 s
+        more, for what draws after them)."""
         await self.send("Emulation.setDeviceMetricsOverride", width=1440, height=height,
                         deviceScaleFactor=1, mobile=False)
         await self.send("Page.navigate", url="about:blank")  # a new document, not a hash change
         await self.send("Page.navigate", url=url)
-        await self.until(f"{CHARTS} >= {charts}",
-                         f"{charts} charts ({url})")
-        await asyncio.sleep(settle_s)
+        await self.until(f"{CHARTS} >= {charts}", f"{charts} charts ({url})")
+        await asyncio.sleep(3)
 
     async def shoot(self, name: str) -> None:
         out = OUT / f"{name}.png"
