@@ -11,6 +11,11 @@ staged images:
   metrics). The real-vs-real baseline is the evaluate job's. For the GAN, genforge's own
   networks also run in the reference's loop (`outside`), so that the harness's cost per step is
   told apart from the architecture's.
+- `ldm`: the diffusion stage of `family: ldm`, with the `ddpm` comparison's U-Net and recipe,
+  over the latents of a small KL autoencoder (`stage: autoencoder`), beside diffusers' DDPM of
+  the same shape on the same latents (the training images encoded by that autoencoder and
+  scaled by the factor genforge's job measured), trained for genforge's loop seconds; both
+  sides' latents are decoded by the same autoencoder and scored as `ddpm`'s.
 - `vqgan`: `family: vqgan` at its defaults beside the same encoder and decoder around
   vector-quantize-pytorch's VectorQuantize, trained for genforge's loop seconds; both are
   measured as genforge's job measures itself at the end (its result's metrics): held-out PSNR
@@ -21,7 +26,7 @@ staged images:
   job reports nats per token over the held-out images' codes (lower is better) of its EMA
   weights; the reference is measured the same way here, and so are genforge's raw weights.
 
-    python bench/peers.py [--families gan ddpm vqgan ar] [--seeds 0 1 2] [--out bench/results/peers.json]
+    python bench/peers.py [--families gan ddpm ldm vqgan ar] [--seeds 0 1 2] [--out bench/results/peers.json]
 
 Needs the `bench` extra (pip install -e '.[bench]') and ../shared/data/fashion-mnist.
 """
@@ -59,6 +64,13 @@ AR_OPTIMIZER = {"betas": (0.9, 0.95), "weight_decay": 0.01}  # ARWorker.configur
 # 8x8 = 64 codes of its 256-entry codebook; its steps take about a minute and a half.
 AR_TOKENIZER = {"channels": 32, "channel_mult": [1, 2]}
 AR_TOKENIZER_STEPS = 200
+# The `ldm` family's first stage: a small KL autoencoder whose 16 px images make 4x8x8 latents.
+LDM_AUTOENCODER = {"stage": "autoencoder", "channels": 32, "channel_mult": [1, 2]}
+LDM_AUTOENCODER_STEPS = 200
+LDM_SAMPLER = {"sampler": "ddim", "steps": 50}
+# diffusers' DDPM beside `ddpm_job`'s: the same U-Net shape, lr, batch and EMA decay
+DIFFUSERS_RECIPE = {"channels": 32, "channel_mult": (1, 2), "lr": 1e-3, "batch_size": 128,
+                    "ema_decay": 0.995}
 
 # (root, experiment, genforge's run, seed) -> (genforge's metrics and the like, the reference's run)
 Compare = Callable[[Storage, str, dict, int], tuple[dict, dict]]
@@ -80,6 +92,16 @@ def ddpm_job(seed: int, steps: int) -> dict:
                       "ema_decay": 0.995, "seed": seed, "log_every": 50, "sample_images": 16}}
 
 
+def ldm_jobs(seed: int, steps: int) -> list[dict]:
+    """The LDM_AUTOENCODER, then the diffusion stage over its latents: `ddpm_job`'s U-Net and
+    recipe."""
+    diffusion = ddpm_job(seed, steps)
+    return [{"name": "autoencoder", "kind": "train", "family": "ldm", "model": LDM_AUTOENCODER,
+             "train": {"steps": LDM_AUTOENCODER_STEPS, "seed": seed}},
+            {**diffusion, "name": "ldm", "family": "ldm",
+             "model": {**diffusion["model"], "autoencoder": "autoencoder"}}]
+
+
 def vqgan_jobs(seed: int, steps: int) -> list[dict]:
     """`family: vqgan` at its defaults (its patch discriminator joins at step 1000)."""
     return [{"name": "vqgan", "kind": "train", "family": "vqgan", "model": {},
@@ -94,12 +116,15 @@ def ar_jobs(seed: int, steps: int) -> list[dict]:
              "model": {"tokenizer": "tokenizer"}, "train": {"steps": steps, "seed": seed}}]
 
 
-def evaluated(make: Callable[[int, int], dict], sample: dict) -> Callable[[int, int], list[dict]]:
-    """The jobs: `make`'s train job and an evaluate job ("score") of it, sampling with `sample`."""
+def evaluated(make: Callable[[int, int], dict | list[dict]], sample: dict
+              ) -> Callable[[int, int], list[dict]]:
+    """The jobs: `make`'s train job (or jobs, the last one scored) and an evaluate job
+    ("score") of it, sampling with `sample`."""
     def jobs(seed: int, steps: int) -> list[dict]:
-        train = make(seed, steps)
-        return [train, {"name": "score", "kind": "evaluate", "from": train["name"],
-                        "evaluate": {"num_samples": NUM_SAMPLES, "sample": sample}}]
+        made = make(seed, steps)
+        train = made if isinstance(made, list) else [made]
+        return [*train, {"name": "score", "kind": "evaluate", "from": train[-1]["name"],
+                         "evaluate": {"num_samples": NUM_SAMPLES, "sample": sample}}]
     return jobs
 
 
@@ -180,7 +205,11 @@ def timed(steps: int, seconds: float, **fields: Any) -> dict:
     return {"steps": steps, "loop_s": seconds, "steps_per_s": steps / seconds, **fields}
 
 
-def by_samples(reference: Callable[[torch.Tensor, float, int], tuple[torch.Tensor, int]]) -> Compare:
+# (root, experiment, training images, seconds, seed) -> (samples in [-1, 1], steps)
+Reference = Callable[[Storage, str, torch.Tensor, float, int], tuple[torch.Tensor, int]]
+
+
+def by_samples(reference: Reference) -> Compare:
     """A generator family's comparison: genforge's metrics are its evaluate job's; the
     reference trains for genforge's loop seconds and its samples are scored alike."""
     def compare(root: Storage, experiment: str, ours: dict, seed: int) -> tuple[dict, dict]:
@@ -188,23 +217,43 @@ def by_samples(reference: Callable[[torch.Tensor, float, int], tuple[torch.Tenso
 
         scored = result_of(root, experiment, "score")["metrics"]
         scorer = Scorer(root, DATA, NUM_SAMPLES)
-        samples, steps = reference(scorer.train, ours["loop_s"], seed)
+        samples, steps = reference(root, experiment, scorer.train, ours["loop_s"], seed)
         return ({"metrics": scored["sources"][0]["metrics"], "baseline": scored["baseline"]},
                 timed(steps, ours["loop_s"], metrics=scorer(samples)))
     return compare
 
 
-def gan_reference(x: torch.Tensor, seconds: float, seed: int) -> tuple[torch.Tensor, int]:
+def gan_reference(root: Storage, experiment: str, x: torch.Tensor, seconds: float, seed: int
+                  ) -> tuple[torch.Tensor, int]:
     from references import dcgan
 
     return dcgan(x, seconds, seed, NUM_SAMPLES)
 
 
-def ddpm_reference(x: torch.Tensor, seconds: float, seed: int) -> tuple[torch.Tensor, int]:
+def ddpm_reference(root: Storage, experiment: str, x: torch.Tensor, seconds: float, seed: int
+                   ) -> tuple[torch.Tensor, int]:
     from references import diffusers_ddpm
 
-    return diffusers_ddpm(x, seconds, seed, NUM_SAMPLES, channels=32, channel_mult=(1, 2),
-                          lr=1e-3, batch_size=128, ema_decay=0.995, sampler_steps=50)
+    return diffusers_ddpm(x, seconds, seed, NUM_SAMPLES, **DIFFUSERS_RECIPE, sampler_steps=50)
+
+
+@torch.no_grad()
+def ldm_reference(root: Storage, experiment: str, x: torch.Tensor, seconds: float, seed: int
+                  ) -> tuple[torch.Tensor, int]:
+    """diffusers' DDPM on the latents of the ldm job's frozen autoencoder (its checkpoint's
+    copy, with the latent scale the job measured), decoded by it."""
+    from references import diffusers_ddpm
+    from workers.autoencoder import ENCODE_BATCH
+
+    ae = first_stage(checkpoint_of(root, experiment, "autoencoder"))
+    ae.load_state_dict(part(checkpoint_of(root, experiment, "ldm"), "frozen.autoencoder/"))
+    scale = float(ae.latent_scale)
+    z = torch.cat([ae.encode_latents(x[i:i + ENCODE_BATCH])
+                   for i in range(0, len(x), ENCODE_BATCH)]) * scale
+    with torch.enable_grad():
+        latents, steps = diffusers_ddpm(z, seconds, seed, NUM_SAMPLES, **DIFFUSERS_RECIPE,
+                                        sampler_steps=LDM_SAMPLER["steps"], clip=False)
+    return ae.decode_latents(latents / scale).clamp(-1, 1), steps
 
 
 def vqgan_compare(root: Storage, experiment: str, ours: dict, seed: int) -> tuple[dict, dict]:
@@ -267,6 +316,7 @@ class Family:
     about: str
     metric: str = "fd"
     higher_is_better: bool = False
+    also: tuple[str, ...] = ()  # genforge's further metrics, summarised beside the headline
 
 
 FAMILIES: dict[str, Family] = {
@@ -276,6 +326,10 @@ FAMILIES: dict[str, Family] = {
                    by_samples(ddpm_reference),
                    "diffusers UNet2DModel (32, 64) + DDPMScheduler (cosine) + AdamW 1e-3 + EMAModel "
                    "0.995, batch 128, DDIMScheduler 50 steps"),
+    "ldm": Family(evaluated(ldm_jobs, LDM_SAMPLER), 1500, by_samples(ldm_reference),
+                  "diffusers UNet2DModel (32, 64) + DDPMScheduler (cosine, no clipping) + AdamW "
+                  "1e-3 + EMAModel 0.995, batch 128, DDIMScheduler 50 steps, on the same KL "
+                  "autoencoder's scaled 4x8x8 latents, decoded by it"),
     # ~1.5 s a step at batch 128 on 2 threads: 100 steps, 2.5 min (no discriminator before 1000)
     "vqgan": Family(vqgan_jobs, 100, vqgan_compare,
                     "genforge's Encoder/Decoder (64, (1, 2, 2), 32-dim latents) + vector-quantize-"
@@ -286,7 +340,8 @@ FAMILIES: dict[str, Family] = {
     "ar": Family(ar_jobs, 300, ar_compare,
                  "x-transformers TransformerWrapper(Decoder(dim 128, depth 4, heads 4, head size "
                  "32)) over the same 64-token code sequences, AdamW 2e-4 (0.9, 0.95) wd 0.01, "
-                 "clip 1, batch 128, genforge's steps", metric="nats_per_token"),
+                 "clip 1, batch 128, genforge's steps", metric="nats_per_token",
+                 also=("nats_per_token_raw",)),
 }
 
 
@@ -329,6 +384,8 @@ def compare_family(root: Storage, family: str, seeds: list[int], steps: int) -> 
               file=sys.stderr)
     return {"reference": fam.about, "genforge_steps": steps, "runs": runs, "metric": fam.metric,
             "higher_is_better": fam.higher_is_better, fam.metric: headline(runs, fam.metric),
+            **{m: {"genforge": summary([r["genforge"]["metrics"][m] for r in runs])}
+               for m in fam.also},
             "steps_per_s": {side: summary([r[side]["steps_per_s"] for r in runs])
                             for side in ("genforge", "reference")}}
 

@@ -9,7 +9,9 @@ Generators, whose samples genforge's evaluation then scores (returned in [-1, 1]
   (0.5, 0.999), one fake batch per step shared by the D and G updates, and samples drawn as
   its pictures are (the generator in train mode, batch statistics in 64-image batches).
 - `diffusers_ddpm`: diffusers' `UNet2DModel` trained with `DDPMScheduler` (the cosine
-  schedule) and AdamW, sampled with `DDIMScheduler` (the bench extra pins diffusers).
+  schedule) and AdamW, sampled with `DDIMScheduler` (the bench extra pins diffusers); on
+  images, or on a first stage's scaled latents (`clip=False`: no clipping to [-1, 1] anywhere),
+  for the LDM's diffusion stage.
 
 `gan_nets_outside`: genforge's own DCGAN networks in the reference's loop, to tell the
 harness's cost per step from the architecture's.
@@ -164,11 +166,13 @@ def gan_nets_outside(x: Tensor, seconds: float, seed: int, z_dim: int, width: in
 
 def diffusers_ddpm(x: Tensor, seconds: float, seed: int, num_samples: int, *, channels: int,
                    channel_mult: tuple[int, ...], lr: float, batch_size: int, ema_decay: float,
-                   sampler_steps: int) -> tuple[Tensor, int]:
+                   sampler_steps: int, clip: bool = True) -> tuple[Tensor, int]:
     """(samples, steps) of diffusers' UNet2DModel (channels x channel_mult, one ResNet block a
     level, no attention: genforge's U-Net at its defaults) trained with DDPMScheduler's
     cosine schedule, ε-prediction, AdamW at `lr` and diffusers' EMAModel, sampled with
-    DDIMScheduler at `sampler_steps` steps (η 0) from the EMA weights."""
+    DDIMScheduler at `sampler_steps` steps (η 0) from the EMA weights. `clip`: the data are
+    images in [-1, 1] (the schedulers clip their x_0 estimates, as the samples, to it); without,
+    latents of any range (genforge's LDM clips nothing either)."""
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
 
@@ -179,7 +183,8 @@ def diffusers_ddpm(x: Tensor, seconds: float, seed: int, num_samples: int, *, ch
                        down_block_types=("DownBlock2D",) * levels,
                        up_block_types=("UpBlock2D",) * levels, add_attention=False,
                        norm_num_groups=8)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                clip_sample=clip)
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=1.0)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     batches = Batches(x, batch_size, seed)
@@ -209,7 +214,7 @@ def diffusers_ddpm(x: Tensor, seconds: float, seed: int, num_samples: int, *, ch
             sample = torch.randn(n, x.shape[1], x.shape[-1], x.shape[-1], generator=gen)
             for t in ddim.timesteps:
                 sample = ddim.step(unet(sample, t).sample, t, sample, eta=0.0).prev_sample
-            out.append(sample.clamp(-1, 1))
+            out.append(sample.clamp(-1, 1) if clip else sample)
     return torch.cat(out), steps
 
 

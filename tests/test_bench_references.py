@@ -150,3 +150,15 @@ def test_train_steps_runs_exactly_the_steps():
     calls: list[int] = []
     seconds = references.train_steps(5, calls.append)
     assert calls == [1, 2, 3, 4, 5] and seconds >= 0
+
+
+def test_diffusers_ddpm_on_latents_clips_nothing():
+    """On images the schedulers clip to [-1, 1]; on latents (the LDM's reference) nothing is."""
+    pytest.importorskip("diffusers")
+    latents = 3 * smooth_images(64, size=8).repeat(1, 4, 1, 1)  # 4 channels, range ±3
+    recipe = dict(channels=8, channel_mult=(1, 2), lr=1e-3, batch_size=16, ema_decay=0.9,
+                  sampler_steps=4)
+    clipped, _ = references.diffusers_ddpm(latents, 0.5, 0, 8, **recipe)
+    free, steps = references.diffusers_ddpm(latents, 0.5, 0, 8, **recipe, clip=False)
+    assert steps >= 1 and free.shape == clipped.shape == (8, 4, 8, 8)
+    assert clipped.abs().max() <= 1 < free.abs().max()

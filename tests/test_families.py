@@ -181,6 +181,19 @@ def test_transformer_loss_falls_on_a_tiny_batch():
     assert float(loss) < 0.3 * first
 
 
+
+@pytest.mark.parametrize("dim", [128, 768])
+def test_transformer_initialisation_scales_with_the_width(dim):
+    """PyTorch's linear init (std 1/sqrt(3 dim)), He-normal token embeddings and N(0, 1/dim)
+    positions: 2.5x GPT-2's fixed 0.02 at width 128, about it at 768."""
+    torch.manual_seed(0)
+    net = Transformer(vocab_size=512, seq_len=64, dim=dim, layers=1, heads=4)
+    assert float(net.head.weight.std()) == pytest.approx((3 * dim) ** -0.5, rel=0.05)
+    assert float(net.blocks[0].attn.qkv.weight.std()) == pytest.approx((3 * dim) ** -0.5, rel=0.05)
+    assert float(net.tok.weight.std()) == pytest.approx((2 / dim) ** 0.5, rel=0.05)
+    assert float(net.pos.std()) == pytest.approx(dim ** -0.5, rel=0.05)
+
+
 # ---- workers chained in-process -----------------------------------------------------------
 
 TINY_AE = {"channels": 8, "channel_mult": [1, 2, 2], "disc_start": 4, "disc_width": 8}
@@ -264,11 +277,15 @@ def test_autoregressive_reads_tokens_once_and_samples_through_the_vqgan(chain, m
     m = ckpt.meta["model"]
     net = Transformer(vocab_size=32, seq_len=16, num_classes=10, dim=m["dim"], layers=m["layers"],
                       heads=m["heads"], dropout=m["dropout"])
+    codes = ae.eval().encode(x).long().reshape(len(x), -1)
     net.load_state_dict({k[8:]: v for k, v in ckpt.tensors.items() if k.startswith("ema.net/")})
     with torch.no_grad():
-        nats = float(net.eval().loss(ae.eval().encode(x).long().reshape(len(x), -1), y))
+        nats = float(net.eval().loss(codes, y))
+        net.load_state_dict({k[4:]: v for k, v in ckpt.tensors.items() if k.startswith("net/")})
+        raw = float(net.loss(codes, y))
     held = ar["metrics"]
     assert len(x) > 100 and held["holdout_nats_per_token"] == pytest.approx(nats, rel=1e-4)
+    assert held["holdout_nats_per_token_raw"] == pytest.approx(raw, rel=1e-4) and raw != nats
     assert 0 < nats < np.log(32) + 0.5 and held["holdout_perplexity"] == pytest.approx(np.exp(nats))
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     run = client.get_run(results["_runs"]["ar"]).data

@@ -1,7 +1,7 @@
 """`train.precision`: bf16 and fp16 mixed precision run the same training harness, on the CPU
 here (autocast is the same API on CUDA), are recorded on the run, keep the weights in float32,
-and save fp16's gradient scaler with the checkpoint; a device without autocast trains in fp32
-and says why."""
+and save fp16's gradient scaler with the checkpoint; a device without autocast, or a CPU
+without native kernels for the precision, trains in fp32 and says why."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.checkpoints import load_checkpoint, resolve_checkpoint_uri
 from orchestrator.inprocess import run_jobs
+from workers import precision as precision_module
 from workers.precision import Precision
 
 
@@ -32,7 +33,9 @@ def trained(tmp_path, precision: str):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_and_is_recorded(tmp_path, precision):
+def test_mixed_precision_trains_and_is_recorded(tmp_path, monkeypatch, precision):
+    # the autocast path even where this CPU lacks the native kernels (it is only slower)
+    monkeypatch.setattr(precision_module, "cpu_has_native", lambda asked: True)
     _, fp32, run32 = trained(tmp_path, "fp32")
     result, mixed, run = trained(tmp_path, precision)
     assert result["status"] == "finished"
@@ -55,3 +58,18 @@ def test_a_device_without_autocast_trains_in_fp32_and_says_why(monkeypatch):
     assert p.used == "fp32" and p.tags() == {
         "genforge.precision": "fp32", "genforge.precision_fallback": "torch has no autocast on cpu"}
     assert p.scaler("net") is None
+
+
+@pytest.mark.parametrize("asked, name", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_a_cpu_without_native_kernels_trains_in_fp32_and_says_why(monkeypatch, asked, name):
+    monkeypatch.setattr(precision_module, "cpu_has_native", lambda p: p != asked)
+    p = Precision(asked, torch.device("cpu"))
+    assert p.used == "fp32" and p.tags() == {
+        "genforge.precision": "fp32",
+        "genforge.precision_fallback": f"this CPU has no native {name} arithmetic"}
+    monkeypatch.setattr(precision_module, "cpu_has_native", lambda p: True)
+    assert Precision(asked, torch.device("cpu")).used == asked
+
+
+def test_the_native_kernel_probe_answers_for_this_cpu():
+    assert all(isinstance(precision_module.cpu_has_native(p), bool) for p in ("bf16", "fp16"))

@@ -31,7 +31,8 @@ class ARModel(ModelSection):
     STUDENT_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers", "heads", "dropout")
     SIZE_FIELDS: ClassVar[tuple[str, ...]] = ("dim", "layers")
     TRAIN_METRICS: ClassVar[tuple[str, ...]] = ("loss", "perplexity", "tokens_per_s")
-    FINAL_METRICS: ClassVar[tuple[str, ...]] = ("holdout_nats_per_token", "holdout_perplexity")
+    FINAL_METRICS: ClassVar[tuple[str, ...]] = ("holdout_nats_per_token", "holdout_perplexity",
+                                                "holdout_nats_per_token_raw")
 
     TRAINS_ON: ClassVar[str] = "its tokenizer's codes"
 
