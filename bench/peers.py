@@ -237,7 +237,6 @@ def ddpm_reference(root: Storage, experiment: str, x: torch.Tensor, seconds: flo
     return diffusers_ddpm(x, seconds, seed, NUM_SAMPLES, **DIFFUSERS_RECIPE, sampler_steps=50)
 
 
-@torch.no_grad()
 def ldm_reference(root: Storage, experiment: str, x: torch.Tensor, seconds: float, seed: int
                   ) -> tuple[torch.Tensor, int]:
     """diffusers' DDPM on the latents of the ldm job's frozen autoencoder (its checkpoint's
@@ -248,12 +247,13 @@ def ldm_reference(root: Storage, experiment: str, x: torch.Tensor, seconds: floa
     ae = first_stage(checkpoint_of(root, experiment, "autoencoder"))
     ae.load_state_dict(part(checkpoint_of(root, experiment, "ldm"), "frozen.autoencoder/"))
     scale = float(ae.latent_scale)
-    z = torch.cat([ae.encode_latents(x[i:i + ENCODE_BATCH])
-                   for i in range(0, len(x), ENCODE_BATCH)]) * scale
-    with torch.enable_grad():
-        latents, steps = diffusers_ddpm(z, seconds, seed, NUM_SAMPLES, **DIFFUSERS_RECIPE,
-                                        sampler_steps=LDM_SAMPLER["steps"], clip=False)
-    return ae.decode_latents(latents / scale).clamp(-1, 1), steps
+    with torch.no_grad():
+        z = torch.cat([ae.encode_latents(x[i:i + ENCODE_BATCH])
+                       for i in range(0, len(x), ENCODE_BATCH)]) * scale
+    latents, steps = diffusers_ddpm(z, seconds, seed, NUM_SAMPLES, **DIFFUSERS_RECIPE,
+                                    sampler_steps=LDM_SAMPLER["steps"], clip=False)
+    with torch.no_grad():
+        return ae.decode_latents(latents / scale).clamp(-1, 1), steps
 
 
 def vqgan_compare(root: Storage, experiment: str, ours: dict, seed: int) -> tuple[dict, dict]:
