@@ -116,3 +116,35 @@ def test_vq_update_with_a_world_of_one_is_the_plain_update(tmp_path):
     for t in plain:
         for k, v in plain[t].items():
             assert torch.equal(one[t][k], v), (t, k)
+
+
+def _group_error(failures: dict[int, Exception]) -> Exception:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    return WorkerGroupError("Training failed due to worker errors", failures)
+
+
+def test_a_rank_whose_process_died_is_lost_workers_however_ray_train_reports_it():
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import (WorkerHealthCheckFailedError,
+                                                   WorkerHealthCheckTimeoutError)
+
+    from orchestrator.task import WorkersLost
+    from workers.base import JobError
+    from workers.parallel import _failure
+
+    died = ActorDiedError()
+    reports = {
+        "the actor's error itself": died,
+        # the controller's health check saw the dead actor first (the order of the two is a race)
+        "a failed health check": WorkerHealthCheckFailedError("A worker health check failed.", died),
+        "a hung health check": WorkerHealthCheckTimeoutError("A worker health check timed out."),
+        "a peer's broken collective": RuntimeError("gloo: Connection reset by peer"),
+    }
+    for how, cause in reports.items():
+        error = _failure(_group_error({1: ValueError("fine"), 0: cause}), JobError)
+        assert isinstance(error, WorkersLost), how
+        assert "worker 0 lost" in str(error), how
+    # the rank's own error is the job's, with its last line
+    own = _failure(_group_error({0: ValueError("line one\nbad learning rate")}), JobError)
+    assert isinstance(own, JobError) and str(own) == "rank 0: bad learning rate"

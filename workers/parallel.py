@@ -187,11 +187,16 @@ def _failure(exc: Exception, job_error: type[Exception]) -> Exception:
     """The job's error from Ray Train's: a rank that died (or whose peer died mid-collective)
     as `WorkersLost`, an error of a rank's own as a job error (its last line)."""
     from ray.exceptions import RayActorError, RayTaskError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckTimeoutError
 
     failures = getattr(exc, "worker_failures", None) or {}
     for rank, cause in sorted(failures.items()):
-        died = isinstance(cause, RayActorError) and not isinstance(cause, RayTaskError)
-        if died or any(sign in str(cause) for sign in PEER_LOST):
+        # a dead rank reaches here as its actor's error or, when the controller's health check
+        # saw it first, wrapped in a failed health check; a hung one as a timed-out check
+        seen = getattr(cause, "health_check_failure", None) or cause
+        died = isinstance(seen, RayActorError) and not isinstance(seen, RayTaskError)
+        hung = isinstance(cause, WorkerHealthCheckTimeoutError)
+        if died or hung or any(sign in str(cause) for sign in PEER_LOST):
             return WorkersLost(f"data-parallel worker {rank} lost ({type(cause).__name__})")
     for rank, cause in sorted(failures.items()):
         inner = getattr(cause, "cause", None) or cause
