@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from workers.diffusion.losses import ddpm_loss
-from workers.diffusion.samplers import AncestralSampler, DDIMSampler, make_sampler, sample
+from workers.diffusion.samplers import (SIGMA_MAX, AncestralSampler, DDIMSampler, first_timestep,
+                                       make_sampler, sample)
 from workers.diffusion.schedules import NoiseSchedule, make_schedule
 from workers.nn.ema import EMA
 from workers.nn.unet import UNet, norm
@@ -275,10 +276,7 @@ def test_clip_x0_flag(name):
 
 
 
-@pytest.mark.parametrize("kind", ["linear", pytest.param("cosine", marks=pytest.mark.xfail(
-    strict=True, reason="open (issue 24): unclipped DDIM from t = T-1 of the cosine schedule "
-    "(ᾱ = 2.4e-9) multiplies an ε-model's error by ~600 in its first step; the LDM's samples "
-    "on its latents are then noise-scaled (bench/peers.py: FD 106 against diffusers' 21)"))])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_unclipped_ddim_tolerates_a_one_percent_model_error(kind):
     """Latents (the LDM's, scaled to unit variance) are not clipped to [-1, 1]: the sampler
     must not blow up a near-ideal ε-model's small error. The data are N(0, I), whose ideal
@@ -292,6 +290,23 @@ def test_unclipped_ddim_tolerates_a_one_percent_model_error(kind):
     out = sample(model_fn, make_sampler("ddim", schedule, clip_x0=False), (256, 4, 8, 8),
                  num_steps=50, generator=gen(0))
     assert float(out.std()) == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_an_unclipped_sampler_starts_where_sigma_over_alpha_is_at_most_80(kind):
+    schedule = make_schedule(kind, 1000)
+    snr_inv = ((1 - schedule.alphas_cumprod.double()) / schedule.alphas_cumprod.double()).tolist()
+    first = first_timestep(schedule, clip_x0=False)
+    assert snr_inv[first] <= SIGMA_MAX**2 < snr_inv[first + 1]
+    assert first == {"linear": 929, "cosine": 990}[kind]
+    assert first_timestep(schedule, clip_x0=True) == 999  # pixels: x_0 clipped, start at T-1
+    for name in ("ddim", "ancestral"):
+        raw, clipped = (make_sampler(name, schedule, clip_x0=c) for c in (False, True))
+        raw.set_timesteps(50), clipped.set_timesteps(50)
+        assert raw.timesteps[0] == first and raw.timesteps[-1] == 0 and len(raw.timesteps) == 50
+        assert clipped.timesteps[0] == 999
+        raw.set_timesteps(1000)  # every timestep: each of those from the start down, once
+        assert raw.timesteps == list(range(first, -1, -1))
 
 
 def test_make_sampler_registry():

@@ -45,6 +45,19 @@ def test_trailing_grids_halve_into_each_other(T, n):
     grid = timestep_grid(T, n, "trailing")
     assert grid[0] == T - 1 and len(set(grid)) == n and grid == sorted(grid, reverse=True)
     assert grid[0::2] == timestep_grid(T, n // 2, "trailing")
+    # from an unclipped sampler's later start (latents) too
+    late = timestep_grid(T, n, "trailing", first=T - 1 - T // 100)
+    assert late[0] == T - 1 - T // 100 and len(set(late)) == n
+    assert late[0::2] == timestep_grid(T, n // 2, "trailing", first=late[0])
+
+
+def test_an_unclipped_distillation_trains_on_the_grid_its_student_samples_on():
+    s = make_schedule("cosine", 1000)
+    student = DDIMSampler(s, clip_x0=False)
+    student.set_timesteps(4, "trailing")
+    t, t1, t2 = student_grid_points(s, 8, 512, gen(2), torch.device("cpu"), clip=False)
+    assert sorted(set(t.tolist()), reverse=True) == student.timesteps
+    assert student.timesteps[0] == 990 and set(t2.tolist()) == set(student.timesteps[1:]) | {END}
 
 
 def test_two_step_target_puts_the_student_on_the_teachers_point():

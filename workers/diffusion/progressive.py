@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workers.diffusion.parameterization import Prediction, to_x0_eps
-from workers.diffusion.samplers import timestep_grid
+from workers.diffusion.samplers import first_timestep, timestep_grid
 from workers.diffusion.schedules import NoiseSchedule
 
 Net = Callable[[Tensor, Tensor], Tensor]
@@ -49,11 +49,12 @@ def _ddim_step(net: Net, prediction: Prediction, schedule: NoiseSchedule, z: Ten
 
 
 def student_grid_points(schedule: NoiseSchedule, teacher_steps: int, n: int,
-                        generator: torch.Generator | None, device: torch.device
-                        ) -> tuple[Tensor, Tensor, Tensor]:
-    """(t, t', t'') for `n` random student steps of a round whose teacher takes `teacher_steps`."""
-    grid = torch.tensor(timestep_grid(schedule.timesteps, teacher_steps, "trailing") + [END],
-                        device=device)
+                        generator: torch.Generator | None, device: torch.device, *,
+                        clip: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, t', t'') for `n` random student steps of a round whose teacher takes `teacher_steps`,
+    on the grid the student then samples on (see `first_timestep`)."""
+    grid = timestep_grid(schedule.timesteps, teacher_steps, "trailing", first_timestep(schedule, clip))
+    grid = torch.tensor(grid + [END], device=device)
     i = torch.randint(0, teacher_steps // 2, (n,), generator=generator, device=device)
     return grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
 
@@ -83,7 +84,8 @@ def progressive_loss(student: Net, student_prediction: Prediction, teacher: Net,
                      generator: torch.Generator | None = None) -> Tensor:
     """The distillation loss of one batch of training data `x0` in a round whose teacher
     samples with `teacher_steps` steps."""
-    t, t1, t2 = student_grid_points(schedule, teacher_steps, len(x0), generator, x0.device)
+    t, t1, t2 = student_grid_points(schedule, teacher_steps, len(x0), generator, x0.device,
+                                    clip=clip)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     alpha, sigma = _coefficients(schedule, t, x0)
     z = alpha * x0 + sigma * noise

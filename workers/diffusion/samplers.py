@@ -8,6 +8,12 @@ last step, where ᾱ_prev = 1 and the sampler returns its prediction of x_0.
 Both samplers go through the x_0 prediction so that it can be clipped to the data
 range [-1, 1] (as the reference DDPM code does); without clipping the updates are
 algebraically those of the papers.
+
+Where x_0 is not clipped (the LDM's latents), a sampler starts from pure noise at the last
+timestep whose σ/α is at most SIGMA_MAX, not at T-1. An ε-model determines x_0 only up to
+σ/α times its error: the cosine schedule's last timestep (β capped at 0.999) has ᾱ = 2.4e-9,
+σ/α = 20,000, and its first DDIM step would multiply the model's error by ~600; clipping to
+[-1, 1] is what bounds that error on pixels.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from torch import Tensor
 
 from workers.diffusion.schedules import NoiseSchedule
 
+# EDM's largest noise level (Karras et al. 2022, σ_max = 80 for VP models), as σ/α = sqrt((1-ᾱ)/ᾱ)
+SIGMA_MAX = 80.0
+
 
 class Sampler:
     """Base class: timestep selection and x_0 prediction shared by all samplers."""
@@ -30,15 +39,16 @@ class Sampler:
         self.schedule = schedule
         self.clip_x0 = clip_x0
         self.timesteps: list[int] = []
+        self.first = first_timestep(schedule, clip_x0)
         # Python floats: the per-step coefficients are scalars and must not sync with an accelerator.
         self._alphas_cumprod: list[float] = schedule.alphas_cumprod.double().cpu().tolist()
 
     def set_timesteps(self, num_steps: int, spacing: Spacing = "linspace") -> None:
-        """Descending timesteps that start at T-1, so sampling always starts at pure noise:
-        "linspace" spaces them evenly down to 0; "trailing" ends at T/n - 1 instead, which makes
-        the grid of n steps every other timestep of the grid of 2n (what progressive
-        distillation halves)."""
-        self.timesteps = timestep_grid(self.schedule.timesteps, num_steps, spacing)
+        """Descending timesteps from `first` (T-1 where x_0 is clipped), where sampling starts at
+        pure noise: "linspace" spaces them evenly down to 0; "trailing" ends at (first+1)/n - 1
+        instead, which makes the grid of n steps every other timestep of the grid of 2n (what
+        progressive distillation halves)."""
+        self.timesteps = timestep_grid(self.schedule.timesteps, num_steps, spacing, self.first)
 
     def alpha_bar(self, t: int | None) -> float:
         return 1.0 if t is None else self._alphas_cumprod[t]
@@ -52,16 +62,34 @@ class Sampler:
         raise NotImplementedError
 
 
-def timestep_grid(T: int, num_steps: int, spacing: Spacing = "linspace") -> list[int]:
-    """The `num_steps` timesteps of a sampler over a schedule of T, descending from T-1."""
+def first_timestep(schedule: NoiseSchedule, clip_x0: bool) -> int:
+    """Where a sampler starts from pure noise: T-1, or where x_0 is not clipped, the last
+    timestep whose σ/α is at most SIGMA_MAX."""
+    last = schedule.timesteps - 1
+    if clip_x0:
+        return last
+    abar = schedule.alphas_cumprod.double()
+    within = ((1 - abar) / abar <= SIGMA_MAX**2).nonzero()
+    return int(within[-1]) if len(within) else last
+
+
+def timestep_grid(T: int, num_steps: int, spacing: Spacing = "linspace",
+                  first: int | None = None) -> list[int]:
+    """The timesteps of a sampler of `num_steps` over a schedule of T, descending from `first`
+    (T-1 unless given); a sampler asked for more steps than there are timesteps from `first`
+    down takes each of them once."""
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    first = T - 1 if first is None else first
+    num_steps = min(num_steps, first + 1)
     if spacing == "trailing":
-        return [round(T - i * T / num_steps) - 1 for i in range(num_steps)]
+        return [round(first + 1 - i * (first + 1) / num_steps) - 1 for i in range(num_steps)]
     if spacing != "linspace":
         raise ValueError(f"spacing must be 'linspace' or 'trailing', got {spacing!r}")
-    # Spacing (T-1)/(n-1) >= 1, so rounding never produces duplicates.
-    return torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long().tolist()
+    if num_steps == 1:
+        return [first]
+    # Spacing first/(n-1) >= 1, so rounding never produces duplicates.
+    return torch.linspace(first, 0, num_steps, dtype=torch.float64).round().long().tolist()
 
 
 class AncestralSampler(Sampler):
