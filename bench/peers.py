@@ -25,6 +25,7 @@ staged images:
   encoded by that VQGAN's checkpoint) for the same steps, hence the same tokens seen. genforge's
   job reports nats per token over the held-out images' codes (lower is better) of its EMA
   weights; the reference is measured the same way here, and so are genforge's raw weights.
+  genforge's transformer also trains in the reference's loop (`outside`), as the GAN's do.
 
     python bench/peers.py [--families gan ddpm ldm vqgan ar] [--seeds 0 1 2] [--out bench/results/peers.json]
 
@@ -59,7 +60,9 @@ DATA = {"dataset": "npz", "path": str(FASHION / "train.npz"), "image_size": 16,
 TRAIN = TrainSpec().model_dump()  # genforge's train section defaults (lr, batch size, clipping)
 VQGAN_MODEL = VQGANModel().model_dump(mode="json")  # `family: vqgan`'s defaults
 AE_BETAS = (0.5, 0.9)  # AutoencoderWorker.configure_optimizers's Adam
-AR_OPTIMIZER = {"betas": (0.9, 0.95), "weight_decay": 0.01}  # ARWorker.configure_optimizers's AdamW
+# ARWorker.configure_optimizers's AdamW, and the train section's lr, batch size and clipping
+AR_RECIPE = {"betas": (0.9, 0.95), "weight_decay": 0.01, "lr": TRAIN["lr"],
+             "batch_size": TRAIN["batch_size"], "grad_clip": TRAIN["grad_clip"]}
 # The `ar` family's tokenizer: a small VQGAN (defaults but for these) whose 16 px images make
 # 8x8 = 64 codes of its 256-entry codebook; its steps take about a minute and a half.
 AR_TOKENIZER = {"channels": 32, "channel_mult": [1, 2]}
@@ -272,11 +275,18 @@ def vqgan_compare(root: Storage, experiment: str, ours: dict, seed: int) -> tupl
             timed(steps, ours["loop_s"], metrics=reconstruction_metrics(net, heldout)))
 
 
+def ar_shape(ckpt: Checkpoint, vocab_size: int) -> dict[str, int]:
+    """The AR checkpoint's transformer shape, as the reference's arguments."""
+    m = ckpt.meta["model"]
+    return {"vocab_size": vocab_size, "dim": m["dim"], "layers": m["layers"], "heads": m["heads"]}
+
+
 def ar_compare(root: Storage, experiment: str, ours: dict, seed: int) -> tuple[dict, dict]:
     """x-transformers' decoder trained on the tokenizer's codes of the training images for
     genforge's steps at its batch size, lr, AdamW and clipping; both scored in nats per token
     over the held-out images' codes."""
-    from references import nats_per_token, train_x_transformer, x_transformer_logits
+    from references import (ar_net_outside, nats_per_token, train_x_transformer,
+                            x_transformer_logits)
 
     ae = first_stage(checkpoint_of(root, experiment, "tokenizer"))
     train, heldout = staged(root)
@@ -284,11 +294,11 @@ def ar_compare(root: Storage, experiment: str, ours: dict, seed: int) -> tuple[d
     vocab, seq_len = ae.bottleneck.codebook_size, codes.shape[1]
     ckpt = checkpoint_of(root, experiment, "ar")
     raw, ema = (genforge_transformer(ckpt, p, vocab, seq_len) for p in ("net/", "ema.net/"))
-    m = ckpt.meta["model"]
-    net, seconds, seen = train_x_transformer(
-        codes, ours["steps"], seed, vocab_size=vocab, dim=m["dim"], layers=m["layers"],
-        heads=m["heads"], lr=TRAIN["lr"], batch_size=TRAIN["batch_size"],
-        grad_clip=TRAIN["grad_clip"], **AR_OPTIMIZER)
+    net, seconds, seen = train_x_transformer(codes, ours["steps"], seed,
+                                             **ar_shape(ckpt, vocab), **AR_RECIPE)
+    # genforge's own transformer in that loop: the harness's cost apart from the network's
+    outside_s = ar_net_outside(codes, ours["steps"], seed, **ar_shape(ckpt, vocab),
+                               dropout=ckpt.meta["model"]["dropout"], **AR_RECIPE)
     # the job's own figure (its EMA, what it samples from), checked against this bench's
     # measure of the same weights; the raw weights too, as the reference has no EMA
     reported = result_of(root, experiment, "ar")["metrics"]["holdout_nats_per_token"]
@@ -298,7 +308,9 @@ def ar_compare(root: Storage, experiment: str, ours: dict, seed: int) -> tuple[d
     theirs_metrics = {"nats_per_token": nats_per_token(lambda t: x_transformer_logits(net, t), held)}
     tokens = ours["steps"] * min(TRAIN["batch_size"], len(codes)) * seq_len  # InMemory's batches
     return ({"metrics": ours_metrics, "tokens_seen": tokens, "params": params(raw),
-             "seq_len": seq_len, "tokenizer": result_of(root, experiment, "tokenizer")["metrics"]},
+             "seq_len": seq_len, "tokenizer": result_of(root, experiment, "tokenizer")["metrics"],
+             "same_network": {"outside_steps_per_s": ours["steps"] / outside_s,
+                              "ratio": ours["steps_per_s"] * outside_s / ours["steps"]}},
             timed(ours["steps"], seconds, metrics=theirs_metrics, tokens_seen=seen,
                   params=params(net)))
 
@@ -387,7 +399,10 @@ def compare_family(root: Storage, family: str, seeds: list[int], steps: int) -> 
             **{m: {"genforge": summary([r["genforge"]["metrics"][m] for r in runs])}
                for m in fam.also},
             "steps_per_s": {side: summary([r[side]["steps_per_s"] for r in runs])
-                            for side in ("genforge", "reference")}}
+                            for side in ("genforge", "reference")},
+            **({"same_network": {k: summary([r["genforge"]["same_network"][k] for r in runs])
+                                 for k in ("outside_steps_per_s", "ratio")}}
+               if all("same_network" in r["genforge"] for r in runs) else {})}
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ the mean cross-entropy, in nats, over every token of the given sequences.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -320,15 +320,13 @@ def x_transformer_logits(net: nn.Module, tokens: Tensor) -> Tensor:
     return net(torch.cat([start, tokens[:, :-1]], dim=1))
 
 
-def train_x_transformer(codes: Tensor, steps: int, seed: int, *, vocab_size: int, dim: int,
-                        layers: int, heads: int, lr: float, betas: tuple[float, float],
-                        weight_decay: float, batch_size: int, grad_clip: float | None
-                        ) -> tuple[nn.Module, float, int]:
-    """(the model in eval mode, seconds, tokens seen) of an `x_transformer` trained for `steps`
-    steps on (N, L) code sequences with next-token cross-entropy and AdamW."""
-    torch.manual_seed(seed)
-    net = x_transformer(vocab_size=vocab_size, seq_len=codes.shape[1], dim=dim, layers=layers,
-                        heads=heads)
+def train_transformer(net: nn.Module, logits: Callable[[nn.Module, Tensor], Tensor],
+                      codes: Tensor, steps: int, seed: int, *, lr: float,
+                      betas: tuple[float, float], weight_decay: float, batch_size: int,
+                      grad_clip: float | None) -> tuple[nn.Module, float, int]:
+    """(`net` in eval mode, seconds, tokens seen) after `steps` steps of next-token
+    cross-entropy with AdamW on (N, L) code sequences, `logits(net, batch)` the (B, L, vocab)
+    next-token logits of a batch."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
     batches = Batches(codes, batch_size, seed)
     seen = 0
@@ -336,13 +334,34 @@ def train_x_transformer(codes: Tensor, steps: int, seed: int, *, vocab_size: int
     def step(_: int) -> None:
         nonlocal seen
         batch = batches.next()
-        logits = x_transformer_logits(net, batch)
-        descend(opt, nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten()), grad_clip)
+        descend(opt, nn.functional.cross_entropy(logits(net, batch).flatten(0, 1), batch.flatten()),
+                grad_clip)
         seen += batch.numel()
 
     net.train()
     seconds = train_steps(steps, step)
     return net.eval(), seconds, seen
+
+
+def train_x_transformer(codes: Tensor, steps: int, seed: int, *, vocab_size: int, dim: int,
+                        layers: int, heads: int, **recipe: Any) -> tuple[nn.Module, float, int]:
+    """`train_transformer` of an `x_transformer` of that shape (`recipe`: its optimiser's)."""
+    torch.manual_seed(seed)
+    net = x_transformer(vocab_size=vocab_size, seq_len=codes.shape[1], dim=dim, layers=layers,
+                        heads=heads)
+    return train_transformer(net, x_transformer_logits, codes, steps, seed, **recipe)
+
+
+def ar_net_outside(codes: Tensor, steps: int, seed: int, *, vocab_size: int, dim: int,
+                   layers: int, heads: int, dropout: float, **recipe: Any) -> float:
+    """Seconds genforge's own transformer of that shape takes for `steps` of the reference's
+    loop (`train_transformer`)."""
+    from workers.autoregressive.transformer import Transformer
+
+    torch.manual_seed(seed)
+    net = Transformer(vocab_size=vocab_size, seq_len=codes.shape[1], dim=dim, layers=layers,
+                      heads=heads, dropout=dropout)
+    return train_transformer(net, lambda m, b: m.logits(b), codes, steps, seed, **recipe)[1]
 
 
 @torch.no_grad()

@@ -146,6 +146,24 @@ def test_the_x_transformer_learns_codes_for_given_steps_and_counts_tokens():
     assert math.isfinite(after) and after < math.log(16) - 1
 
 
+def test_genforges_transformer_learns_in_the_references_loop():
+    """The AR comparison's same-network run: genforge's transformer, trained by the loop that
+    trains the x-transformers decoder."""
+    from workers.autoregressive.transformer import Transformer
+
+    codes, held = counting_codes(256, 8, 16), counting_codes(64, 8, 16, seed=1)
+    shape = dict(vocab_size=16, dim=32, layers=1, heads=4)
+    recipe = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, batch_size=32, grad_clip=1.0)
+    torch.manual_seed(0)
+    net = Transformer(seq_len=8, **shape).eval()
+    before = references.nats_per_token(net.logits, held)
+    net, seconds, seen = references.train_transformer(net, lambda m, b: m.logits(b), codes, 30, 0,
+                                                      **recipe)
+    assert seen == 30 * 32 * 8 and seconds > 0 and not net.training
+    assert references.nats_per_token(net.logits, held) < before - 1
+    assert references.ar_net_outside(codes, 3, 0, dropout=0.0, **shape, **recipe) > 0
+
+
 def test_train_steps_runs_exactly_the_steps():
     calls: list[int] = []
     seconds = references.train_steps(5, calls.append)

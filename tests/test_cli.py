@@ -52,6 +52,13 @@ def tiny_spec(tmp_path):
          "data": {"dataset": "digits", "image_size": 8}}]})
 
 
+def test_force_of_a_job_the_spec_lacks_is_exit_2_before_any_service_is_reached(monkeypatch,
+                                                                              capsys):
+    monkeypatch.setattr(cli, "_services", lambda *a, **k: pytest.fail("a service was reached"))
+    assert cli.main(["run", QUICKSTART, "--force", "ddpm", "--force", "zzz"]) == 2
+    assert capsys.readouterr().err.strip() == f"genforge: {QUICKSTART}: --force: no job named zzz"
+
+
 def test_storage_failing_while_data_is_staged_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     from orchestrator import datasets
     from orchestrator.storage import StorageError

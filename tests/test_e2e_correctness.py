@@ -1,5 +1,6 @@
-"""Correct on a shared cluster, on the real stack: a cache keyed by content (data regenerated at
-the same path, a checkpoint URI whose job was retrained), `--force` as a fresh run, one writer
+"""Correct on a shared cluster, on the real stack: a cache keyed by content that reruns exactly
+what changed (a spec's value, data regenerated at the same path, a checkpoint URI whose job was
+retrained) and what depends on it, `--force` of one job or as a fresh run, one writer
 per job across drivers, a job no node can run refused up front, and SIGTERM landing in every
 phase with every run KILLED."""
 
@@ -50,39 +51,50 @@ def write_images(path, seed: int) -> None:
     np.savez(path, x=rng.integers(0, 255, (48, 8, 8), dtype=np.uint8), y=np.arange(48) % 3)
 
 
-def test_the_cache_follows_content_and_force_starts_afresh(tmp_path, local_stack, stack_env,
-                                                           s3_client):
+def test_the_cache_reruns_exactly_what_changed_and_force_starts_afresh(tmp_path, local_stack,
+                                                                       stack_env, s3_client):
+    """A job is cached while its spec and the content it reads are the same; a change reruns it
+    and what depends on it, nothing else."""
     write_images(tmp_path / "d.npz", seed=0)
-    train = write_spec(tmp_path / "train.yaml", {"experiment": "content", "jobs": [
-        {"name": "a", **TINY, "data": {"dataset": "npz", "path": "d.npz", "image_size": 8}}]})
+
+    def pipeline(seed: int):
+        return write_spec(tmp_path / "train.yaml", {"experiment": "content", "jobs": [
+            {"name": "a", **TINY, "data": {"dataset": "npz", "path": "d.npz", "image_size": 8}},
+            {"name": "b", **TINY, "data": {"dataset": "digits", "image_size": 8}},
+            {"name": "s", "kind": "sample", "family": "ddpm", "from": "a",
+             "sample": {"num_images": 2, "steps": 5, "seed": seed}}]})
 
     def run(path, *flags: str) -> str:
         out = genforge(["run", *flags, str(path)], stack_env)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stderr
 
-    assert outcome(run(train)) == {"a": "started"}
-    assert outcome(run(train)) == {"a": "cached"}
+    assert outcome(run(pipeline(1))) == {"a": "started", "b": "started", "s": "started"}
+    assert outcome(run(pipeline(1))) == {"a": "cached", "b": "cached", "s": "cached"}
+    assert outcome(run(pipeline(2))) == {"a": "cached", "b": "cached", "s": "started"}
     write_images(tmp_path / "d.npz", seed=1)  # other images at the same path
-    first = run(train)
-    assert outcome(first) == {"a": "started"}
+    first = run(pipeline(2))
+    assert outcome(first) == {"a": "started", "b": "cached", "s": "started"}
     prefix = re.search(r"^\s+a\s+finished\s+\w+\s+(s3://\S+)/checkpoints/", first, re.M)[1]
 
     # another spec reads that job by its prefix: the newest checkpoint there, pinned at planning
     reader = write_spec(tmp_path / "reader.yaml", {"experiment": "content-reader", "jobs": [
-        {"name": "s", "kind": "sample", "family": "ddpm", "from": prefix,
+        {"name": "r", "kind": "sample", "family": "ddpm", "from": prefix,
          "sample": {"num_images": 2}}]})
-    assert outcome(run(reader)) == {"s": "started"}
-    assert outcome(run(reader)) == {"s": "cached"}
+    assert outcome(run(reader)) == {"r": "started"}
+    assert outcome(run(reader)) == {"r": "cached"}
     # no steps given: DDIM's 50, not every one of the model's 100 timesteps
-    (key,) = [k for k in keys(s3_client, local_stack.bucket, "genforge/content-reader/s/")
+    (key,) = [k for k in keys(s3_client, local_stack.bucket, "genforge/content-reader/r/")
               if k.endswith("/result.json")]
     result = json.loads(s3_client.get_object(Bucket=local_stack.bucket, Key=key)["Body"].read())
     assert result["sampler"]["sampler"] == "ddim" and result["sampler"]["steps"] == 50
 
-    # --force before the spec: the job trains again from step 0, in a run of its own
-    forced = run(train, "--force")
-    assert outcome(forced) == {"a": "started"} and "training starts at step 0" in forced
+    # --force JOB: that job (and what depends on it) only
+    assert outcome(run(pipeline(2), "--force", "b")) == {"a": "cached", "b": "started", "s": "cached"}
+    # --force: every job again, training from step 0, each in a run of its own
+    forced = run(pipeline(2), "--force")
+    assert outcome(forced) == {"a": "started", "b": "started", "s": "started"}
+    assert "training starts at step 0" in forced
     runs = sorted(job_runs(local_stack, "content", "a"), key=lambda r: r.info.start_time)
     assert [r.info.status for r in runs] == ["FINISHED"] * 3
     client = MlflowClient(local_stack.tracking_uri)
@@ -90,7 +102,7 @@ def test_the_cache_follows_content_and_force_starts_afresh(tmp_path, local_stack
     assert sorted(m.step for m in client.get_metric_history(newest.info.run_id, "loss")) == [1, 2, 3, 4]
     assert "genforge.resumed_from" not in newest.data.tags
     # ...and what read its old checkpoint by URI is no longer a cache hit
-    assert outcome(run(reader)) == {"s": "started"}
+    assert outcome(run(reader)) == {"r": "started"}
 
 
 def test_a_bad_value_is_echoed(tmp_path, stack_env):

@@ -168,8 +168,8 @@ def test_storage_outage_never_yields_a_corrupt_checkpoint(tmp_path, local_stack,
 
 def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path, local_stack, stack_env):
     # long enough that Ctrl-C lands mid-training even when the machine is slow to notice the
-    # first checkpoint
-    spec, driver = start_slow_job(tmp_path, local_stack, stack_env, "faults-cancel", steps=200)
+    # first checkpoint (110 steps after it: 30 s or more)
+    spec, driver = start_slow_job(tmp_path, local_stack, stack_env, "faults-cancel", steps=120)
     try:
         time.sleep(1.5)  # between two periodic checkpoints
         driver.send_signal(signal.SIGINT)
@@ -183,14 +183,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path, local_stac
     # the stopped worker saved at its next step boundary, not only at the periodic ones
     stopped_at = load_checkpoint(job_storage(local_stack, "faults-cancel", "ddpm")).step
     assert f"checkpoint at step {stopped_at} kept" in log
-    assert 10 < stopped_at < 200
+    assert 10 < stopped_at < 120
 
     again = genforge(["run", str(spec)], stack_env)
     assert again.returncode == 0, again.stderr[-3000:]
     client, run = run_of(local_stack, "faults-cancel", "ddpm")
     assert run.info.status == "FINISHED"
     assert run.data.tags["genforge.resumed_at_step"] == str(stopped_at + 1)
-    assert_history_complete(client, run, 200, 5)
+    assert_history_complete(client, run, 120, 5)
 
 
 def test_timeout_fails_the_job_and_keeps_its_checkpoint(tmp_path, local_stack, stack_env):
