@@ -540,7 +540,9 @@ def workers_of_ddpm_family():
 @pytest.mark.parametrize("cls", workers_of_ddpm_family(), ids=lambda c: c.__name__)
 @pytest.mark.parametrize("timesteps, distilled, sampler, expected", [
     (1000, None, "ddim", 50),  # DDIM's own default, not every one of the 1000 timesteps
-    (1000, None, "ancestral", 1000),  # the ancestral sampler is every timestep
+    # the ancestral sampler is every timestep from where sampling starts: an LDM's (latents,
+    # unclipped) where σ/α = 14.6, at 726 of the linear schedule
+    (1000, None, "ancestral", {"DDPMWorker": 1000, "LDMWorker": 727}),
     (20, None, "ddim", 20),  # fewer timesteps than DDIM's default: all of them
     (20, None, "ancestral", 20),
     (1000, 4, "ddim", 4),  # a distilled model: its own steps, on its grid
@@ -548,6 +550,7 @@ def workers_of_ddpm_family():
 def test_sampler_steps_when_a_job_leaves_them_out(cls, timesteps, distilled, sampler, expected):
     from orchestrator.spec import SampleSpec
 
+    expected = expected[cls.__name__] if isinstance(expected, dict) else expected
     worker = diffusion_worker(cls, timesteps, distilled)
     cfg = SampleSpec(sampler=sampler).model_dump()
     assert cfg["steps"] is None

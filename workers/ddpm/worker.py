@@ -20,7 +20,7 @@ from workers.ddpm import SAMPLERS
 from workers.diffusion.losses import ddpm_loss
 from workers.diffusion.parameterization import eps_model
 from workers.diffusion.progressive import progressive_loss, round_of
-from workers.diffusion.samplers import make_sampler, sample
+from workers.diffusion.samplers import first_timestep, make_sampler, sample
 from workers.diffusion.schedules import make_schedule
 from workers.nn.conditioning import conditioned, guided
 from workers.nn.ema import EMA
@@ -91,12 +91,12 @@ class DDPMWorker(RoundsWorker):
 
     def default_steps(self, sampler: str) -> int:
         """The steps of `sampler` when a job leaves `sample.steps` out: a distilled model's
-        own; DDIM's default (or every timestep, if fewer); ancestral: every timestep."""
+        own; ancestral: every timestep from where sampling starts (`first_timestep`); DDIM:
+        its default, or that, if fewer."""
         if self.distilled_steps:
             return self.distilled_steps
-        if sampler == "ancestral":
-            return self.schedule.timesteps
-        return min(DDIM_DEFAULT_STEPS, self.schedule.timesteps)
+        every = first_timestep(self.schedule, self.clip_x0) + 1
+        return every if sampler == "ancestral" else min(DDIM_DEFAULT_STEPS, every)
 
     def sampler_settings(self, sample_cfg: dict[str, Any] | None) -> dict[str, Any]:
         """Sampler, steps, η and spacing of a sample job's settings, resolved as `generate`

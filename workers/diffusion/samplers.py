@@ -90,8 +90,6 @@ def timestep_grid(T: int, num_steps: int, spacing: Spacing = "linspace",
         return [round(first + 1 - i * (first + 1) / num_steps) - 1 for i in range(num_steps)]
     if spacing != "linspace":
         raise ValueError(f"spacing must be 'linspace' or 'trailing', got {spacing!r}")
-    if num_steps == 1:
-        return [first]
     # Spacing first/(n-1) >= 1, so rounding never produces duplicates.
     return torch.linspace(first, 0, num_steps, dtype=torch.float64).round().long().tolist()
 
