@@ -23,8 +23,9 @@ staged images:
 - `ar`: a small VQGAN, then `family: autoregressive` at its defaults over its codes, beside
   x-transformers' decoder of the same shape trained on the same codes (the training images
   encoded by that VQGAN's checkpoint) for the same steps, hence the same tokens seen. genforge's
-  job reports nats per token over the held-out images' codes (lower is better) of its EMA
-  weights; the reference is measured the same way here, and so are genforge's raw weights.
+  job reports nats per token over the held-out images' codes (lower is better) of the
+  weights it samples with (its EMA); the reference is measured the same way here, and so are
+  genforge's raw weights.
   genforge's transformer also trains in the reference's loop (`outside`), as the GAN's do.
 
     python bench/peers.py [--families gan ddpm ldm vqgan ar] [--seeds 0 1 2] [--out bench/results/peers.json]
@@ -293,17 +294,20 @@ def ar_compare(root: Storage, experiment: str, ours: dict, seed: int) -> tuple[d
     codes, held = encode(ae, train), encode(ae, heldout)
     vocab, seq_len = ae.bottleneck.codebook_size, codes.shape[1]
     ckpt = checkpoint_of(root, experiment, "ar")
-    raw, ema = (genforge_transformer(ckpt, p, vocab, seq_len) for p in ("net/", "ema.net/"))
+    raw = genforge_transformer(ckpt, "net/", vocab, seq_len)
+    # what the job samples with: its EMA, unless `train.ema_decay: 0` kept none
+    sampled = (genforge_transformer(ckpt, "ema.net/", vocab, seq_len)
+               if any(k.startswith("ema.net/") for k in ckpt.tensors) else raw)
     net, seconds, seen = train_x_transformer(codes, ours["steps"], seed,
                                              **ar_shape(ckpt, vocab), **AR_RECIPE)
     # genforge's own transformer in that loop: the harness's cost apart from the network's
     outside_s = ar_net_outside(codes, ours["steps"], seed, **ar_shape(ckpt, vocab),
                                dropout=ckpt.meta["model"]["dropout"], **AR_RECIPE)
-    # the job's own figure (its EMA, what it samples from), checked against this bench's
+    # the job's own figure (of the weights it samples with), checked against this bench's
     # measure of the same weights; the raw weights too, as the reference has no EMA
     reported = result_of(root, experiment, "ar")["metrics"]["holdout_nats_per_token"]
     ours_metrics = {"nats_per_token": reported,
-                    "nats_per_token_measured_here": nats_per_token(ema.logits, held),
+                    "nats_per_token_measured_here": nats_per_token(sampled.logits, held),
                     "nats_per_token_raw": nats_per_token(raw.logits, held)}
     theirs_metrics = {"nats_per_token": nats_per_token(lambda t: x_transformer_logits(net, t), held)}
     tokens = ours["steps"] * min(TRAIN["batch_size"], len(codes)) * seq_len  # InMemory's batches

@@ -192,6 +192,8 @@ class TrainSpec(Strict):
     lr: float = Field(2e-4, gt=0, le=10)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
+    # decay of the weights' exponential moving average, which sampling uses; 0: none, the
+    # weights as trained
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int | None = Field(None, ge=1)  # None: only the final checkpoint
     # Checkpoints kept (older ones are pruned as new ones are written); None keeps every one.

@@ -157,6 +157,9 @@ def distill_spec() -> dict:
             {"name": "fast", "kind": "distill", "family": "ddpm", "teacher": "ddpm",
              "distill": {"method": "progressive", "teacher_steps": 8, "student_steps": 2},
              "train": {"steps": 4}},
+            {"name": "fast-plain", "kind": "distill", "family": "ddpm", "teacher": "ddpm",
+             "distill": {"method": "progressive", "teacher_steps": 8, "student_steps": 2},
+             "train": {"steps": 4, "ema_decay": 0}},
             {"name": "fast-grid", "kind": "sample", "family": "ddpm", "from": "fast",
              "sample": {"num_images": 3}},
             {"name": "slow-grid", "kind": "sample", "family": "ddpm", "from": "ddpm",
@@ -250,6 +253,20 @@ def test_progressive_rounds_are_checkpointed_and_the_student_samples_in_its_step
                                                "spacing": "trailing", "use_ema": True}
     assert results["slow-grid"]["sampler"]["steps"] == 50
     assert results["slow-grid"]["sampler"]["spacing"] == "linspace"
+
+
+def test_a_progressive_student_without_an_average_hands_on_its_own_weights(distilled):
+    """`train.ema_decay: 0`: each round's student, as trained, is the next round's teacher."""
+    tmp = distilled[0]
+    result = run_jobs(tmp, distill_spec(), only=["fast-plain"])["fast-plain"]
+    assert result["status"] == "finished" and result["step"] == 8
+    store = open_storage(result["checkpoint"].rsplit("/checkpoints/", 1)[0])
+    first, last = load_checkpoint(store, "step-000004"), load(result)
+    assert not any(k.startswith("ema.") for k in (*first.tensors, *last.tensors))
+    keys = [k for k in first.tensors if k.startswith("net/")]
+    assert keys and all(torch.equal(first.tensors[k], last.tensors[f"frozen.round_teacher/{k[4:]}"])
+                        for k in keys)
+    assert not all(torch.equal(first.tensors[k], last.tensors[k]) for k in keys)  # round 2 trained
 
 
 def test_students_learn_their_teachers(distilled):

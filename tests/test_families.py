@@ -200,14 +200,15 @@ TINY_AE = {"channels": 8, "channel_mult": [1, 2, 2], "disc_start": 4, "disc_widt
 TINY_TRAIN = {"batch_size": 16, "log_every": 2, "sample_images": 4}
 
 
-def chain_spec(**ar_model) -> dict:
+def chain_spec(ar_train: dict | None = None, **ar_model) -> dict:
     return {
         "experiment": "fam", "defaults": {"data": {"dataset": "digits", "image_size": 16},
                                           "train": TINY_TRAIN},
         "jobs": [
             {"name": "vq", "kind": "train", "family": "vqgan", "train": {"steps": 8},
              "model": {**TINY_AE, "latent_channels": 8, "codebook_size": 32}},
-            {"name": "ar", "kind": "train", "family": "autoregressive", "train": {"steps": 6},
+            {"name": "ar", "kind": "train", "family": "autoregressive",
+             "train": {"steps": 6, **(ar_train or {})},
              "model": {"tokenizer": "vq", "dim": 32, "layers": 2, "heads": 2, **ar_model}},
             {"name": "ar-s", "kind": "sample", "family": "autoregressive", "from": "ar",
              "sample": {"num_images": 6, "top_k": 8, "batch_size": 4}},
@@ -264,28 +265,11 @@ def test_autoregressive_reads_tokens_once_and_samples_through_the_vqgan(chain, m
     assert ckpt.meta["frozen"]["tokenizer"]["family"] == "vqgan"
     vq = load_checkpoint(*resolve_checkpoint_uri(results["vq"]["checkpoint"]))
     assert torch.equal(ckpt.tensors["frozen.tokenizer/bottleneck.embed"], vq.tensors["ae/bottleneck.embed"])
-    # its fit to the held-out images' codes, as the EMA transformer scores them here
-    from orchestrator.datasets import heldout_key
-    from workers.autoencoder import build_autoencoder
-    from workers.data import load_images
-
-    data = ckpt.meta["data"]
-    x, y = load_images(open_storage(f"file://{tmp / 'store'}"), heldout_key(ckpt.meta["data_key"]),
-                       image_size=data["image_size"], channels=data["channels"], limit=1000)
-    ae = build_autoencoder("vqgan", vq.meta["model"], 1)
-    ae.load_state_dict({k[3:]: v for k, v in vq.tensors.items() if k.startswith("ae/")})
-    m = ckpt.meta["model"]
-    net = Transformer(vocab_size=32, seq_len=16, num_classes=10, dim=m["dim"], layers=m["layers"],
-                      heads=m["heads"], dropout=m["dropout"])
-    codes = ae.eval().encode(x).long().reshape(len(x), -1)
-    net.load_state_dict({k[8:]: v for k, v in ckpt.tensors.items() if k.startswith("ema.net/")})
-    with torch.no_grad():
-        nats = float(net.eval().loss(codes, y))
-        net.load_state_dict({k[4:]: v for k, v in ckpt.tensors.items() if k.startswith("net/")})
-        raw = float(net.loss(codes, y))
+    # its fit to the held-out images' codes, of its EMA (what it samples with) and raw weights
     held = ar["metrics"]
-    assert len(x) > 100 and held["holdout_nats_per_token"] == pytest.approx(nats, rel=1e-4)
+    nats, raw = heldout_fit(tmp, ckpt, vq)
     assert held["holdout_nats_per_token_raw"] == pytest.approx(raw, rel=1e-4) and raw != nats
+    assert held["holdout_nats_per_token"] == pytest.approx(nats, rel=1e-4)
     assert 0 < nats < np.log(32) + 0.5 and held["holdout_perplexity"] == pytest.approx(np.exp(nats))
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     run = client.get_run(results["_runs"]["ar"]).data
@@ -301,9 +285,45 @@ def test_autoregressive_reads_tokens_once_and_samples_through_the_vqgan(chain, m
 
     read, shards = StagedImages.read, []
     monkeypatch.setattr(StagedImages, "read", lambda self, i: shards.append(i) or read(self, i))
-    again = run_jobs(tmp, chain_spec(class_conditional=True, dim=16), only=["ar"])
+    again = run_jobs(tmp, chain_spec({"ema_decay": 0}, class_conditional=True, dim=16),
+                     only=["ar"])
     assert client.get_run(again["_runs"]["ar"]).data.tags["genforge.encoded_cache"] == "hit"
     assert shards == []
+    # `train.ema_decay: 0`: no average is kept, and its fit is its weights' own
+    plain = load_checkpoint(*resolve_checkpoint_uri(again["ar"]["checkpoint"]))
+    assert not any(k.startswith("ema.") for k in plain.tensors)
+    own, raw = heldout_fit(tmp, plain, vq)
+    held = again["ar"]["metrics"]
+    assert raw is None and "holdout_nats_per_token_raw" not in held
+    assert held["holdout_nats_per_token"] == pytest.approx(own, rel=1e-4)
+
+
+def heldout_fit(tmp, ckpt, vq) -> tuple[float, float | None]:
+    """An AR checkpoint's held-out nats per token, scored here, of the weights it samples with
+    (its EMA where it has one), and of its raw weights where those differ (else None)."""
+    from orchestrator.datasets import heldout_key
+    from workers.autoencoder import build_autoencoder
+    from workers.data import load_images
+
+    data = ckpt.meta["data"]
+    x, y = load_images(open_storage(f"file://{tmp / 'store'}"), heldout_key(ckpt.meta["data_key"]),
+                       image_size=data["image_size"], channels=data["channels"], limit=1000)
+    assert len(x) > 100
+    ae = build_autoencoder("vqgan", vq.meta["model"], 1)
+    ae.load_state_dict({k[3:]: v for k, v in vq.tensors.items() if k.startswith("ae/")})
+    m = ckpt.meta["model"]
+    net = Transformer(vocab_size=32, seq_len=16, num_classes=10, dim=m["dim"], layers=m["layers"],
+                      heads=m["heads"], dropout=m["dropout"]).eval()
+    codes = ae.eval().encode(x).long().reshape(len(x), -1)
+
+    def fit(prefix: str) -> float:
+        net.load_state_dict({k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)})
+        with torch.no_grad():
+            return float(net.loss(codes, y))
+
+    if not any(k.startswith("ema.net/") for k in ckpt.tensors):
+        return fit("net/"), None
+    return fit("ema.net/"), fit("net/")
 
 
 def test_latent_diffusion_scales_latents_and_decodes_samples(chain):

@@ -3,10 +3,13 @@ NaN detection, resume from the latest checkpoint, no metric step logged twice.""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -140,6 +143,30 @@ def sample_task(tmp_path, source: str, run_id: str, **sample) -> Task:
                 storage_root=f"file://{tmp_path / 'store'}", prefix="h/grid/1",
                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id=run_id,
                 code_version="test", refs={"from": source}, sources=(source,))
+
+
+def test_ema_decay_0_keeps_no_average_and_its_samples_are_the_trained_weights(tmp_path):
+    (tmp_path / "a").mkdir()
+    averaged = DDPMWorker(make_task(tmp_path / "a", steps=2)).run()["checkpoint"]
+    trained = make_task(tmp_path, steps=2, ema_decay=0)
+    assert trained.job["train"]["ema_decay"] == 0
+    plain = DDPMWorker(trained).run()["checkpoint"]
+    tensors = load_checkpoint(job_store(trained)).tensors
+    assert any(k.startswith("net/") for k in tensors)
+    assert not any(k.startswith("ema.") for k in tensors)
+    # the same seeds and batches: with an average the samples differ, without one they are
+    # the trained weights' (sample.use_ema: false of the averaged model draws the same)
+    def draw(source: str, run_id: str, out: str, **sample) -> np.ndarray:
+        task = sample_task(tmp_path, source, run_id, **sample)
+        task = dataclasses.replace(task, prefix=f"h/{out}/1")
+        DDPMWorker(task).run()
+        return np.load(io.BytesIO(open_storage(task.storage_root).child(task.prefix)
+                                  .get_bytes("outputs/images.npz")))["images"]
+
+    assert np.array_equal(draw(plain, trained.run_id, "plain"),
+                          draw(averaged, trained.run_id, "raw", use_ema=False))
+    assert not np.array_equal(draw(plain, trained.run_id, "plain2"),
+                              draw(averaged, trained.run_id, "avg"))
 
 
 def test_a_sampling_job_stops_between_batches(tmp_path):

@@ -377,6 +377,15 @@ class Worker:
             else:
                 opt.step()
 
+    def averaged(self, **modules: nn.Module) -> dict[str, EMA]:
+        """EMAs of `modules` at `train.ema_decay`, or none at 0 (sampling then uses the weights
+        as trained). A job with no train section (sampling) builds them all: its checkpoint
+        says which it holds (`_restore`)."""
+        decay = self.job.get("train", {}).get("ema_decay")
+        if decay == 0:
+            return {}
+        return {name: EMA(m, decay=0.999 if decay is None else decay) for name, m in modules.items()}
+
     def sampling_module(self, name: str) -> nn.Module:
         """The EMA weights of `name` when it has them, else the raw module."""
         return self.emas[name].module if name in self.emas else self.modules[name]
@@ -430,6 +439,9 @@ class Worker:
             load(module, f"{name}/")
         for name, module in self.frozen.items():
             load(module, f"frozen.{name}/")
+        if weights_only:  # a model trained without an average samples with its own weights
+            self.emas = {name: ema for name, ema in self.emas.items()
+                         if any(k.startswith(f"ema.{name}/") for k in ckpt.tensors)}
         for name, ema in self.emas.items():
             load(ema.module, f"ema.{name}/")
             ema.num_updates = int(ckpt.state.get("ema_updates", {}).get(name, 0))

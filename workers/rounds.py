@@ -13,7 +13,6 @@ from typing import Any
 
 from workers.conditional import ConditionalWorker
 from workers.config import DEFAULT_GUIDANCE, ConditionalModel, distill_rounds
-from workers.nn.ema import EMA
 
 
 class RoundsWorker(ConditionalWorker):
@@ -32,7 +31,7 @@ class RoundsWorker(ConditionalWorker):
         original = copy.deepcopy(self.sampling_module("net")).eval().requires_grad_(False)
         self.teacher = {"net": original}
         self.modules["net"].load_state_dict(original.state_dict())
-        self.emas = {"net": EMA(self.modules["net"], decay=self.job["train"]["ema_decay"])}
+        self.emas = self.averaged(net=self.modules["net"])
         self.frozen["round_teacher"] = copy.deepcopy(original)
         self.frozen_meta["round_teacher"] = {"role": "the teacher of the round being trained"}
         self._round = -1
@@ -46,10 +45,11 @@ class RoundsWorker(ConditionalWorker):
     def next_round(self, step: int) -> None:
         """At the end of a round but the last: its student (EMA weights) becomes the next
         round's teacher and student; a grid of it is logged."""
-        averaged = self.emas["net"].module.state_dict()
+        averaged = self.sampling_module("net").state_dict()
         self.frozen["round_teacher"].load_state_dict(averaged)
         self.modules["net"].load_state_dict(averaged)
-        self.emas["net"].restart(self.modules["net"])
+        if "net" in self.emas:
+            self.emas["net"].restart(self.modules["net"])
         self._log_grid(step, self.job["train"]["sample_images"])
         self.modules["net"].train()
 

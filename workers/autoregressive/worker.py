@@ -15,7 +15,6 @@ from workers.autoencoder import ENCODE_BATCH, encode_dataset, heldout_images, lo
 from workers.base import JobError, Worker
 from workers.nn.conditioning import check_labels, class_labels
 from workers.nn.distillation import kd_loss
-from workers.nn.ema import EMA
 from workers.autoregressive.transformer import Transformer
 
 
@@ -35,7 +34,7 @@ class ARWorker(Worker):
                           layers=model_cfg["layers"], heads=model_cfg["heads"],
                           dropout=model_cfg["dropout"]).to(self.device)
         self.modules = {"net": net}
-        self.emas = {"net": EMA(net, decay=self.job.get("train", {}).get("ema_decay", 0.999))}
+        self.emas = self.averaged(net=net)
         self._sampled, self._tokens, self._token_s = 0, 0, 0.0
 
     def prepare_data(self, x: torch.Tensor, labels: torch.Tensor | None
@@ -52,7 +51,7 @@ class ARWorker(Worker):
         the sampling weights over the tokenizer's codes of the held-out split's first
         HOLDOUT_MAX images, the figure to compare transformers on one tokenizer by; with an
         EMA, the raw weights' too, which fit better early in a run, while the average lags
-        (`sample.use_ema: false` samples from them)."""
+        (`sample.use_ema: false` samples from them; `train.ema_decay: 0` keeps no average)."""
         x, y = heldout_images(self)
         codes = [(self.vq.encode(x[i:i + ENCODE_BATCH]).long().reshape(-1, self.tokens_per_item),
                   y[i:i + ENCODE_BATCH] if self.num_classes else None)
@@ -103,7 +102,7 @@ class ARWorker(Worker):
     def generate(self, n: int, sample_cfg: dict[str, Any] | None, gen: torch.Generator,
                  progress: Callable[[int, int], None] | None = None,
                  net: torch.nn.Module | None = None) -> torch.Tensor:
-        """Images from `net` (default: this worker's EMA model)."""
+        """Images from `net` (default: the weights this worker samples with)."""
         cfg = sample_cfg or {}
         labels = None
         if self.num_classes:

@@ -23,7 +23,6 @@ from workers.diffusion.progressive import progressive_loss, round_of
 from workers.diffusion.samplers import first_timestep, make_sampler, sample
 from workers.diffusion.schedules import make_schedule
 from workers.nn.conditioning import conditioned, guided
-from workers.nn.ema import EMA
 from workers.nn.unet import UNet
 from workers.rounds import RoundsWorker
 
@@ -56,8 +55,7 @@ class DDPMWorker(RoundsWorker):
             model_cfg["schedule"], model_cfg["timesteps"], model_cfg["beta_start"],
             model_cfg["beta_end"],
         ).to(self.device)
-        decay = self.job.get("train", {}).get("ema_decay", 0.999)
-        self.emas = {"net": EMA(net, decay=decay)}
+        self.emas = self.averaged(net=net)
         self.set_sampling(model_cfg.get("prediction", "eps"), model_cfg.get("distilled_steps"))
 
     def set_sampling(self, prediction: str, distilled_steps: int | None) -> None:

@@ -25,7 +25,6 @@ from workers.flow.config import (DEFAULT_STEPS, DISTILL_TEACHER_STEPS, SAMPLERS,
                                  FlowModel, nfe)
 from workers.flow.ode import flow_loss, halving_loss, integrate, time_grid, timed
 from workers.nn.conditioning import conditioned, guided
-from workers.nn.ema import EMA
 from workers.nn.unet import UNet
 from workers.rounds import RoundsWorker
 
@@ -40,7 +39,7 @@ class FlowWorker(RoundsWorker):
                    num_classes=self.conditioning(model_cfg),
                    **{k: model_cfg[k] for k in UNET_FIELDS}).to(self.device)
         self.modules = {"net": net}
-        self.emas = {"net": EMA(net, decay=self.job.get("train", {}).get("ema_decay", 0.999))}
+        self.emas = self.averaged(net=net)
         self.set_sampling(model_cfg)
 
     def set_sampling(self, model_cfg: dict[str, Any]) -> None:

@@ -13,7 +13,6 @@ from workers.base import Worker
 from workers.nn.adversarial import discriminator_loss, generator_loss
 from workers.gan.nets import Discriminator, Generator
 from workers.nn.distillation import regression_loss
-from workers.nn.ema import EMA
 
 
 class GANWorker(Worker):
@@ -27,7 +26,7 @@ class GANWorker(Worker):
         d = Discriminator(channels=channels, image_size=size,
                           width=model_cfg["d_width"]).to(self.device)
         self.modules = {"g": g, "d": d}
-        self.emas = {"g": EMA(g, decay=self.job.get("train", {}).get("ema_decay", 0.999))}
+        self.emas = self.averaged(g=g)
 
     def configure_optimizers(self, train_cfg: dict[str, Any]) -> None:
         betas = tuple(self.cfg["betas"])
