@@ -4,8 +4,10 @@ method run in-process (orchestrator/inprocess.py) on file:// storage."""
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -20,6 +22,7 @@ from workers.diffusion.samplers import DDIMSampler, sample, timestep_grid
 from workers.diffusion.schedules import make_schedule
 from workers.nn.distillation import kd_loss
 from workers.nn.unet import UNet
+from support import ROOT, example_spec
 
 
 def gen(seed: int) -> torch.Generator:
@@ -366,3 +369,35 @@ def test_a_distillation_resumed_after_its_final_checkpoint_keeps_the_students_mo
     assert (m["teacher_sampling_steps"], m["student_sampling_steps"]) == (8, 2)
     assert m["student_params"] == first["metrics"]["student_params"]
     assert store.exists("result.json")
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data").exists(), reason="no ../shared/data")
+def test_the_knowledge_distillation_example_runs_tiny(tmp_path):
+    """jobspecs/distill-ar.yaml with tiny step counts: VQGAN, teacher, a student of half the
+    width and depth learning its next-token distributions, samples of both, their evaluation
+    (the end-to-end path of distillation: tests/test_e2e_distill.py)."""
+    spec = example_spec("distill-ar", "distill-ar-tiny", limit=400)
+    for job in spec["jobs"]:
+        if "train" in job:
+            job["train"].update(steps=4, batch_size=8, checkpoint_every=None, log_every=2,
+                                sample_images=4, warmup_steps=0)
+        if job["kind"] == "sample":
+            job["sample"]["num_images"] = 5
+        if job["kind"] == "evaluate":
+            job["evaluate"].update(num_samples=20, classifier={"steps": 20, "width": 8})
+    results = run_jobs(tmp_path, spec)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {name: client.get_run(run_id).data for name, run_id in results["_runs"].items()}
+    assert {r["status"] for n, r in results.items() if n != "_runs"} == {"finished"}
+    student = runs["student"]
+    assert student.metrics["student_params"] < student.metrics["teacher_params"] / 3
+    assert student.metrics["kl"] >= 0 and student.metrics["ce"] > 0
+    assert [m.step for m in client.get_metric_history(results["_runs"]["student"], "kl")] == [2, 4]
+    # the student reads the tokens the teacher's training cached
+    assert student.tags["genforge.encoded_cache"] == "hit"
+    assert student.tags["genforge.teacher"] == runs["teacher"].tags["genforge.checkpoint"]
+    for name in ("teacher-samples", "student-samples"):
+        parent, _, file = results[name]["outputs"][0].rpartition("/")
+        images = np.load(io.BytesIO(open_storage(parent).get_bytes(file)))["images"]
+        assert images.shape == (5, 28, 28, 1) and images.std() > 1.0, name
+    assert {"teacher.fd", "student.fd"} <= set(runs["score"].metrics)

@@ -16,8 +16,10 @@ from support import genforge, genforge_background, keys, write_spec
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def cluster():
+    """One cluster for the module (starting one costs its raylets): the spread test uses both
+    worker nodes, the node-loss test, after it, removes one."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})

@@ -26,8 +26,8 @@ def tiny(spec: dict) -> dict:
         if "sample" in job:
             job["sample"].update(num_images=4, steps=2, batch_size=4, compile=False)
         if "evaluate" in job:
-            job["evaluate"].update(num_samples=20, classifier={"steps": 5})
-            job["evaluate"]["sample"].update(steps=2, batch_size=20)
+            job["evaluate"].update(num_samples=10, classifier={"steps": 5})
+            job["evaluate"]["sample"].update(steps=2, batch_size=10)
     return spec
 
 
@@ -50,6 +50,6 @@ def test_gpu_example_runs_tiny_on_the_cpu(tmp_path, name, channels):
     sources = score["metrics"]["sources"]
     assert sources and all(np.isfinite(s["metrics"]["fd"]) for s in sources)
     assert {s["step"] for s in sources} == {2}
-    assert score["metrics"]["baseline"]["num_samples"] == 20
+    assert score["metrics"]["baseline"]["num_samples"] == 10
     if name == "gpu/flow-rgb":  # scored at each guidance scale of the sweep
         assert [s["swept"] for s in sources] == [{"guidance": g} for g in (1.0, 2.0, 4.0)]

@@ -148,3 +148,66 @@ def test_a_rank_whose_process_died_is_lost_workers_however_ray_train_reports_it(
     # the rank's own error is the job's, with its last line
     own = _failure(_group_error({0: ValueError("line one\nbad learning rate")}), JobError)
     assert isinstance(own, JobError) and str(own) == "rank 0: bad learning rate"
+
+
+# ---- a family's worker on two ranks ---------------------------------------------------------
+
+def _gan_task(tmp_path):
+    from orchestrator.datasets import stage
+    from orchestrator.spec import parse_spec
+    from orchestrator.storage import open_storage
+    from orchestrator.task import Task
+
+    spec = parse_spec({"experiment": "dp", "jobs": [{
+        "name": "gan", "kind": "train", "family": "gan",
+        "model": {"z_dim": 16, "g_width": 16, "d_width": 16},
+        "data": {"dataset": "digits", "image_size": 8},
+        "train": {"steps": 12, "batch_size": 16, "log_every": 4, "checkpoint_every": 6,
+                  "sample_images": 2, "seed": 3},
+        "resources": {"workers": 2}}]})
+    root = f"file://{tmp_path / 'store'}"
+    key = stage(spec.jobs[0].data, open_storage(root))
+    return Task(job=spec.jobs[0].resolved(), job_hash="0" * 16, experiment="dp",
+                storage_root=root, prefix="dp/gan/0", tracking_uri="", run_id=None,
+                code_version="test", data_key=key)
+
+
+def _gan_rank(rank: int, init: str, out: str, task) -> None:
+    from workers.gan.worker import GANWorker
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        worker = GANWorker(task, collective=Collective())
+        result = worker.run()
+        torch.save({"result": result, "params": {
+            f"{name}/{k}": v for name in ("g", "d")
+            for k, v in worker.modules[name].named_parameters()},
+            "ema": worker.emas["g"].module.state_dict()}, f"{out}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_gan_trains_on_two_ranks_in_step(tmp_path):
+    """The GAN's two networks and k discriminator steps per generator step, data-parallel:
+    after every step both ranks hold the same weights (Ray Train's own part, and a rank that
+    dies, are tests/test_e2e_parallel.py's)."""
+    from orchestrator.checkpoints import load_checkpoint
+    from orchestrator.storage import open_storage
+
+    task = _gan_task(tmp_path)
+    out = str(tmp_path / "rank")
+    mp.spawn(_gan_rank, args=(f"file://{tmp_path / 'pg'}", out, task), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}-{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["result"]["status"] == r1["result"]["status"] == "finished"
+    assert r0["result"]["step"] == 12 and "checkpoint" in r0["result"]
+    assert r0["params"].keys() == r1["params"].keys() and len(r0["params"]) > 4
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    for k in r0["ema"]:
+        if r0["ema"][k].is_floating_point() and "running" not in k:
+            assert torch.equal(r0["ema"][k], r1["ema"][k]), k
+    # rank 0 alone writes the checkpoints: the final one holds those weights
+    ckpt = load_checkpoint(open_storage(task.storage_root).child(task.prefix))
+    assert ckpt.step == 12
+    assert all(torch.equal(ckpt.tensors[k], v) for k, v in r0["params"].items())
