@@ -34,10 +34,10 @@ def _rank(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _two_ranks(fn, tmp_path) -> tuple[dict, dict]:
-    """What `fn(rank, init, out)` saved on each of two gloo ranks."""
+def _two_ranks(fn, tmp_path, *args) -> tuple[dict, dict]:
+    """What `fn(rank, init, out, *args)` saved on each of two gloo ranks."""
     out = str(tmp_path / "rank")
-    mp.spawn(fn, args=(f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
+    mp.spawn(fn, args=(f"file://{tmp_path / 'pg'}", out, *args), nprocs=2, join=True)
     r0, r1 = (torch.load(f"{out}-{r}.pt", weights_only=True) for r in (0, 1))
     return r0, r1
 
@@ -190,15 +190,13 @@ def _gan_rank(rank: int, init: str, out: str, task) -> None:
 
 def test_a_gan_trains_on_two_ranks_in_step(tmp_path):
     """The GAN's two networks and k discriminator steps per generator step, data-parallel:
-    after every step both ranks hold the same weights (Ray Train's own part, and a rank that
+    once trained, both ranks hold the same weights (Ray Train's own part, and a rank that
     dies, are tests/test_e2e_parallel.py's)."""
     from orchestrator.checkpoints import load_checkpoint
     from orchestrator.storage import open_storage
 
     task = _gan_task(tmp_path)
-    out = str(tmp_path / "rank")
-    mp.spawn(_gan_rank, args=(f"file://{tmp_path / 'pg'}", out, task), nprocs=2, join=True)
-    r0, r1 = (torch.load(f"{out}-{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = _two_ranks(_gan_rank, tmp_path, task)
     assert r0["result"]["status"] == r1["result"]["status"] == "finished"
     assert r0["result"]["step"] == 12 and "checkpoint" in r0["result"]
     assert r0["params"].keys() == r1["params"].keys() and len(r0["params"]) > 4
