@@ -322,9 +322,13 @@ def _start_ray(state: StackState, home: Path) -> int:
     # happens to exist; the stack says what it wants, whatever the machine's history.)
     # The nodes hold the S3 credentials, as a cluster's nodes hold theirs (an instance role, or
     # the environment of `ray start`): a job submitted to the stack needs to carry none.
+    # On SIGTERM, `ray start --block` (Ray >= 2.60) first drains its node for up to 30 s,
+    # for Serve to move traffic to other nodes; the stack's one node has none to move it to,
+    # so the drain only held `genforge down` (and a busy node was then SIGKILLed): off.
     creds = credentials(home)
     auth = ray_auth_env(home)
     pid = _spawn("ray", cmd, home, {"RAY_USAGE_STATS_ENABLED": "0", "PATH": path, **auth,
+                                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                                     "RAY_AUTH_TOKEN": "",  # a caller's token must not win
                                     "AWS_ACCESS_KEY_ID": creds["access_key"],
                                     "AWS_SECRET_ACCESS_KEY": creds["secret_key"]})
@@ -349,6 +353,7 @@ def _num_gpus(state: StackState) -> float:
 
 
 SERVICES = ("seaweedfs", "mlflow", "ray")
+STOP_GRACE_S = 30  # how long `down` waits for a service to exit on SIGTERM before SIGKILL
 
 
 def status(home: Path | None = None) -> StackState | None:
@@ -402,15 +407,17 @@ def down(home: Path | None = None, *, echo: Callable[[str], None] = lambda _: No
         pid = state.pids.get(service)
         if not _alive(pid):
             continue
-        os.kill(pid, signal.SIGTERM)  # ray --block drains and stops its own children
-        deadline = time.monotonic() + 30
+        os.kill(pid, signal.SIGTERM)  # ray --block stops its own children
+        deadline = time.monotonic() + STOP_GRACE_S
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
+        outlived = _alive(pid)
         try:
             os.killpg(pid, signal.SIGKILL)  # anything of the group that outlived it
         except OSError:
             pass
-        echo(f"{service}: stopped (pid {pid})")
+        echo(f"{service}: killed, still running {STOP_GRACE_S} s after SIGTERM (pid {pid})"
+             if outlived else f"{service}: stopped (pid {pid})")
     state.pids = {}
     state.save()
 

@@ -147,3 +147,27 @@ def test_down_stops_exactly_its_own_pids(tmp_path):
     finally:
         theirs.kill()
         ours.kill()
+
+
+def test_down_stops_every_service_on_sigterm_while_a_job_runs(tmp_path):
+    """Each service exits on SIGTERM within `down`'s grace, a running Ray task included: none
+    is left for SIGKILL."""
+    state = stack.up(tmp_path, ports=stack.free_ports(list(stack.DEFAULT_PORTS)), num_cpus=2,
+                     num_gpus=0)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time\n"
+         f"ray.init(address={state.ray_address!r})\n"
+         "ray.remote(lambda: time.sleep(600)).remote()\n"
+         "print('running', flush=True)\n"
+         "time.sleep(600)\n"],
+        env={**os.environ, **stack.ray_auth_env(tmp_path)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "running"
+        time.sleep(1)  # the task has its lease: the node is busy
+        said: list[str] = []
+        stack.down(tmp_path, echo=said.append)
+    finally:
+        driver.kill()
+        stack.down(tmp_path)
+    assert [line.split(":")[0] for line in said] == list(reversed(stack.SERVICES))
+    assert all(": stopped (pid " in line for line in said), said
